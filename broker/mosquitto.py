@@ -1,0 +1,122 @@
+"""Start a private mosquitto broker on a free loopback port (for flora-sim and the tests)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+INSTALL_HINT = "install it with `sudo apt-get install -y mosquitto` (Debian/Ubuntu/Raspberry Pi OS)"
+
+
+class MosquittoError(RuntimeError):
+    """mosquitto is missing or did not start."""
+
+
+def find_mosquitto() -> str:
+    """Path of the mosquitto binary (Debian puts it in /usr/sbin, often not on PATH)."""
+    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if not found:
+        raise MosquittoError(f"the mosquitto MQTT broker is not installed: {INSTALL_HINT}")
+    return found
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Mosquitto:
+    host: str
+    port: int
+    process: subprocess.Popen
+    config_path: Path
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+    def __enter__(self) -> Mosquitto:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_mosquitto(
+    workdir: Path,
+    *,
+    port: Optional[int] = None,
+    host: str = "127.0.0.1",
+    extra_config: Sequence[str] = (),
+    listener_config: Optional[Sequence[str]] = None,
+    timeout: float = 10.0,
+) -> Mosquitto:
+    """Write a config into `workdir`, start mosquitto on loopback, wait until it accepts connections.
+
+    By default the listener allows anonymous clients (a private test/simulation broker bound to
+    127.0.0.1); `listener_config` replaces that block (e.g. TLS, password file, ACL).
+    """
+    binary = find_mosquitto()
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port(host)
+    listener = list(listener_config) if listener_config is not None else ["allow_anonymous true"]
+    lines = [
+        "per_listener_settings false",
+        "persistence false",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+        "connection_messages true",
+        "max_queued_messages 1000",
+        f"listener {port} {host}",
+        *listener,
+        *extra_config,
+    ]
+    config_path = workdir / "mosquitto.conf"
+    config_path.write_text("\n".join(lines) + "\n")
+    log_path = workdir / "mosquitto.log"
+    log_fh = open(log_path, "wb")
+    try:
+        proc = subprocess.Popen(
+            [binary, "-c", str(config_path)], stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    finally:
+        log_fh.close()
+    broker = Mosquitto(host, port, proc, config_path, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise MosquittoError(f"mosquitto exited with code {proc.returncode}:\n{broker.log_tail()}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return broker
+        except OSError:
+            time.sleep(0.05)
+    broker.stop()
+    raise MosquittoError(f"mosquitto did not listen on {host}:{port} within {timeout}s:\n{broker.log_tail()}")

@@ -1,0 +1,233 @@
+"""The adapter blob: LoRA tensors plus string metadata, as one safetensors file.
+
+This is what crosses the network (the global adapter and every client update) and what the
+bundle's `adapter.safetensors` holds. A receiver validates the header (names, shapes, dtype,
+metadata) before it decodes a single tensor, and the finite-ness of the values after.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
+
+import numpy as np
+from safetensors.numpy import load as _st_load
+from safetensors.numpy import save as _st_save
+
+from .bundle import TensorSpec
+from .fileio import PathLike, atomic_write_bytes
+
+FORMAT = "flora-adapter"
+FORMAT_VERSION = "1"
+KINDS = ("initial", "global", "update")
+
+_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16)}
+_ST_TO_NAME = {st: name for name, (st, _) in _DTYPES.items()}
+_MAX_HEADER = 4 << 20
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class AdapterError(ValueError):
+    """An adapter blob is malformed or does not fit the bundle it is meant for."""
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    model_id: str
+    round: int
+    kind: str
+    dtype: str
+    client_id: Optional[str] = None
+    num_samples: Optional[int] = None
+
+    def to_strings(self) -> Dict[str, str]:
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_id": self.model_id,
+            "round": str(self.round),
+            "kind": self.kind,
+            "dtype": self.dtype,
+        }
+        if self.client_id is not None:
+            meta["client_id"] = self.client_id
+        if self.num_samples is not None:
+            meta["num_samples"] = str(self.num_samples)
+        return meta
+
+    @classmethod
+    def from_strings(cls, meta: Mapping[str, str]) -> AdapterMeta:
+        if meta.get("format") != FORMAT:
+            raise AdapterError(f"not a FLORA adapter: metadata format is {meta.get('format')!r}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise AdapterError(f"unsupported adapter format_version {meta.get('format_version')!r}")
+        for key in ("model_id", "round", "kind", "dtype"):
+            if key not in meta:
+                raise AdapterError(f"adapter metadata lacks {key!r}")
+        kind = meta["kind"]
+        if kind not in KINDS:
+            raise AdapterError(f"adapter kind {kind!r} is not one of {KINDS}")
+        if meta["dtype"] not in _DTYPES:
+            raise AdapterError(f"adapter dtype {meta['dtype']!r} is not one of {sorted(_DTYPES)}")
+        rnd = _parse_int(meta["round"], "round")
+        if rnd < 0:
+            raise AdapterError(f"adapter round {rnd} is negative")
+        num_samples = _parse_int(meta["num_samples"], "num_samples") if "num_samples" in meta else None
+        if kind == "update":
+            if not meta.get("client_id"):
+                raise AdapterError("an update must name its client_id")
+            if num_samples is None or num_samples <= 0:
+                raise AdapterError(f"an update needs a positive num_samples, got {meta.get('num_samples')!r}")
+        return cls(
+            model_id=meta["model_id"],
+            round=rnd,
+            kind=kind,
+            dtype=meta["dtype"],
+            client_id=meta.get("client_id"),
+            num_samples=num_samples,
+        )
+
+
+def _parse_int(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        raise AdapterError(f"adapter metadata {what}={text!r} is not an integer") from None
+
+
+@dataclass(frozen=True)
+class Adapter:
+    meta: AdapterMeta
+    tensors: Dict[str, np.ndarray]
+
+    def as_float32(self) -> Dict[str, np.ndarray]:
+        return {k: np.asarray(v, dtype=np.float32) for k, v in self.tensors.items()}
+
+
+def encode(
+    tensors: Mapping[str, np.ndarray],
+    *,
+    model_id: str,
+    round: int,
+    kind: str,
+    dtype: str = "float32",
+    client_id: Optional[str] = None,
+    num_samples: Optional[int] = None,
+) -> bytes:
+    """Serialise LoRA tensors (cast to `dtype`) with their metadata into one safetensors blob."""
+    if dtype not in _DTYPES:
+        raise AdapterError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    np_dtype = _DTYPES[dtype][1]
+    meta = AdapterMeta(model_id, int(round), kind, dtype, client_id, num_samples)
+    meta_strings = meta.to_strings()
+    AdapterMeta.from_strings(meta_strings)  # refuse to write what a receiver would refuse
+    arrays = {}
+    for name, value in tensors.items():
+        arr = np.asarray(value)
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise AdapterError(f"tensor {name!r} has non-float dtype {arr.dtype}")
+        arrays[name] = np.ascontiguousarray(arr, dtype=np_dtype)
+    return _st_save(arrays, metadata=meta_strings)
+
+
+def read_header(blob: Buffer) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]]:
+    """Parse the safetensors header only: ({name: {dtype, shape, data_offsets}}, metadata)."""
+    view = memoryview(blob)
+    if len(view) < 8:
+        raise AdapterError(f"adapter blob of {len(view)} bytes is too short to hold a header")
+    (header_len,) = struct.unpack("<Q", view[:8])
+    if header_len > _MAX_HEADER or header_len > len(view) - 8:
+        raise AdapterError(f"adapter header length {header_len} is implausible for a {len(view)}-byte blob")
+    try:
+        header = json.loads(bytes(view[8 : 8 + header_len]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterError(f"adapter header is not JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise AdapterError("adapter header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AdapterError("adapter metadata must map strings to strings")
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+            raise AdapterError(f"adapter header entry {name!r} is malformed")
+    return header, meta
+
+
+def check_header(
+    entries: Mapping[str, Mapping[str, Any]],
+    meta: AdapterMeta,
+    specs: Iterable[TensorSpec],
+) -> None:
+    """Check names, shapes and dtype of a parsed header against the manifest's tensor list."""
+    expected = {s.name: s for s in specs}
+    missing = sorted(set(expected) - set(entries))
+    extra = sorted(set(entries) - set(expected))
+    if missing or extra:
+        raise AdapterError(
+            f"adapter tensor names do not match the bundle: missing {missing[:3]}{'…' if len(missing) > 3 else ''}"
+            f" ({len(missing)}), unexpected {extra[:3]}{'…' if len(extra) > 3 else ''} ({len(extra)})"
+        )
+    want_st = _DTYPES[meta.dtype][0]
+    for name, spec in expected.items():
+        entry = entries[name]
+        shape = tuple(int(x) for x in entry["shape"])
+        if shape != tuple(spec.shape):
+            raise AdapterError(f"adapter tensor {name!r} has shape {list(shape)}, the bundle says {list(spec.shape)}")
+        if entry["dtype"] != want_st:
+            name_dtype = _ST_TO_NAME.get(entry["dtype"], entry["dtype"])
+            raise AdapterError(
+                f"adapter tensor {name!r} is {name_dtype}, the header metadata says {meta.dtype}"
+            )
+
+
+def decode(
+    blob: Buffer,
+    specs: Optional[Iterable[TensorSpec]] = None,
+    *,
+    model_id: Optional[str] = None,
+    max_bytes: Optional[int] = None,
+    check_finite: bool = True,
+) -> Adapter:
+    """Validate and decode an adapter blob.
+
+    The size, header, metadata, model_id and (with `specs`) tensor names, shapes and dtype are
+    checked before any tensor is decoded; finite values after.
+    """
+    if max_bytes is not None and len(blob) > max_bytes:
+        raise AdapterError(f"adapter blob is {len(blob)} bytes, over the limit of {max_bytes}")
+    entries, meta_strings = read_header(blob)
+    meta = AdapterMeta.from_strings(meta_strings)
+    if model_id is not None and meta.model_id != model_id:
+        raise AdapterError(f"adapter is for model_id {meta.model_id[:16]}…, this bundle is {model_id[:16]}…")
+    if specs is not None:
+        check_header(entries, meta, specs)
+    try:
+        tensors = _st_load(bytes(blob))
+    except Exception as exc:  # safetensors raises its own SafetensorError
+        raise AdapterError(f"adapter payload cannot be decoded: {exc}") from exc
+    if check_finite:
+        for name, arr in tensors.items():
+            if not np.isfinite(arr).all():
+                raise AdapterError(f"adapter tensor {name!r} holds NaN or infinite values")
+    return Adapter(meta, tensors)
+
+
+def max_blob_bytes(specs: Iterable[TensorSpec], header_slack: int = 64 * 1024) -> int:
+    """The largest plausible blob for these tensors: fp32 payload plus room for the header."""
+    return sum(s.numel for s in specs) * 4 + header_slack
+
+
+def save(path: PathLike, blob: bytes) -> None:
+    atomic_write_bytes(path, blob)
+
+
+def load_file(path: PathLike, specs: Optional[Iterable[TensorSpec]] = None, **kwargs: Any) -> Adapter:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise AdapterError(f"cannot read adapter {path}: {exc}") from exc
+    return decode(data, specs, **kwargs)

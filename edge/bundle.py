@@ -1,0 +1,304 @@
+"""The bundle: the folder `flora-export` writes and every other part reads.
+
+A bundle holds the ONNX models, the initial adapter and `manifest.json`, which describes all of
+it. This module loads and validates manifests; it never imports torch. docs/bundle.md is the
+human-readable description of the same format.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .fileio import PathLike, sha256_file
+
+FORMAT = "flora-bundle"
+FORMAT_VERSION = 1
+
+MANIFEST = "manifest.json"
+TRAINING_MODEL = "training_model.onnx"
+EVAL_MODEL = "eval_model.onnx"
+OPTIMIZER_MODEL = "optimizer_model.onnx"
+CHECKPOINT = "checkpoint"
+IMAGE_ENCODER = "image_encoder.onnx"
+INFERENCE_MODEL = "inference_model.onnx"
+TRAIN_STEP_MODEL = "train_step.onnx"
+ADAPTER = "adapter.safetensors"
+
+TOWERS = ("text", "vision", "both")
+TARGETS = ("q", "k", "v", "out", "fc", "proj")
+BACKENDS = ("ort-training", "step")
+
+#: Files each backend needs on top of the always-present ones.
+BACKEND_FILES: Dict[str, Tuple[str, ...]] = {
+    "ort-training": (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT),
+    "step": (TRAIN_STEP_MODEL,),
+}
+ALWAYS_FILES = (INFERENCE_MODEL, ADAPTER)
+
+
+class BundleError(ValueError):
+    """A bundle or manifest is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One trainable LoRA tensor: its name in adapters and graphs, shape and dtype."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: str = "float32"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    tower: str
+    rank: int
+    alpha: float
+    targets: Tuple[str, ...]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """open_clip's eval transform: resize the shortest side (bicubic), center crop, normalise."""
+
+    image_size: int
+    mean: Tuple[float, float, float]
+    std: Tuple[float, float, float]
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW as baked into the ORT optimizer graph (weight decay is fixed there; lr is not)."""
+
+    name: str = "adamw"
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model_id: str
+    preset: str
+    architecture: str
+    pretrained: Dict[str, Any]
+    base_weights_sha256: str
+    lora: LoraConfig
+    trainable: Tuple[TensorSpec, ...]
+    classes: Tuple[str, ...]
+    prompt_template: str
+    text_context: int
+    preprocess: Preprocess
+    input_kind: str  # "features" (text tower mode) or "pixels"
+    feature_dim: int
+    logit_scale: float
+    backends: Tuple[str, ...]
+    optimizer: OptimizerConfig
+    files: Dict[str, str]  # file name -> sha256
+    onnx: Dict[str, Any] = field(default_factory=dict)
+    created: Dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    # -- derived ---------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def trainable_names(self) -> List[str]:
+        return [t.name for t in self.trainable]
+
+    @property
+    def spec_by_name(self) -> Dict[str, TensorSpec]:
+        return {t.name: t for t in self.trainable}
+
+    @property
+    def adapter_numel(self) -> int:
+        return sum(t.numel for t in self.trainable)
+
+    @property
+    def needs_image_encoder(self) -> bool:
+        return self.input_kind == "features"
+
+    def input_shape(self, batch: int) -> Tuple[int, ...]:
+        """Shape of one training batch's input tensor."""
+        if self.input_kind == "features":
+            return (batch, self.feature_dim)
+        return (batch, 3, self.preprocess.image_size, self.preprocess.image_size)
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["trainable"] = [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype} for t in self.trainable]
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> Manifest:
+        try:
+            return _manifest_from_dict(d)
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"manifest is malformed: {type(exc).__name__}: {exc}") from exc
+
+
+def _manifest_from_dict(d: Dict[str, Any]) -> Manifest:
+    if d.get("format") != FORMAT:
+        raise BundleError(f"not a FLORA bundle manifest: format is {d.get('format')!r}, expected {FORMAT!r}")
+    version = d.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"unsupported bundle format_version {version!r}; this build reads {FORMAT_VERSION}")
+    lora_d = d["lora"]
+    lora = LoraConfig(
+        tower=str(lora_d["tower"]),
+        rank=int(lora_d["rank"]),
+        alpha=float(lora_d["alpha"]),
+        targets=tuple(lora_d["targets"]),
+    )
+    if lora.tower not in TOWERS:
+        raise BundleError(f"manifest lora.tower {lora.tower!r} is not one of {TOWERS}")
+    unknown = sorted(set(lora.targets) - set(TARGETS))
+    if unknown:
+        raise BundleError(f"manifest lora.targets has unknown entries {unknown}; known: {TARGETS}")
+    trainable = tuple(
+        TensorSpec(str(t["name"]), tuple(int(s) for s in t["shape"]), str(t.get("dtype", "float32")))
+        for t in d["trainable"]
+    )
+    if not trainable:
+        raise BundleError("manifest lists no trainable tensors")
+    names = [t.name for t in trainable]
+    if len(set(names)) != len(names):
+        raise BundleError("manifest lists a trainable tensor twice")
+    classes = tuple(str(c) for c in d["classes"])
+    if not classes:
+        raise BundleError("manifest has an empty class list")
+    pre_d = d["preprocess"]
+    pre = Preprocess(
+        image_size=int(pre_d["image_size"]),
+        mean=tuple(float(x) for x in pre_d["mean"]),  # type: ignore[arg-type]
+        std=tuple(float(x) for x in pre_d["std"]),  # type: ignore[arg-type]
+        interpolation=str(pre_d.get("interpolation", "bicubic")),
+        resize_mode=str(pre_d.get("resize_mode", "shortest")),
+    )
+    opt_d = d.get("optimizer", {})
+    opt = OptimizerConfig(
+        name=str(opt_d.get("name", "adamw")),
+        betas=tuple(float(b) for b in opt_d.get("betas", (0.9, 0.999))),  # type: ignore[arg-type]
+        eps=float(opt_d.get("eps", 1e-8)),
+        weight_decay=float(opt_d.get("weight_decay", 0.0)),
+    )
+    backends = tuple(d["backends"])
+    bad = sorted(set(backends) - set(BACKENDS))
+    if bad or not backends:
+        raise BundleError(f"manifest backends {list(backends)} must be a non-empty subset of {BACKENDS}")
+    input_kind = str(d["input_kind"])
+    if input_kind not in ("features", "pixels"):
+        raise BundleError(f"manifest input_kind {input_kind!r} must be 'features' or 'pixels'")
+    return Manifest(
+        model_id=str(d["model_id"]),
+        preset=str(d["preset"]),
+        architecture=str(d["architecture"]),
+        pretrained=dict(d.get("pretrained", {})),
+        base_weights_sha256=str(d["base_weights_sha256"]),
+        lora=lora,
+        trainable=trainable,
+        classes=classes,
+        prompt_template=str(d["prompt_template"]),
+        text_context=int(d["text_context"]),
+        preprocess=pre,
+        input_kind=input_kind,
+        feature_dim=int(d["feature_dim"]),
+        logit_scale=float(d["logit_scale"]),
+        backends=backends,
+        optimizer=opt,
+        files={str(k): str(v) for k, v in d["files"].items()},
+        onnx=dict(d.get("onnx", {})),
+        created=dict(d.get("created", {})),
+    )
+
+
+def required_files(input_kind: str, backends: Sequence[str]) -> List[str]:
+    """The files a bundle with these backends must hold (besides the manifest)."""
+    files = list(ALWAYS_FILES)
+    if input_kind == "features":
+        files.append(IMAGE_ENCODER)
+    for backend in backends:
+        files.extend(BACKEND_FILES[backend])
+    return files
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A bundle folder on disk with its parsed manifest."""
+
+    root: Path
+    manifest: Manifest
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def has(self, backend: str) -> bool:
+        return backend in self.manifest.backends
+
+
+def load_manifest(path: PathLike) -> Manifest:
+    """Parse a manifest.json file (or the manifest of a bundle folder)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MANIFEST
+    if not p.is_file():
+        raise BundleError(f"no manifest at {p}: is this a bundle written by flora-export?")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"cannot read manifest {p}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BundleError(f"manifest {p} is not a JSON object")
+    return Manifest.from_dict(data)
+
+
+def load_bundle(root: PathLike, verify: bool = True, backends: Optional[Sequence[str]] = None) -> Bundle:
+    """Load a bundle folder; with `verify`, check every listed file exists and matches its sha256.
+
+    `backends` limits the check to the files those backends need (a device that runs `step`
+    need not hold the ORT training artifacts).
+    """
+    root_p = Path(root)
+    manifest = load_manifest(root_p)
+    needed = required_files(manifest.input_kind, backends if backends is not None else manifest.backends)
+    missing = [name for name in needed if name not in manifest.files]
+    if missing:
+        raise BundleError(f"manifest of {root_p} does not list required files {missing}")
+    if verify:
+        for name in needed:
+            fpath = root_p / name
+            if not fpath.is_file():
+                raise BundleError(f"bundle {root_p} is missing {name}")
+            digest = sha256_file(fpath)
+            if digest != manifest.files[name]:
+                raise BundleError(
+                    f"bundle file {fpath} does not match its manifest sha256 "
+                    f"(have {digest[:12]}…, manifest says {manifest.files[name][:12]}…): "
+                    "the bundle is corrupt or was modified; export it again"
+                )
+    return Bundle(root_p, manifest)

@@ -1,0 +1,170 @@
+"""MQTT 5 connection settings shared by the agent and the aggregator (paho-mqtt 2.x)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import unquote, urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+PASSWORD_ENV = "FLORA_MQTT_PASSWORD"
+USERNAME_ENV = "FLORA_MQTT_USERNAME"
+
+
+class BrokerConfigError(ValueError):
+    """The broker address or its credentials are unusable."""
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    host: str
+    port: int
+    tls: bool = False
+    username: Optional[str] = None
+    password: Optional[str] = None
+    ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    keepalive: int = 30
+    session_expiry_s: int = 3600
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        username: Optional[str] = None,
+        password: Optional[str] = None,
+        ca_file: Optional[str] = None,
+        cert_file: Optional[str] = None,
+        key_file: Optional[str] = None,
+        session_expiry_s: int = 3600,
+    ) -> BrokerConfig:
+        """`mqtt://[user[:pass]@]host[:port]` or `mqtts://…`; the password may come from FLORA_MQTT_PASSWORD."""
+        parsed = urlparse(url if "://" in url else f"mqtt://{url}")
+        if parsed.scheme not in DEFAULT_PORTS:
+            raise BrokerConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+        if not parsed.hostname:
+            raise BrokerConfigError(f"broker URL {url!r} names no host")
+        try:
+            port = parsed.port or DEFAULT_PORTS[parsed.scheme]
+        except ValueError as exc:
+            raise BrokerConfigError(f"broker URL {url!r} has a bad port: {exc}") from exc
+        user = username or (unquote(parsed.username) if parsed.username else None) or os.environ.get(USERNAME_ENV)
+        pw = password or (unquote(parsed.password) if parsed.password else None) or os.environ.get(PASSWORD_ENV)
+        tls = parsed.scheme == "mqtts" or ca_file is not None
+        for what, path in (("CA file", ca_file), ("client certificate", cert_file), ("client key", key_file)):
+            if path is not None and not os.path.isfile(path):
+                raise BrokerConfigError(f"TLS {what} {path} does not exist")
+        if (cert_file is None) != (key_file is None):
+            raise BrokerConfigError("a TLS client certificate needs its key, and a key its certificate")
+        return cls(parsed.hostname, port, tls, user, pw, ca_file, cert_file, key_file, 30, session_expiry_s)
+
+    def describe(self) -> str:
+        scheme = "mqtts" if self.tls else "mqtt"
+        who = f"{self.username}@" if self.username else ""
+        return f"{scheme}://{who}{self.host}:{self.port}"
+
+
+def make_client(
+    cfg: BrokerConfig,
+    client_id: str,
+    *,
+    will_topic: Optional[str] = None,
+    will_payload: Optional[bytes] = None,
+) -> mqtt.Client:
+    """A paho MQTT 5 client with TLS, credentials, a retained last will and reconnect backoff."""
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=mqtt.MQTTv5,
+    )
+    if cfg.username is not None:
+        client.username_pw_set(cfg.username, cfg.password)
+    if cfg.tls:
+        client.tls_set(
+            ca_certs=cfg.ca_file,
+            certfile=cfg.cert_file,
+            keyfile=cfg.key_file,
+            cert_reqs=ssl.CERT_REQUIRED,
+            tls_version=ssl.PROTOCOL_TLS_CLIENT,
+        )
+    if will_topic is not None:
+        client.will_set(will_topic, will_payload, qos=1, retain=True)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.max_queued_messages_set(0)
+    return client
+
+
+def connect_properties(cfg: BrokerConfig) -> Properties:
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = cfg.session_expiry_s
+    return props
+
+
+class Connection:
+    """Connect with clean_start=False and a session expiry, so QoS 1 messages queued by the broker
+    during a short disconnect are delivered on reconnect; paho's loop thread reconnects with backoff.
+
+    `on_connected` runs on every (re)connection: subscribe there.
+    """
+
+    def __init__(self, cfg: BrokerConfig, client: mqtt.Client, on_connected=None) -> None:
+        self.cfg = cfg
+        self.client = client
+        self.connected = threading.Event()
+        self._on_connected = on_connected
+        self.last_reason: Optional[str] = None
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.last_reason = str(reason_code)
+            log.error("broker %s refused the connection: %s", self.cfg.describe(), reason_code)
+            return
+        session = "resumed" if getattr(flags, "session_present", False) else "new"
+        log.info("connected to %s (%s session)", self.cfg.describe(), session)
+        self.connected.set()
+        if self._on_connected is not None:
+            self._on_connected(client)
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if reason_code != 0:
+            log.warning("disconnected from %s: %s; reconnecting", self.cfg.describe(), reason_code)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect and start paho's network thread; raise if no connection within `timeout`."""
+        try:
+            self.client.connect_async(
+                self.cfg.host,
+                self.cfg.port,
+                keepalive=self.cfg.keepalive,
+                clean_start=False,
+                properties=connect_properties(self.cfg),
+            )
+        except (OSError, ValueError) as exc:
+            raise BrokerConfigError(f"cannot connect to {self.cfg.describe()}: {exc}") from exc
+        self.client.loop_start()
+        if not self.connected.wait(timeout):
+            self.client.loop_stop()
+            reason = f" ({self.last_reason})" if self.last_reason else ""
+            raise ConnectionError(f"no connection to MQTT broker {self.cfg.describe()} within {timeout:.0f}s{reason}")
+
+    def stop(self) -> None:
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
