@@ -21,3 +21,34 @@ def mosquitto(tmp_path):
     broker = start_mosquitto(tmp_path / "mosquitto")
     yield broker
     broker.stop()
+
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def export_tiny(out, tower: str = "text", backends=("ort-training",), **overrides):
+    """Export a clip-tiny bundle (random-init, seed 0) into `out` and return the loaded Bundle."""
+    from edge.bundle import load_bundle
+    from export.pipeline import ExportOptions, export_bundle
+
+    opts = ExportOptions(preset="clip-tiny", classes=list(DIGITS), out=out, tower=tower,
+                         backends=tuple(backends), **overrides)
+    export_bundle(opts, say=lambda _msg: None)
+    return load_bundle(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_bundle(tmp_path_factory):
+    """clip-tiny, LoRA in the text tower (the default), ort-training artifacts."""
+    return export_tiny(tmp_path_factory.mktemp("bundles") / "tiny-text")
+
+
+@pytest.fixture(scope="session")
+def tiny_vision_bundle(tmp_path_factory):
+    return export_tiny(tmp_path_factory.mktemp("bundles") / "tiny-vision", tower="vision")
+
+
+@pytest.fixture(scope="session")
+def tiny_both_bundle(tmp_path_factory):
+    return export_tiny(tmp_path_factory.mktemp("bundles") / "tiny-both", tower="both",
+                       targets=("q", "k", "v", "out", "fc", "proj"))

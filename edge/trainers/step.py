@@ -1,0 +1,147 @@
+"""`step`: the whole training step as one plain ONNX graph, run by any onnxruntime.
+
+The trainer owns the LoRA tensors and AdamW moments as OrtValues on the execution device and
+feeds each step's outputs straight back as the next step's inputs through IO binding, so no
+tensor is copied between steps. Logits come from the bundle's inference model, which takes the
+same OrtValues.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..bundle import INFERENCE_MODEL, TRAIN_STEP_MODEL, Bundle
+from ..step_io import STEP_OUTPUTS, moment_names, new_names
+from .base import StepResult, Trainer, TrainerError
+
+log = logging.getLogger(__name__)
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+
+def resolve_providers(requested: Optional[Sequence[str]]) -> List[str]:
+    """Map short names (cpu, cuda, tensorrt) to ONNX Runtime providers; CPU is always the fallback."""
+    import onnxruntime as ort
+
+    if not requested:
+        return ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    chosen = []
+    for name in requested:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            raise TrainerError(f"execution provider {name!r} is not available here; available: {available}")
+        chosen.append(full)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class StepTrainer(Trainer):
+    name = "step"
+
+    def __init__(self, bundle: Bundle, threads: Optional[int] = None,
+                 providers: Optional[Sequence[str]] = None) -> None:
+        super().__init__(bundle)
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.providers = resolve_providers(providers)
+        self._device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self._session = ort.InferenceSession(str(bundle.path(TRAIN_STEP_MODEL)), options, providers=self.providers)
+        self._infer = ort.InferenceSession(str(bundle.path(INFERENCE_MODEL)), options, providers=self.providers)
+        self._names = self.manifest.trainable_names
+        self._m_names, self._v_names = moment_names(self._names)
+        self._input_name = self._session.get_inputs()[0].name
+        expected = [self.manifest.input_kind, "labels", "step", "lr", "weight_decay",
+                    *self._names, *self._m_names, *self._v_names]
+        got = [i.name for i in self._session.get_inputs()]
+        if got != expected:
+            raise TrainerError(f"{TRAIN_STEP_MODEL} inputs do not match the manifest (first differences: "
+                               f"{[(a, b) for a, b in zip(got, expected) if a != b][:2]})")
+        self._outputs = [*STEP_OUTPUTS, *new_names(self._names), *new_names(self._m_names),
+                         *new_names(self._v_names)]
+        self.weight_decay = self.manifest.optimizer.weight_decay
+        self.steps = 0
+        self._params: List = []
+        self._m: List = []
+        self._v: List = []
+        from ..adapter import load_file
+
+        initial = load_file(bundle.path("adapter.safetensors"), self.manifest.trainable)
+        self.set_adapter(initial.tensors)
+        self.reset_optimizer()
+
+    def _value(self, array: np.ndarray):
+        return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.float32), self._device, 0)
+
+    def reset_optimizer(self) -> None:
+        """Zero the AdamW moments and the step count."""
+        self._m = [self._value(np.zeros(s.shape, np.float32)) for s in self.manifest.trainable]
+        self._v = [self._value(np.zeros(s.shape, np.float32)) for s in self.manifest.trainable]
+        self.steps = 0
+
+    def set_weight_decay(self, weight_decay: float) -> bool:
+        if weight_decay < 0:
+            raise TrainerError(f"weight decay must be >= 0, got {weight_decay}")
+        self.weight_decay = float(weight_decay)
+        return True
+
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
+        self.check_batch(inputs, labels)
+        io = self._session.io_binding()
+        io.bind_cpu_input(self._input_name, np.ascontiguousarray(inputs, np.float32))
+        io.bind_cpu_input("labels", np.ascontiguousarray(labels, np.int64))
+        io.bind_cpu_input("step", np.array(self.steps + 1, np.float32))
+        io.bind_cpu_input("lr", np.array(self.lr, np.float32))
+        io.bind_cpu_input("weight_decay", np.array(self.weight_decay, np.float32))
+        for names, values in ((self._names, self._params), (self._m_names, self._m), (self._v_names, self._v)):
+            for name, value in zip(names, values):
+                io.bind_ortvalue_input(name, value)
+        io.bind_output("loss", "cpu")
+        io.bind_output("correct", "cpu")
+        for name in self._outputs[2:]:
+            io.bind_output(name, self._device)
+        self._session.run_with_iobinding(io)
+        out = io.get_outputs()
+        k = len(self._names)
+        loss = float(out[0].numpy())
+        if not np.isfinite(loss):
+            raise TrainerError(f"training step {self.steps + 1} produced a non-finite loss ({loss})")
+        self._params, self._m, self._v = list(out[2 : 2 + k]), list(out[2 + k : 2 + 2 * k]), list(out[2 + 2 * k :])
+        self.steps += 1
+        return StepResult(loss, int(out[1].numpy()), len(labels))
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        self.check_batch(inputs)
+        io = self._infer.io_binding()
+        io.bind_cpu_input(self.manifest.input_kind, np.ascontiguousarray(inputs, np.float32))
+        for name, value in zip(self._names, self._params):
+            io.bind_ortvalue_input(name, value)
+        io.bind_output("logits", "cpu")
+        self._infer.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
+
+    def get_adapter(self) -> Dict[str, np.ndarray]:
+        return {name: np.array(value.numpy(), dtype=np.float32) for name, value in zip(self._names, self._params)}
+
+    def set_adapter(self, tensors: Dict[str, np.ndarray]) -> None:
+        self.check_adapter(tensors)
+        self._params = [self._value(tensors[name]) for name in self._names]
+
+    def optimizer_state(self) -> Dict[str, np.ndarray]:
+        """AdamW moments by `adam_m.<name>` / `adam_v.<name>` (for tests and inspection)."""
+        state = {n: v.numpy() for n, v in zip(self._m_names, self._m)}
+        state.update({n: v.numpy() for n, v in zip(self._v_names, self._v)})
+        return state

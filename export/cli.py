@@ -1,0 +1,97 @@
+"""`flora-export MODEL --classes FILE --out DIR`: write an on-device training bundle."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from . import lora
+from .presets import PRESETS, UnknownPresetError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    presets = "\n".join(f"  {p.name:12s} {p.description}" for p in PRESETS.values())
+    parser = argparse.ArgumentParser(
+        prog="flora-export",
+        description="Export open_clip CLIP + LoRA as an ONNX Runtime on-device training bundle.",
+        epilog=f"presets:\n{presets}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", help="preset name (see below)")
+    parser.add_argument("--classes", required=True, type=Path, help="text file, one class name per line")
+    parser.add_argument("--out", required=True, type=Path, help="bundle folder to write")
+    parser.add_argument("--prompt", default="a photo of a {}.",
+                        help="prompt template with one {} (default: %(default)r)")
+    w = parser.add_argument_group("weights")
+    w.add_argument("--pretrained", help="local checkpoint file, or an open_clip tag (default: the preset's tag)")
+    w.add_argument("--random-init", action="store_true",
+                   help="same architecture, seeded random weights (tests, benchmarks)")
+    w.add_argument("--cache-dir", help="open_clip / Hugging Face cache folder to look in (default: theirs)")
+    w.add_argument("--offline", action="store_true", help="never try to download weights")
+    w.add_argument("--quick-gelu", action="store_true", default=None, help="QuickGELU activations (OpenAI weights)")
+    lo = parser.add_argument_group("LoRA")
+    lo.add_argument("--lora-tower", choices=["text", "vision", "both"], default="text",
+                    help="where LoRA goes (default: text, FLORA's: the image encoder stays frozen)")
+    lo.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    lo.add_argument("--alpha", type=float, default=16.0,
+                    help="LoRA alpha; the scale is alpha/rank (default: %(default)s)")
+    lo.add_argument("--targets", default=",".join(lora.DEFAULT_TARGETS),
+                    help=f"comma list among {','.join(lora.ALL_TARGETS)} (default: %(default)s)")
+    lo.add_argument("--seed", type=int, default=0, help="seed of LoRA init and of --random-init weights")
+    t = parser.add_argument_group("training")
+    t.add_argument("--backend", choices=["ort-training", "step", "all"], default="ort-training",
+                   help="ort-training: ONNX Runtime training artifacts; step: one plain-ONNX training step graph "
+                        "for devices with plain onnxruntime (Arm boards); all: both (default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay baked into the ORT optimizer")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle folder")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("export").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    # A CUDA build of torch on a machine without a GPU says so at import; it is not news here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)  # the step exporter's optimizer notes
+    say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    from .loading import WeightsError
+    from .pipeline import ExportError, ExportOptions, export_bundle, read_classes
+
+    try:
+        backends = ("ort-training", "step") if args.backend == "all" else (args.backend,)
+        opts = ExportOptions(
+            preset=args.model,
+            classes=read_classes(args.classes),
+            out=args.out,
+            prompt=args.prompt,
+            tower=args.lora_tower,
+            rank=args.rank,
+            alpha=args.alpha,
+            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            pretrained=args.pretrained,
+            random_init=args.random_init,
+            cache_dir=args.cache_dir,
+            offline=args.offline,
+            quick_gelu=args.quick_gelu,
+            seed=args.seed,
+            backends=backends,
+            weight_decay=args.weight_decay,
+            force=args.force,
+        )
+        export_bundle(opts, say)
+    except (ExportError, WeightsError, UnknownPresetError, ValueError) as exc:
+        print(f"flora-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flora-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""LoRA for open_clip's transformer blocks, as weight parametrizations.
+
+open_clip's attention is `nn.MultiheadAttention`, which keeps q, k and v in one fused
+`in_proj_weight` and reads `out_proj.weight` directly inside `F.multi_head_attention_forward`, so a
+module wrapped around `out_proj` would never be called. A parametrization
+(`torch.nn.utils.parametrize`) replaces the *weight tensor* itself: every read of
+`attn.in_proj_weight` or `attn.out_proj.weight` yields `W + (alpha/r) * B @ A`, for whatever code
+reads it. With B = 0 the weight is W exactly, so the model is unchanged bit for bit, and open_clip's
+own forward runs untouched (it also still sees `mlp.c_fc.weight`, whose dtype it reads).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+QKV = ("q", "k", "v")
+ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
+DEFAULT_TARGETS = ("q", "k", "v", "out")
+
+
+class LoRAFactors(nn.Module):
+    """The low-rank pair of one weight: A (rank x in), B (out x rank); the delta is B @ A."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.zeros(rank, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, rank))
+        #: (A, B) tensors that replace the parameters while set: graph inputs of the inference model
+        self.inputs: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def reset(self, generator: torch.Generator) -> None:
+        """PEFT's initialisation: A like nn.Linear's weight (Kaiming-uniform), B zero."""
+        bound = 1.0 / math.sqrt(self.lora_A.shape[1])  # kaiming_uniform_(a=sqrt(5)) bound
+        with torch.no_grad():
+            self.lora_A.uniform_(-bound, bound, generator=generator)
+            self.lora_B.zero_()
+
+    def delta(self) -> torch.Tensor:
+        a, b = self.inputs if self.inputs is not None else (self.lora_A, self.lora_B)
+        return b @ a
+
+
+class LoRAWeight(nn.Module):
+    """Parametrization W -> W + scale * B @ A of a plain (out x in) weight."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.factors = LoRAFactors(out_features, in_features, rank)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.scale * self.factors.delta()
+
+
+class FusedQKVLoRA(nn.Module):
+    """Parametrization of MultiheadAttention's fused (3d x d) in_proj_weight: LoRA on chosen q/k/v rows."""
+
+    def __init__(self, dim: int, rank: int, scale: float, parts: Sequence[str]) -> None:
+        super().__init__()
+        self.dim = dim
+        self.scale = scale
+        self.parts = tuple(p for p in QKV if p in parts)
+        self.factors = nn.ModuleDict({p: LoRAFactors(dim, dim, rank) for p in self.parts})
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        blocks = []
+        for p in QKV:
+            if p in self.factors:
+                blocks.append(self.factors[p].delta())
+            else:
+                blocks.append(weight.new_zeros(self.dim, self.dim))
+        return weight + self.scale * torch.cat(blocks, dim=0)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    tower: str  # "text", "vision" or "both"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: Tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.tower not in ("text", "vision", "both"):
+            raise ValueError(f"LoRA tower must be text, vision or both, not {self.tower!r}")
+        if self.rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        bad = [t for t in self.targets if t not in ALL_TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"LoRA targets {list(self.targets)} must be a non-empty subset of {list(ALL_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"LoRA targets {list(self.targets)} repeat an entry")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def towers(self) -> Tuple[str, ...]:
+        return ("text", "vision") if self.tower == "both" else (self.tower,)
+
+    @property
+    def ordered_targets(self) -> Tuple[str, ...]:
+        return tuple(t for t in ALL_TARGETS if t in self.targets)
+
+
+def tower_blocks(model: nn.Module, tower: str) -> nn.ModuleList:
+    """The residual attention blocks of CLIP's text or vision transformer."""
+    transformer = model.transformer if tower == "text" else model.visual.transformer
+    blocks = transformer.resblocks
+    for i, block in enumerate(blocks):
+        if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
+            raise NotImplementedError(
+                f"{tower} block {i} uses {type(getattr(block, 'attn', None)).__name__}; "
+                "LoRA injection supports open_clip's standard ResidualAttentionBlock"
+            )
+    return blocks
+
+
+def attach_lora(model: nn.Module, spec: LoraSpec, seed: int = 0) -> OrderedDict[str, nn.Parameter]:
+    """Add LoRA parametrizations to `model` in place; return {adapter tensor name: parameter}.
+
+    Names read `<tower>.resblocks.<i>.<attn|mlp>.<target>.lora_<A|B>` and come in a fixed order
+    (tower, block, target, A before B): the manifest's trainable list. Only these require grad.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    params: OrderedDict[str, nn.Parameter] = OrderedDict()
+    for tower in spec.towers:
+        for i, block in enumerate(tower_blocks(model, tower)):
+            attn: nn.MultiheadAttention = block.attn
+            dim = attn.embed_dim
+            prefix = f"{tower}.resblocks.{i}"
+            factors: List[Tuple[str, LoRAFactors]] = []
+            qkv = [t for t in QKV if t in spec.targets]
+            if qkv:
+                param = FusedQKVLoRA(dim, spec.rank, spec.scale, qkv)
+                parametrize.register_parametrization(attn, "in_proj_weight", param)
+                factors += [(f"{prefix}.attn.{t}", param.factors[t]) for t in qkv]
+            layers = {"out": ("attn", attn.out_proj), "fc": ("mlp", block.mlp.c_fc), "proj": ("mlp", block.mlp.c_proj)}
+            for target in ("out", "fc", "proj"):
+                if target not in spec.targets:
+                    continue
+                group, linear = layers[target]
+                out_f, in_f = linear.weight.shape
+                param = LoRAWeight(out_f, in_f, spec.rank, spec.scale)
+                parametrize.register_parametrization(linear, "weight", param)
+                factors.append((f"{prefix}.{group}.{target}", param.factors))
+            order = {t: k for k, t in enumerate(spec.ordered_targets)}
+            for name, fac in sorted(factors, key=lambda nf: order[nf[0].rsplit(".", 1)[1]]):
+                fac.reset(generator)
+                params[f"{name}.lora_A"] = fac.lora_A
+                params[f"{name}.lora_B"] = fac.lora_B
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def module_names(root: nn.Module, lora: Dict[str, nn.Parameter]) -> Dict[str, str]:
+    """{parameter name under `root` (as ONNX export names initializers): adapter tensor name}."""
+    by_id = {id(p): name for name, p in lora.items()}
+    found = {name: by_id[id(p)] for name, p in root.named_parameters() if id(p) in by_id}
+    missing = set(lora) - set(found.values())
+    if missing:
+        raise RuntimeError(f"LoRA tensors not reachable from the exported module: {sorted(missing)[:3]}")
+    return found
+
+
+def load_lora_(lora: Dict[str, nn.Parameter], tensors: Dict[str, torch.Tensor]) -> None:
+    """Copy tensors (e.g. from an adapter blob) into the LoRA parameters in place."""
+    with torch.no_grad():
+        for name, p in lora.items():
+            p.copy_(torch.as_tensor(tensors[name], dtype=p.dtype))
+
+
+def lora_numel(lora: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in lora)
+
+
+def factors_by_name(root: nn.Module, lora: Dict[str, nn.Parameter]) -> OrderedDict[str, LoRAFactors]:
+    """{adapter base name (without .lora_A/.lora_B): its LoRAFactors module}, in adapter order."""
+    by_param = {id(m.lora_A): m for m in root.modules() if isinstance(m, LoRAFactors)}
+    out: OrderedDict[str, LoRAFactors] = OrderedDict()
+    for name, p in lora.items():
+        if name.endswith(".lora_A"):
+            out[name[: -len(".lora_A")]] = by_param[id(p)]
+    return out

@@ -1,0 +1,124 @@
+"""ONNX Runtime on-device training artifacts (training, eval, optimizer models and checkpoint)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import onnx
+
+from edge.bundle import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, OptimizerConfig
+
+from .onnx_export import MAX_IR_VERSION, cap_ir_version, initializer_names
+
+log = logging.getLogger(__name__)
+
+LOGITS = "logits"
+
+
+@contextlib.contextmanager
+def native_stderr_captured(keep_lines: int = 40) -> Iterator[None]:
+    """Send file descriptor 2 to a temp file for the block; replay its tail if the block raises."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            tail = sink.read().decode(errors="replace").splitlines()[-keep_lines:]
+            if tail:
+                print("\n".join(tail), file=sys.stderr)
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def generate(
+    forward: onnx.ModelProto, trainable: Sequence[str], out_dir: Path, optimizer: OptimizerConfig
+) -> None:
+    """Write the four artifacts into `out_dir`.
+
+    `forward` maps (input, ) -> logits; the artifacts add cross-entropy against a `labels` input,
+    the gradient graph for exactly the `trainable` initializers (every other initializer frozen),
+    and an AdamW optimizer graph. Training and eval models output (loss, logits).
+    """
+    from onnxruntime.training import artifacts
+
+    names = initializer_names(forward)
+    missing = sorted(set(trainable) - set(names))
+    if missing:
+        raise RuntimeError(f"trainable tensors missing from the forward graph: {missing[:3]}")
+    frozen = [n for n in names if n not in set(trainable)]
+    adamw = _pytorch_adamw(optimizer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = logging.getLogger().level
+    logging.getLogger().setLevel(max(previous, logging.WARNING))  # onnxblock logs every step at INFO
+    try:
+        # ORT's gradient builder logs every graph pass at INFO on the native stderr, whatever the
+        # logger severity; keep it out of the user's terminal unless something fails.
+        with native_stderr_captured():
+            artifacts.generate_artifacts(
+                forward,
+                requires_grad=list(trainable),
+                frozen_params=frozen,
+                loss=artifacts.LossType.CrossEntropyLoss,
+                optimizer=adamw,
+                artifact_directory=str(out_dir),
+                additional_output_names=[LOGITS],
+            )
+    finally:
+        logging.getLogger().setLevel(previous)
+    for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL):
+        path = out_dir / name
+        model = onnx.load(str(path))
+        if model.ir_version > MAX_IR_VERSION:
+            onnx.save_model(cap_ir_version(model), str(path))
+    for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT):
+        if not (out_dir / name).is_file():
+            raise RuntimeError(f"onnxruntime-training did not write {name}")
+    modes = [
+        attr.i
+        for node in onnx.load(str(out_dir / OPTIMIZER_MODEL)).graph.node
+        if node.op_type == "AdamWOptimizer"
+        for attr in node.attribute
+        if attr.name == "adam_mode"
+    ]
+    if modes != [PYTORCH_ADAMW_MODE]:
+        raise RuntimeError(f"optimizer graph has AdamW modes {modes}, expected [{PYTORCH_ADAMW_MODE}]")
+
+
+#: ORT's AdamWOptimizer op: mode 0 is torch.optim.AdamW's update (decoupled decay first, eps added
+#: to the bias-corrected sqrt(v)); mode 1, onnxblock's default, is Hugging Face's older variant,
+#: whose eps acts sqrt(1 - beta2^t) times larger and so differs visibly on small gradients.
+PYTORCH_ADAMW_MODE = 0
+
+
+def _pytorch_adamw(config: OptimizerConfig):
+    """onnxblock's AdamW block with the AdamWOptimizer node switched to PyTorch's update rule.
+
+    onnxblock 1.17-1.19 hard-codes adam_mode=1; its AdamWOptimizer builds the node from a dict
+    of attributes, so a subclass that sets adam_mode=0 is the smallest change.
+    """
+    from onnxruntime.training.onnxblock import optim
+
+    class _TorchAdamWOptimizer(optim.optim.AdamWOptimizer):
+        def _build_optimizer_node(self, input_names, output_name, node_name, node_attributes):
+            attributes = dict(node_attributes, adam_mode=PYTORCH_ADAMW_MODE)
+            return super()._build_optimizer_node(input_names, output_name, node_name, attributes)
+
+    block = optim.AdamW(
+        bias_correction=True, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
+    )
+    block._adamw = _TorchAdamWOptimizer(
+        bias_correction=True, betas=tuple(config.betas), eps=config.eps, weight_decay=config.weight_decay
+    )
+    return block

@@ -1,0 +1,346 @@
+"""The export pipeline: open_clip CLIP + LoRA -> a complete bundle folder, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import torch
+
+from edge import __version__
+from edge import adapter as adapter_blob
+from edge import bundle as B
+from edge.fileio import atomic_write_bytes, current_umask, sha256_file
+
+from . import graphs, lora, onnx_export, ort_artifacts
+from .loading import WeightsSource, build_model, preprocess_config, resolve_weights, state_sha256
+from .presets import Preset, get_preset
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "a photo of a {}."
+
+
+class ExportError(RuntimeError):
+    """The export cannot run with these inputs (nothing is left behind)."""
+
+
+@dataclass
+class ExportOptions:
+    preset: str
+    classes: List[str]
+    out: Path
+    prompt: str = DEFAULT_PROMPT
+    tower: str = "text"
+    rank: int = 8
+    alpha: float = 16.0
+    targets: Tuple[str, ...] = lora.DEFAULT_TARGETS
+    pretrained: Optional[str] = None
+    random_init: bool = False
+    cache_dir: Optional[str] = None
+    offline: bool = False
+    quick_gelu: Optional[bool] = None
+    seed: int = 0
+    backends: Tuple[str, ...] = ("ort-training",)
+    weight_decay: float = 0.0
+    force: bool = False
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: B.Manifest
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+
+def read_classes(path: Path) -> List[str]:
+    """One class name per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ExportError(f"cannot read class list {path}: {exc}") from exc
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def check_classes(classes: Sequence[str]) -> List[str]:
+    names = [c.strip() for c in classes]
+    if not names:
+        raise ExportError("the class list is empty: give one class name per line")
+    seen: Dict[str, int] = {}
+    dupes = []
+    for i, name in enumerate(names):
+        if name in seen:
+            dupes.append(f"{name!r} (lines {seen[name] + 1} and {i + 1})")
+        seen.setdefault(name, i)
+    if dupes:
+        raise ExportError(f"the class list repeats {', '.join(dupes)}")
+    bad = [n for n in names if "/" in n or n in (".", "..")]
+    if bad:
+        raise ExportError(f"class names {bad} cannot be folder names on a device; rename them")
+    return names
+
+
+def check_template(template: str) -> str:
+    if template.count("{}") != 1:
+        raise ExportError(f"prompt template {template!r} must contain exactly one '{{}}' for the class name")
+    return template
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Fail before any heavy work if the bundle cannot be written."""
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder")
+    parent = out.parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write the bundle: {probe} is not a writable folder")
+
+
+def model_id_of(base_sha: str, architecture: str, spec: lora.LoraSpec, classes: Sequence[str],
+                template: str, preprocess: Dict, text_context: int, input_kind: str) -> str:
+    """What makes two bundles' adapters interchangeable: same base, LoRA layout, head and inputs."""
+    identity = {
+        "base_weights_sha256": base_sha,
+        "architecture": architecture,
+        "lora": {"tower": spec.tower, "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.ordered_targets)},
+        "classes": list(classes),
+        "prompt_template": template,
+        "preprocess": preprocess,
+        "text_context": text_context,
+        "input_kind": input_kind,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+class _Stages:
+    """Staged progress lines: `[3/7] exporting the image encoder ... 4.1 s`."""
+
+    def __init__(self, total: int, say: Callable[[str], None]) -> None:
+        self.total, self.say, self.n = total, say, 0
+        self.seconds: Dict[str, float] = {}
+
+    def run(self, label: str, fn: Callable, *args, **kwargs):
+        self.n += 1
+        self.say(f"[{self.n}/{self.total}] {label} ...")
+        t0 = time.perf_counter()
+        result = fn(*args, **kwargs)
+        dt = time.perf_counter() - t0
+        self.seconds[label] = dt
+        self.say(f"[{self.n}/{self.total}] {label}: done in {dt:.1f} s")
+        return result
+
+
+def export_bundle(opts: ExportOptions, say: Callable[[str], None] = print) -> ExportResult:
+    """Write a bundle to `opts.out`; on any failure nothing is left at (or changed in) `opts.out`."""
+    preset = get_preset(opts.preset)
+    classes = check_classes(opts.classes)
+    template = check_template(opts.prompt)
+    spec = lora.LoraSpec(opts.tower, opts.rank, opts.alpha, tuple(opts.targets))
+    backends = tuple(dict.fromkeys(opts.backends))
+    unknown = [b for b in backends if b not in B.BACKENDS]
+    if unknown or not backends:
+        raise ExportError(f"backends {list(backends)} must be a non-empty subset of {list(B.BACKENDS)}")
+    if "ort-training" in backends:
+        try:
+            import onnxruntime.training  # noqa: F401
+        except ImportError as exc:
+            raise ExportError(
+                "the ort-training backend needs onnxruntime-training on this machine "
+                f"({exc}); install the 'export' extra or use --backend step"
+            ) from exc
+    out = Path(opts.out)
+    check_output(out, opts.force)
+    weights = resolve_weights(
+        preset,
+        pretrained=opts.pretrained,
+        random_init=opts.random_init,
+        cache_dir=opts.cache_dir,
+        offline=opts.offline,
+        quick_gelu=opts.quick_gelu,
+        seed=opts.seed,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a bundle is for other users too
+    try:
+        with torch.no_grad():
+            result = _export_into(tmp, preset, weights, classes, template, spec, backends, opts, say)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result.path = out
+    say(f"bundle written to {out} (model_id {result.manifest.model_id[:16]})")
+    return result
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
+def _export_into(
+    tmp: Path,
+    preset: Preset,
+    weights: WeightsSource,
+    classes: List[str],
+    template: str,
+    spec: lora.LoraSpec,
+    backends: Tuple[str, ...],
+    opts: ExportOptions,
+    say: Callable[[str], None],
+) -> ExportResult:
+    text_mode = spec.tower == "text"
+    total = 4 + int(text_mode) + len(backends)
+    stages = _Stages(total, say)
+
+    def load():
+        model = build_model(preset, weights)
+        return model, state_sha256(model)
+
+    model, base_sha = stages.run(f"building {preset.architecture} ({weights.kind})", load)
+    preprocess = preprocess_config(model, weights, preset)
+    tokens = graphs.tokenize_prompts(classes, template, preset.architecture)
+
+    files: List[str] = [B.INFERENCE_MODEL, B.ADAPTER]
+    if text_mode:
+        size = preprocess["image_size"]
+        encoder = stages.run(
+            "exporting the frozen image encoder",
+            onnx_export.export_graph,
+            graphs.ImageEncoder(model),
+            (torch.zeros(2, 3, size, size),),
+            input_names=["pixels"],
+            output_names=["features"],
+            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+        )
+        onnx_export.save_model(encoder, tmp / B.IMAGE_ENCODER)
+        del encoder
+        files.append(B.IMAGE_ENCODER)
+
+    lora_params = stages.run(
+        f"adding LoRA to the {spec.tower} tower(s) (rank {spec.rank}, {'+'.join(spec.ordered_targets)})",
+        lora.attach_lora, model, spec, opts.seed,
+    )
+    classifier, input_kind = graphs.build_classifier(model, tokens, spec.tower)
+    text_context = classifier.text_context
+    param_to_adapter = lora.module_names(classifier, lora_params)
+    adapter_names = list(lora_params)
+    example = _example_input(input_kind, model, preprocess["image_size"])
+    input_name = input_kind
+
+    optimizer = B.OptimizerConfig(weight_decay=opts.weight_decay)
+    onnx_facts = {"opset": onnx_export.OPSET, "ir_version": onnx_export.MAX_IR_VERSION,
+                  "onnxruntime_training": ">=1.17,<1.20", "onnxruntime": ">=1.17"}
+    if "ort-training" in backends:
+        def ort_training():
+            forward = onnx_export.export_graph(
+                classifier, (example,), input_names=[input_name], output_names=[ort_artifacts.LOGITS],
+                dynamic_axes={input_name: {0: "batch"}, ort_artifacts.LOGITS: {0: "batch"}}, for_training=True,
+            )
+            onnx_export.rename_tensors(forward, param_to_adapter)
+            ort_artifacts.generate(forward, adapter_names, tmp, optimizer)
+
+        stages.run("writing ONNX Runtime training artifacts (training, eval, optimizer, checkpoint)", ort_training)
+        files += list(B.BACKEND_FILES["ort-training"])
+    if "step" in backends:
+        from . import step_graph
+
+        step_info = stages.run(
+            "tracing the portable training step graph (train_step.onnx)",
+            step_graph.export_step_graph, classifier, param_to_adapter, adapter_names, example, input_name,
+            tmp / B.TRAIN_STEP_MODEL, optimizer,
+        )
+        onnx_facts["step_opset"] = step_info["opset"]
+        files += list(B.BACKEND_FILES["step"])
+
+    def inference():
+        wrapper = graphs.WithAdapterInputs(classifier, lora.factors_by_name(classifier, lora_params))
+        model_proto = onnx_export.export_graph(
+            wrapper, (example, *[p.detach().clone() for p in lora_params.values()]),
+            input_names=[input_name, *adapter_names], output_names=["logits"],
+            dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}},
+        )
+        onnx_export.save_model(model_proto, tmp / B.INFERENCE_MODEL)
+
+    stages.run("exporting the inference model (LoRA tensors as inputs)", inference)
+
+    def finish():
+        model_id = model_id_of(base_sha, preset.architecture, spec, classes, template, preprocess,
+                               text_context, input_kind)
+        tensors = {name: p.detach().cpu().numpy().astype(np.float32) for name, p in lora_params.items()}
+        blob = adapter_blob.encode(tensors, model_id=model_id, round=0, kind="initial")
+        atomic_write_bytes(tmp / B.ADAPTER, blob)
+        manifest = B.Manifest(
+            model_id=model_id,
+            preset=preset.name,
+            architecture=preset.architecture,
+            pretrained=weights.describe(),
+            base_weights_sha256=base_sha,
+            lora=B.LoraConfig(spec.tower, spec.rank, spec.alpha, spec.ordered_targets),
+            trainable=tuple(B.TensorSpec(n, tuple(t.shape), "float32") for n, t in tensors.items()),
+            classes=tuple(classes),
+            prompt_template=template,
+            text_context=text_context,
+            preprocess=B.Preprocess(
+                image_size=preprocess["image_size"],
+                mean=tuple(preprocess["mean"]),
+                std=tuple(preprocess["std"]),
+                interpolation=preprocess["interpolation"],
+                resize_mode=preprocess["resize_mode"],
+            ),
+            input_kind=input_kind,
+            feature_dim=int(model.text_projection.shape[1]) if input_kind == "features" else 0,
+            logit_scale=float(model.logit_scale.exp()),
+            backends=backends,
+            optimizer=optimizer,
+            files={name: sha256_file(tmp / name) for name in sorted(files)},
+            onnx=onnx_facts,
+            created=_provenance(opts),
+        )
+        atomic_write_bytes(tmp / B.MANIFEST, manifest.to_json().encode())
+        B.load_bundle(tmp)  # re-read and verify what was written
+        return manifest
+
+    manifest = stages.run("writing adapter.safetensors and manifest.json", finish)
+    return ExportResult(tmp, manifest, stages.seconds)
+
+
+def _example_input(input_kind: str, model, image_size: int) -> torch.Tensor:
+    if input_kind == "features":
+        return torch.randn(2, int(model.text_projection.shape[1]))
+    return torch.randn(2, 3, image_size, image_size)
+
+
+def _provenance(opts: ExportOptions) -> Dict:
+    import open_clip
+
+    versions = {"flora_edge": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+                "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return {"by": "flora-export", "versions": versions, "lora_init_seed": opts.seed,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
