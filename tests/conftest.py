@@ -52,3 +52,9 @@ def tiny_vision_bundle(tmp_path_factory):
 def tiny_both_bundle(tmp_path_factory):
     return export_tiny(tmp_path_factory.mktemp("bundles") / "tiny-both", tower="both",
                        targets=("q", "k", "v", "out", "fc", "proj"))
+
+
+@pytest.fixture(scope="session")
+def tiny_all_bundle(tmp_path_factory):
+    """clip-tiny, text tower, both backends (ort-training artifacts and train_step.onnx)."""
+    return export_tiny(tmp_path_factory.mktemp("bundles") / "tiny-all", backends=("ort-training", "step"))
