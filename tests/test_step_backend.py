@@ -189,7 +189,8 @@ def plain_onnxruntime_python(cache: Path) -> Path:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         if "Could not find a version" in proc.stderr or "NewConnectionError" in proc.stderr:
-            pytest.skip(f"the package registry cannot be reached to build a plain-onnxruntime venv:\n{proc.stderr[-800:]}")
+            reason = "the package registry cannot be reached to build a plain-onnxruntime venv"
+            pytest.skip(f"{reason}:\n{proc.stderr[-800:]}")
         raise AssertionError(f"pip failed:\n{proc.stderr[-2000:]}")
     marker.write_text("ok")
     return python
