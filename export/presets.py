@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -17,9 +18,13 @@ class Preset:
 
 # A CLIP with ViT-B/32's layout at toy size: 32 px images, two blocks per tower, width 64.
 # It uses CLIP's real tokenizer (the vocabulary ships inside open_clip), so prompts are real.
+# Random-init, so two choices keep its features informative: the image tower average-pools its
+# patch tokens (a random ViT's class token is nearly the same for every image: mean cosine 0.995
+# between digits, 0.94 pooled), and the logit scale starts at 100, a trained CLIP's temperature.
 CLIP_TINY_CONFIG: Dict[str, Any] = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "init_logit_scale": math.log(100.0),
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32, "pool_type": "avg"},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 

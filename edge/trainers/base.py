@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..bundle import Bundle, BundleError
+from ..ort import has_training_api, torch_hidden
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ class Trainer(abc.ABC):
 
 def _importable(module: str) -> bool:
     try:
-        return importlib.util.find_spec(module) is not None
+        with torch_hidden():  # find_spec imports the parent package (see edge.ort)
+            return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         return False
 
@@ -94,7 +96,7 @@ def _importable(module: str) -> bool:
 def available_backends(bundle: Bundle) -> List[str]:
     """Backends that both this machine and this bundle support, preferred first."""
     found = []
-    if bundle.has("ort-training") and _importable("onnxruntime.training"):
+    if bundle.has("ort-training") and has_training_api():
         found.append("ort-training")
     if bundle.has("step") and _importable("onnxruntime"):
         found.append("step")

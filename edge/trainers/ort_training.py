@@ -8,6 +8,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..bundle import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Bundle
+from ..ort import import_onnxruntime, import_training_api
 from .base import StepResult, Trainer, TrainerError
 
 
@@ -22,8 +23,9 @@ class OrtTrainingTrainer(Trainer):
 
     def __init__(self, bundle: Bundle, threads: Optional[int] = None) -> None:
         super().__init__(bundle)
-        import onnxruntime as ort
-        from onnxruntime.training.api import CheckpointState, Module, Optimizer
+        ort = import_onnxruntime()
+        api = import_training_api()
+        CheckpointState, Module, Optimizer = api.CheckpointState, api.Module, api.Optimizer
 
         options = ort.SessionOptions()
         if threads:

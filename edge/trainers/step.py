@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..bundle import INFERENCE_MODEL, TRAIN_STEP_MODEL, Bundle
+from ..ort import import_onnxruntime
 from ..step_io import STEP_OUTPUTS, moment_names, new_names
 from .base import StepResult, Trainer, TrainerError
 
@@ -29,7 +30,7 @@ PROVIDER_ALIASES = {
 
 def resolve_providers(requested: Optional[Sequence[str]]) -> List[str]:
     """Map short names (cpu, cuda, tensorrt) to ONNX Runtime providers; CPU is always the fallback."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     if not requested:
         return ["CPUExecutionProvider"]
@@ -51,7 +52,7 @@ class StepTrainer(Trainer):
     def __init__(self, bundle: Bundle, threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None) -> None:
         super().__init__(bundle)
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self._ort = ort
         self.providers = resolve_providers(providers)

@@ -1,0 +1,142 @@
+"""`flora-agent`: the on-device agent (`run`, the default) and its self-test (`doctor`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .config import ConfigError, load_toml, merge_config
+
+RUN_KEYS = (
+    "bundle", "data", "broker", "client_id", "federation", "state_dir", "backend", "providers", "threads",
+    "shots", "val_fraction", "seed", "fp16_updates", "exit_when_done", "username", "password", "tls_ca",
+    "tls_cert", "tls_key", "session_expiry_s", "progress_every_s", "log_level",
+)
+
+
+def _providers(text: str) -> List[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def add_connection_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    p.add_argument("--username", help="MQTT user (or FLORA_MQTT_USERNAME)")
+    p.add_argument("--password", help="MQTT password; prefer FLORA_MQTT_PASSWORD or the config file")
+    p.add_argument("--tls-ca", help="CA certificate file (turns TLS on)")
+    p.add_argument("--tls-cert", help="client certificate file")
+    p.add_argument("--tls-key", help="client key file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flora-agent", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="join a federation and train rounds (the default command)")
+    run.add_argument("--config", type=Path, help="TOML file with the same keys as these options")
+    run.add_argument("--bundle", type=Path, help="bundle folder written by flora-export")
+    run.add_argument("--data", type=Path, help="image folder (one subfolder per class) or a path,label CSV")
+    add_connection_options(run)
+    run.add_argument("--client-id", help="this device's id in the federation (letters, digits, _ - .)")
+    run.add_argument("--federation", default="default", help="federation name (topic prefix flora/<name>/)")
+    run.add_argument("--state-dir", type=Path, help="where state and the feature cache live "
+                                                    "(default ./flora-state/<client-id>)")
+    run.add_argument("--backend", default="auto", choices=["auto", "ort-training", "step"],
+                     help="trainer backend (default: ort-training where it is installed, else step)")
+    run.add_argument("--providers", type=_providers, help="execution providers for step, e.g. cuda,cpu")
+    run.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    run.add_argument("--shots", type=int, help="keep K images per class (few-shot, seeded)")
+    run.add_argument("--val-fraction", type=float, default=0.1, help="local validation split (default %(default)s)")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--fp16-updates", action="store_true", help="send updates as float16 (half the bytes)")
+    run.add_argument("--exit-when-done", action="store_true", help="exit once the federation announces done")
+    run.add_argument("--session-expiry-s", type=int, default=3600, help="MQTT session expiry (default %(default)s)")
+    run.add_argument("--progress-every-s", type=float, default=5.0, help="seconds between progress lines")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    doctor = sub.add_parser("doctor", help="check this device: runtime, backend, memory, one timed step, broker")
+    doctor.add_argument("--config", type=Path, help="agent TOML config (bundle, broker, credentials are read)")
+    doctor.add_argument("--bundle", type=Path)
+    add_connection_options(doctor)
+    doctor.add_argument("--backend", default="auto", choices=["auto", "ort-training", "step"])
+    doctor.add_argument("--providers", type=_providers)
+    doctor.add_argument("--threads", type=int)
+    doctor.add_argument("--batch-size", type=int, default=32, help="batch size to check (default %(default)s)")
+    doctor.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stdout)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "doctor", "-h", "--help"):
+        argv.insert(0, "run")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    try:
+        config = load_toml(args.config)
+        if args.command == "doctor":
+            config = {k: v for k, v in config.items() if hasattr(args, k)}
+            args = merge_config(args, sub, config, vars(args))
+            _setup_logging(args.log_level)
+            from .doctor import run_doctor
+
+            return run_doctor(args)
+        args = merge_config(args, sub, config, RUN_KEYS)
+    except ConfigError as exc:
+        print(f"flora-agent: error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(args.log_level)
+    missing = [k for k in ("bundle", "data", "broker", "client_id") if not getattr(args, k, None)]
+    if missing:
+        print(f"flora-agent: error: missing {', '.join('--' + m.replace('_', '-') for m in missing)} "
+              "(on the command line or in --config)", file=sys.stderr)
+        return 2
+    return run_agent(args)
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from .agent import Agent, AgentConfig
+    from .bundle import BundleError
+    from .dataset import DatasetError
+    from .mqtt import BrokerConfigError
+    from .state import StateError
+    from .trainers import TrainerError
+
+    cfg = AgentConfig(
+        bundle=Path(args.bundle), data=Path(args.data), broker=args.broker, client_id=args.client_id,
+        federation=args.federation, state_dir=Path(args.state_dir) if args.state_dir else None,
+        backend=args.backend, threads=args.threads, providers=args.providers, shots=args.shots,
+        val_fraction=args.val_fraction, seed=args.seed, fp16_updates=args.fp16_updates,
+        exit_when_done=args.exit_when_done, username=args.username, password=args.password,
+        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, session_expiry_s=args.session_expiry_s,
+        progress_every_s=args.progress_every_s,
+    )
+    try:
+        agent = Agent(cfg)
+    except (BundleError, DatasetError, TrainerError, BrokerConfigError, StateError, ValueError) as exc:
+        print(f"flora-agent: error: {exc}", file=sys.stderr)
+        return 2
+
+    def _stop(signum, frame):
+        logging.getLogger("flora.agent").info("signal %d: stopping", signum)
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        return agent.run()
+    except ConnectionError as exc:
+        print(f"flora-agent: error: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Import onnxruntime the way a device should: without torch.
+
+onnxruntime-training 1.19.2 (its last release) ties itself to torch in two places:
+
+- `import onnxruntime` imports ORTModule, which imports torch whenever torch is installed (a
+  workstation, the simulator's machine): 1.5 s and about 530 MiB of resident memory for a library
+  the agent never uses. Hiding torch while onnxruntime imports makes ORTModule report itself
+  unavailable, which onnxruntime treats as a normal case.
+- `onnxruntime.training/__init__.py` imports its `optim` and `amp` packages, which import torch
+  unconditionally, so on a device without torch `import onnxruntime.training.api` fails
+  (microsoft/onnxruntime#22070, open). The `api` subpackage itself (CheckpointState, Module,
+  Optimizer) needs only the C bindings; it is imported here under a bare `onnxruntime.training`
+  package object that has the real package's path but skips that `__init__`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+import types
+from types import ModuleType
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def torch_hidden() -> Iterator[None]:
+    """Make `import torch` raise ImportError for the block, unless torch is already imported."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if hide:
+            del sys.modules["torch"]
+
+
+def import_onnxruntime() -> ModuleType:
+    with torch_hidden():
+        return importlib.import_module("onnxruntime")
+
+
+def import_training_api() -> ModuleType:
+    """onnxruntime.training.api (CheckpointState, Module, Optimizer), torch or not."""
+    ort = import_onnxruntime()
+    if "onnxruntime.training" not in sys.modules:
+        path = os.path.join(os.path.dirname(ort.__file__), "training")
+        if not os.path.isdir(os.path.join(path, "api")):
+            raise ImportError("this onnxruntime has no training API (install onnxruntime-training)")
+        package = types.ModuleType("onnxruntime.training")
+        package.__path__ = [path]  # submodules import from the real folder; its __init__ is skipped
+        package.__package__ = "onnxruntime.training"
+        sys.modules["onnxruntime.training"] = package
+    with torch_hidden():
+        return importlib.import_module("onnxruntime.training.api")
+
+
+def has_training_api() -> bool:
+    try:
+        ort = import_onnxruntime()
+    except ImportError:
+        return False
+    return os.path.isdir(os.path.join(os.path.dirname(ort.__file__), "training", "api"))

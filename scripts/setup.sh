@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up everything the project needs, idempotently: mosquitto (Debian package) and a Python
+# virtual environment in .venv with every extra installed at the versions in constraints.txt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing mosquitto (apt-get)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+    else
+        echo "setup: mosquitto is missing; install it with: sudo apt-get install -y mosquitto" >&2
+        exit 1
+    fi
+fi
+
+stamp=.venv/.flora-installed
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+echo "setup: creating .venv and installing the project (torch is large; a few minutes the first time)"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[edge,broker,export,dev]"
+echo "$want" > "$stamp"
+echo "setup: done"

@@ -1,0 +1,1 @@
+"""flora-sim: a real federation on one machine (mosquitto, the aggregator and N agent processes)."""
