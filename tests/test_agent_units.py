@@ -39,7 +39,7 @@ def test_state_survives_a_restart_and_tracks_the_outbox(tmp_path):
 
 def test_corrupt_state_is_refused_with_the_file_named(tmp_path):
     (tmp_path / "agent-state.json").write_text("{not json")
-    with pytest.raises(StateError, match="agent-state.json is unreadable"):
+    with pytest.raises(StateError, match=r"agent-state\.json is unreadable"):
         StateStore(tmp_path).load()
 
 

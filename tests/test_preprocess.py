@@ -86,7 +86,7 @@ def test_unreadable_images_name_the_file(tmp_path):
     pre = Preprocess(32, tuple(MEAN), tuple(STD))
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
-    with pytest.raises(ImageError, match="broken.jpg cannot be decoded"):
+    with pytest.raises(ImageError, match=r"broken\.jpg cannot be decoded"):
         preprocess(broken, pre)
-    with pytest.raises(ImageError, match="missing.png does not exist"):
+    with pytest.raises(ImageError, match=r"missing\.png does not exist"):
         preprocess(tmp_path / "missing.png", pre)
