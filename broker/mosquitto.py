@@ -101,13 +101,10 @@ def start_mosquitto(
     config_path = workdir / "mosquitto.conf"
     config_path.write_text("\n".join(lines) + "\n")
     log_path = workdir / "mosquitto.log"
-    log_fh = open(log_path, "wb")
-    try:
+    with open(log_path, "wb") as log_fh:
         proc = subprocess.Popen(
             [binary, "-c", str(config_path)], stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True
         )
-    finally:
-        log_fh.close()
     broker = Mosquitto(host, port, proc, config_path, log_path)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

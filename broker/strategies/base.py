@@ -1,0 +1,36 @@
+"""The interface every aggregation strategy implements: streaming, one update at a time."""
+
+from __future__ import annotations
+
+import abc
+from typing import Dict, Mapping, Optional, Sequence
+
+import numpy as np
+
+from edge.bundle import TensorSpec
+
+
+class Strategy(abc.ABC):
+    """begin(round) -> accumulate(update) for each accepted update -> finalize() -> new global.
+
+    Memory must not grow with the number of updates: a strategy keeps running state, never a list.
+    """
+
+    name: str
+
+    @abc.abstractmethod
+    def begin(self, specs: Sequence[TensorSpec], current_global: Mapping[str, np.ndarray]) -> None:
+        """Start a round from the current global adapter."""
+
+    @abc.abstractmethod
+    def accumulate(self, tensors: Mapping[str, np.ndarray], num_samples: int) -> None:
+        """Fold in one validated update."""
+
+    @abc.abstractmethod
+    def finalize(self) -> Optional[Dict[str, np.ndarray]]:
+        """The next global adapter (float32), or None if nothing was accumulated."""
+
+    @property
+    @abc.abstractmethod
+    def count(self) -> int:
+        """Updates accumulated this round."""
