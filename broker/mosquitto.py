@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import getpass
+import os
 import shutil
 import socket
 import subprocess
@@ -84,7 +86,11 @@ def start_mosquitto(
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
     listener = list(listener_config) if listener_config is not None else ["allow_anonymous true"]
+    # Started as root, mosquitto drops to the `mosquitto` user and then cannot read this private
+    # work dir (password and ACL files); the private broker keeps the invoking user instead.
+    user = [f"user {getpass.getuser()}"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     lines = [
+        *user,
         "per_listener_settings false",
         "persistence false",
         "log_dest stderr",

@@ -76,10 +76,14 @@ def atomic_write_json(path: PathLike, obj: Any, mode: Optional[int] = None) -> N
 
 
 def append_line(path: PathLike, line: str) -> None:
-    """Append one line and fsync it (for JSONL histories)."""
+    """Append one line and fsync it (for JSONL histories); a torn last line from a crash is closed first."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target, "a", encoding="utf-8") as fh:
-        fh.write(line.rstrip("\n") + "\n")
+    with open(target, "a+b") as fh:
+        if fh.tell() > 0:
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")
+        fh.write((line.rstrip("\n") + "\n").encode("utf-8"))
         fh.flush()
         os.fsync(fh.fileno())

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from broker.mosquitto import MosquittoError, find_mosquitto, start_mosquitto
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
