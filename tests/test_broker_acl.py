@@ -89,5 +89,5 @@ def test_a_device_may_write_only_its_own_topics(secured_broker):
 
 def test_wrong_password_is_refused(secured_broker):
     cfg = BrokerConfig.from_url(secured_broker.url, username="dev-1", password="wrong")
-    with pytest.raises(ConnectionError, match="Not authorized|Bad user name or password"):
+    with pytest.raises(ConnectionError, match=r"Not authorized|Bad user name or password"):
         Connection(cfg, make_client(cfg, "dev-1")).start(timeout=3)
