@@ -81,7 +81,12 @@ def label_histogram(labels: np.ndarray, parts: List[np.ndarray], num_classes: in
 
 def label_skew(labels: np.ndarray, parts: List[np.ndarray], num_classes: int) -> float:
     """Mean total-variation distance between each client's label distribution and the global one (0 = iid)."""
-    hist = label_histogram(labels, parts, num_classes).astype(float)
+    return histogram_skew(label_histogram(labels, parts, num_classes))
+
+
+def histogram_skew(hist: np.ndarray) -> float:
+    """label_skew from a (clients x classes) count matrix; the global distribution is its column sum."""
+    hist = np.asarray(hist, dtype=float)
     local = hist / hist.sum(axis=1, keepdims=True)
-    overall = np.bincount(labels, minlength=num_classes) / len(labels)
+    overall = hist.sum(axis=0) / hist.sum()
     return float(0.5 * np.abs(local - overall).sum(axis=1).mean())

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from broker.mosquitto import MosquittoError, find_mosquitto, start_mosquitto
+from broker.mosquitto import start_mosquitto
 from edge.mqtt import BrokerConfig, Connection, make_client
 
 from .conftest import REPO
@@ -20,11 +20,7 @@ USERS = {"flora-aggregator": "agg-secret", "dev-1": "one-secret", "dev-2": "two-
 
 
 @pytest.fixture
-def secured_broker(tmp_path):
-    try:
-        find_mosquitto()
-    except MosquittoError as exc:
-        pytest.skip(str(exc))
+def secured_broker(mosquitto_binary, tmp_path):
     passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
     pw_file = tmp_path / "passwords"
     for i, (user, secret) in enumerate(USERS.items()):
