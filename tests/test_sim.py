@@ -55,7 +55,7 @@ def test_three_clients_three_rounds_improve_on_zero_shot(tmp_path, mosquitto_bin
 
 
 def test_a_non_iid_run_completes_and_says_so(tmp_path, mosquitto_binary):
-    out, report = run_sim(tmp_path, "--partition", "dirichlet:0.1", "--fp16-updates")
+    _, report = run_sim(tmp_path, "--partition", "dirichlet:0.1", "--fp16-updates")
     part = report["partition"]
     assert part["scheme"] == "dirichlet:0.1" and part["non_iid"] is True and part["label_skew"] > 0.3
     assert len(report["rounds"]) == 3 and all(r["num_reported"] == 3 for r in report["rounds"])
