@@ -9,9 +9,10 @@ caller owns all training state and the aggregator's round config can change lr a
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import onnx
 import torch
@@ -101,12 +102,34 @@ def example_inputs(
             *[torch.zeros_like(t) for t in tensors])
 
 
+def _linear_as_2d_matmul(x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+    """F.linear, computed as one 2-D matmul over the flattened leading dimensions."""
+    y = x.reshape(-1, x.shape[-1]) @ weight.t()
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@contextlib.contextmanager
+def _symbolic_friendly_linear() -> Iterator[None]:
+    """aten's linear on a 3-D input guards on its size (an int, not a symbol) under symbolic tracing,
+    which fixes the image batch of the vision tower at the traced value. The same product written as
+    reshape + matmul keeps it symbolic. nn.Linear and multi_head_attention_forward look F.linear up
+    at call time, so swapping the function for the trace is enough."""
+    original = F.linear
+    F.linear = _linear_as_2d_matmul
+    try:
+        yield
+    finally:
+        F.linear = original
+
+
 def trace_step(classifier: nn.Module, module_names: List[str], optimizer: OptimizerConfig,
                args: Tuple[torch.Tensor, ...]) -> nn.Module:
     """make_fx trace of the step with symbolic shapes (the batch size stays dynamic)."""
     fn = _StepFunction(classifier, module_names, optimizer)
     # The fused CPU scaled-dot-product-attention backward has no ONNX translation; the math one does.
-    with sdpa_kernel([SDPBackend.MATH]), mha_fastpath_disabled(), torch.enable_grad():
+    with sdpa_kernel([SDPBackend.MATH]), mha_fastpath_disabled(), _symbolic_friendly_linear(), torch.enable_grad():
         gm = make_fx(
             fn, decomposition_table=torch._decomp.core_aten_decompositions(), tracing_mode="symbolic",
             _allow_non_fake_inputs=True,  # the frozen weights are real tensors captured as constants
@@ -129,7 +152,12 @@ def export_step_graph(
     """
     by_adapter = {a: m for m, a in param_to_adapter.items()}
     module_names = [by_adapter[a] for a in adapter_names]
-    num_classes = int(classifier(example).shape[1])
+    num_classes = int(classifier(example[:1]).shape[1])
+    # The traced batch size must equal no other size in the model: symbolic tracing unifies equal
+    # sizes, and a batch of 2 in a model with 2 heads (or 2 classes) comes out as a constant.
+    sizes = {num_classes, *example.shape[1:], *(d for p in classifier.parameters() for d in p.shape)}
+    batch_size = next(b for b in range(17, 10_000, 2) if b not in sizes)
+    example = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
     args = example_inputs(classifier, module_names, example, num_classes)
     traced = trace_step(classifier, module_names, optimizer, args)
     batch = torch.export.Dim("batch", min=1)
@@ -148,6 +176,10 @@ def export_step_graph(
             optimize=False,
         )
     model = program.model_proto
+    batch_dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    if not batch_dim.dim_param:
+        raise RuntimeError(f"the step graph's batch dimension came out fixed at {batch_dim.dim_value}; "
+                           "it must stay dynamic")
     cap_ir_version(model)
     save_model(model, path)
     return {"opset": STEP_OPSET, "op_types": sorted({n.op_type for n in model.graph.node})}

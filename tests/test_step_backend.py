@@ -246,3 +246,18 @@ def test_vitb32_twenty_steps_of_step_ort_training_and_pytorch_agree(tmp_path):
     moved = max(np.abs(step_adapter[k] - initial[k]).max() for k in initial)
     assert moved > 100 * 1e-5  # the tolerance is far below what training moved
     assert step_losses[-4:].mean() < step_losses[:4].mean()
+
+
+@pytest.mark.parametrize("tower", ["vision", "both"])
+def test_pixel_towers_step_graph_keeps_a_dynamic_batch_and_equals_ort(tmp_path, tower):
+    bundle = export_tiny(tmp_path / tower, tower=tower, backends=("ort-training", "step"))
+    step, ort_trainer = open_trainer(bundle, "step"), open_trainer(bundle, "ort-training")
+    rng = np.random.default_rng(0)
+    for n in (1, 5, 19, 8):  # 19: the size the graph was traced at must not be the only one it takes
+        x = rng.standard_normal(bundle.manifest.input_shape(n)).astype(np.float32)
+        y = rng.integers(0, 10, n)
+        a, b = step.train_step(x, y), ort_trainer.train_step(x, y)
+        assert a.count == n and a.loss == pytest.approx(b.loss, rel=1e-4)
+    assert_same_adapter(step.get_adapter(), ort_trainer.get_adapter())
+    dims = onnx.load(str(bundle.path(TRAIN_STEP_MODEL))).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
