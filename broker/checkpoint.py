@@ -5,28 +5,31 @@ to its own file, then state.json switches to it (carrying the round's history ro
 appended to history.jsonl. A crash between any two leaves a state that `load` repairs: state.json
 is the truth, and a row it carries that history.jsonl lacks is appended.
 
-Accepted updates of the open round are spooled to disk as they arrive, so a restarted aggregator
-re-folds them instead of waiting for clients that already submitted.
+Accepted updates of the open round are spooled to disk as they arrive, and the open round's record
+(asked clients, rejections, metrics, extensions) is saved beside them, so a restarted aggregator
+resumes the same round with the same clients and re-folds the updates instead of waiting for clients
+that already submitted (they never submit a round twice).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from edge.fileio import PathLike, append_line, atomic_write_bytes, atomic_write_json, sha256_bytes
 
 STATE = "state.json"
 HISTORY = "history.jsonl"
 SPOOL = "spool"
+OPEN_ROUND = "round.json"
 FORMAT = "flora-aggregator-state"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """The state dir is unreadable, corrupt, or belongs to another federation."""
 
 
 @dataclass
@@ -44,6 +47,8 @@ class AggregatorState:
 
 
 class Checkpoint:
+    """The files of one state dir: state.json, global-NNNNNN.safetensors, history.jsonl, spool/."""
+
     def __init__(self, directory: PathLike) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -69,6 +74,7 @@ class Checkpoint:
         if sha256_bytes(blob) != state.global_sha256:
             raise CheckpointError(f"the checkpointed global {blob_path} does not match its sha256 in {path}")
         self._reconcile_history(state)
+        self._drop_stale_spools(state.round)
         return state, blob
 
     def _reconcile_history(self, state: AggregatorState) -> None:
@@ -89,18 +95,17 @@ class Checkpoint:
         atomic_write_json(self.dir / STATE, asdict(state))
 
     def commit(self, state: AggregatorState, next_round: int, global_blob: bytes, row: Dict[str, Any],
-               done: bool) -> None:
-        """Record a completed round: the new global, the next open round, the history row."""
+               done: bool) -> AggregatorState:
+        """Record a completed round (the new global, the next open round, the history row); the new state."""
         previous = state.global_file
-        self._write_global(state, next_round, global_blob)
-        state.round = next_round
-        state.done = done
-        state.last_row = row
-        atomic_write_json(self.dir / STATE, asdict(state))
+        new = replace(state, round=next_round, done=done, last_row=row, extra=dict(state.extra))
+        self._write_global(new, next_round, global_blob)
+        atomic_write_json(self.dir / STATE, asdict(new))
         append_line(self.dir / HISTORY, json.dumps(row, sort_keys=True))
-        if previous and previous != state.global_file:
+        if previous and previous != new.global_file:
             (self.dir / previous).unlink(missing_ok=True)
         self.clear_spool(row["round"])
+        return new
 
     def _write_global(self, state: AggregatorState, round_: int, blob: bytes) -> None:
         name = f"global-{round_:06d}.safetensors"
@@ -129,11 +134,39 @@ class Checkpoint:
     def spool(self, round_: int, client: str, blob: bytes) -> None:
         atomic_write_bytes(self.spool_dir(round_) / f"{client}.safetensors", blob)
 
-    def spooled(self, round_: int) -> List[Tuple[str, bytes]]:
+    def spooled(self, round_: int) -> Iterator[Tuple[str, bytes]]:
+        """(client, blob) of each update accepted in `round_` before a restart, read one at a time."""
         folder = self.spool_dir(round_)
         if not folder.is_dir():
-            return []
-        return [(p.stem, p.read_bytes()) for p in sorted(folder.glob("*.safetensors"))]
+            return
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                blob = path.read_bytes()
+            except OSError:
+                continue
+            yield path.name[: -len(".safetensors")], blob
 
     def clear_spool(self, round_: int) -> None:
         shutil.rmtree(self.spool_dir(round_), ignore_errors=True)
+
+    def _drop_stale_spools(self, open_round: int) -> None:
+        """Spools of rounds before the open one (a crash between commit and cleanup leaves them)."""
+        for folder in (self.dir / SPOOL).glob("round-*"):
+            try:
+                number = int(folder.name[len("round-"):])
+            except ValueError:
+                continue
+            if number < open_round:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def save_open_round(self, round_: int, record: Dict[str, Any]) -> None:
+        atomic_write_json(self.spool_dir(round_) / OPEN_ROUND, record)
+
+    def load_open_round(self, round_: int) -> Optional[Dict[str, Any]]:
+        """The saved record of open round `round_`, or None (not started, or unreadable: start it afresh)."""
+        path = self.spool_dir(round_) / OPEN_ROUND
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("number") == round_ else None

@@ -1,17 +1,24 @@
-"""Round bookkeeping without MQTT: who is asked, who reported, what was rejected, when to close or extend.
+"""The round state machine without MQTT: who is asked, who reported, what was rejected, when to close or extend.
 
-Time comes from an injectable clock, so the quorum and timeout rules are tested without sleeping.
+Time comes from an injectable clock, so the quorum, timeout and extension rules are tested without
+sleeping. The aggregator feeds events into a `RoundRecord` and asks `RoundClock.step` what to do.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Set
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set
 
 Clock = Callable[[], float]
+
+#: Rejections kept with their detail in a round's record; all of them are counted by reason.
+MAX_REJECTION_DETAILS = 100
+
+WAIT = "wait"
+CLOSE = "close"
+EXTEND = "extend"
 
 
 @dataclass(frozen=True)
@@ -25,16 +32,25 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.clients_per_round is not None and self.fraction is not None:
-            raise ValueError("give clients_per_round or fraction, not both")
+            raise ValueError("give --clients-per-round or --fraction, not both")
         if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
         if self.clients_per_round is not None and self.clients_per_round < 1:
-            raise ValueError("clients_per_round must be >= 1")
+            raise ValueError(f"--clients-per-round must be >= 1, got {self.clients_per_round}")
         if self.min_clients < 1:
-            raise ValueError("min_clients must be >= 1")
+            raise ValueError(f"--min-clients must be >= 1, got {self.min_clients}")
+
+    @property
+    def describe(self) -> str:
+        if self.clients_per_round is not None:
+            return f"{self.clients_per_round} per round"
+        if self.fraction is not None:
+            return f"fraction {self.fraction}"
+        return "all online"
 
     def choose(self, online: Iterable[str], round_number: int) -> List[str]:
-        pool = sorted(online)
+        """The clients to ask: seeded by (seed, round), independent of the order `online` comes in."""
+        pool = sorted(set(online))
         if self.clients_per_round is None and self.fraction is None:
             return pool
         want = self.clients_per_round if self.clients_per_round is not None else round(self.fraction * len(pool))
@@ -42,48 +58,92 @@ class Sampling:
         rng = random.Random(f"{self.seed}:{round_number}")
         return sorted(rng.sample(pool, want))
 
+    def more(self, candidates: Iterable[str], count: int, round_number: int, attempt: int) -> List[str]:
+        """`count` more clients out of `candidates` when a round is extended (seeded as well)."""
+        pool = sorted(set(candidates))
+        rng = random.Random(f"{self.seed}:{round_number}:extend{attempt}")
+        return sorted(rng.sample(pool, min(max(count, 0), len(pool))))
+
 
 @dataclass
 class RoundRecord:
-    """One round's state; becomes a history row when it closes."""
+    """One round's state; becomes a history row when it closes (and survives a restart as JSON)."""
 
     number: int
     asked: Set[str]
     started_at: float
     deadline: float
     reported: Dict[str, int] = field(default_factory=dict)  # client -> num_samples
-    rejected: List[Dict[str, str]] = field(default_factory=list)  # {client, reason, detail}
+    rejected: List[Dict[str, str]] = field(default_factory=list)  # {client, reason, detail}, the first 100
+    rejection_counts: Dict[str, int] = field(default_factory=dict)  # reason -> count, all of them
     bytes_received: int = 0
     bytes_rejected: int = 0
     extensions: int = 0
-    metrics: Dict[str, dict] = field(default_factory=dict)
+    metrics: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    complete_since: Optional[float] = None  # when the last asked client reported
 
     def reject(self, client: str, reason: str, detail: str, size: int) -> None:
-        self.rejected.append({"client": client, "reason": reason, "detail": detail})
+        if len(self.rejected) < MAX_REJECTION_DETAILS:
+            self.rejected.append({"client": client, "reason": reason, "detail": detail})
+        self.rejection_counts[reason] = self.rejection_counts.get(reason, 0) + 1
         self.bytes_rejected += size
 
+    @property
+    def num_rejected(self) -> int:
+        return sum(self.rejection_counts.values())
+
     def accept(self, client: str, num_samples: int, size: int) -> None:
-        self.reported[client] = num_samples
+        if client in self.reported:
+            raise ValueError(f"{client} already reported in round {self.number}")
+        self.reported[client] = int(num_samples)
         self.bytes_received += size
 
-    @property
-    def rejection_counts(self) -> Dict[str, int]:
-        return dict(Counter(r["reason"] for r in self.rejected))
+    def to_json(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["asked"] = sorted(self.asked)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> RoundRecord:
+        d = dict(d)
+        d["asked"] = set(d["asked"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the aggregator should do now: WAIT, CLOSE, or EXTEND (then re-announce; `added` were asked too)."""
+
+    action: str
+    added: List[str] = field(default_factory=list)
 
 
 class RoundClock:
-    """Decides when a round closes: all asked clients reported, or the deadline with a quorum."""
+    """Closes a round when every asked client reported (after a short grace for their metrics), or at the
+    deadline with a quorum; below quorum at the deadline it extends the round by one timeout."""
 
-    def __init__(self, min_clients: int, timeout_s: float, clock: Clock = time.time) -> None:
-        if timeout_s <= 0:
-            raise ValueError("round timeout must be > 0")
-        self.min_clients = min_clients
+    def __init__(self, sampling: Sampling, timeout_s: float, clock: Clock = time.time,
+                 metrics_grace_s: float = 1.0) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"--round-timeout must be > 0, got {timeout_s}")
+        self.sampling = sampling
         self.timeout_s = timeout_s
         self.clock = clock
+        self.metrics_grace_s = metrics_grace_s
 
-    def open(self, number: int, asked: Iterable[str]) -> RoundRecord:
+    @property
+    def min_clients(self) -> int:
+        return self.sampling.min_clients
+
+    def open(self, number: int, online: Iterable[str]) -> RoundRecord:
+        """A new round asking the sampled online clients, due one timeout from now."""
         now = self.clock()
-        return RoundRecord(number, set(asked), now, now + self.timeout_s)
+        return RoundRecord(number, set(self.sampling.choose(online, number)), now, now + self.timeout_s)
+
+    def resume(self, rec: RoundRecord) -> RoundRecord:
+        """A round restored after a restart: same clients and updates, a fresh deadline."""
+        rec.deadline = self.clock() + self.timeout_s
+        return rec
 
     def complete(self, rec: RoundRecord) -> bool:
         return bool(rec.asked) and rec.asked <= set(rec.reported)
@@ -94,21 +154,30 @@ class RoundClock:
     def quorum(self, rec: RoundRecord) -> bool:
         return len(rec.reported) >= self.min_clients
 
-    def should_close(self, rec: RoundRecord) -> bool:
-        return self.complete(rec) or (self.due(rec) and self.quorum(rec))
+    def step(self, rec: RoundRecord, online: Iterable[str]) -> Step:
+        """Decide, and for EXTEND also apply the extension to `rec`."""
+        now = self.clock()
+        if self.complete(rec):
+            if rec.complete_since is None:
+                rec.complete_since = now
+            have_metrics = set(rec.metrics) >= set(rec.reported)
+            if have_metrics or now - rec.complete_since >= self.metrics_grace_s:
+                return Step(CLOSE)
+            return Step(WAIT)
+        if not self.due(rec):
+            return Step(WAIT)
+        if self.quorum(rec):
+            return Step(CLOSE)
+        return Step(EXTEND, self.extend(rec, online))
 
-    def extend(self, rec: RoundRecord, online: Iterable[str], sampling: Sampling) -> List[str]:
-        """Below quorum at the deadline: one more timeout; ask more online clients if those asked
-        and still online cannot reach the quorum. Returns the newly asked clients."""
+    def extend(self, rec: RoundRecord, online: Iterable[str]) -> List[str]:
+        """Below quorum at the deadline: one more timeout; if the clients that reported plus those asked
+        and still online cannot reach the quorum, ask more online clients. Returns the newly asked."""
         rec.deadline = self.clock() + self.timeout_s
         rec.extensions += 1
         online = set(online)
         reachable = set(rec.reported) | (rec.asked & online)
-        added: List[str] = []
         missing = self.min_clients - len(reachable)
-        if missing > 0:
-            spare = sorted(online - rec.asked)
-            rng = random.Random(f"{sampling.seed}:{rec.number}:extend{rec.extensions}")
-            added = sorted(rng.sample(spare, min(missing, len(spare))))
-            rec.asked |= set(added)
+        added = self.sampling.more(online - rec.asked, missing, rec.number, rec.extensions) if missing > 0 else []
+        rec.asked |= set(added)
         return added

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import numpy as np
-from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 from .bundle import TensorSpec
@@ -152,9 +151,24 @@ def read_header(blob: Buffer) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise AdapterError("adapter metadata must map strings to strings")
     for name, entry in header.items():
-        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-            raise AdapterError(f"adapter header entry {name!r} is malformed")
+        _check_entry(name, entry)
     return header, meta
+
+
+def _is_index(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_entry(name: str, entry: Any) -> None:
+    """A header entry must be {dtype: str, shape: [n, ...], data_offsets: [begin, end]} of non-negative ints."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise AdapterError(f"adapter header entry {name!r} is malformed")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(entry["dtype"], str) or not isinstance(shape, list) or not all(map(_is_index, shape)):
+        raise AdapterError(f"adapter header entry {name!r} has a malformed dtype or shape")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_index, offsets))
+            or offsets[0] > offsets[1]):
+        raise AdapterError(f"adapter header entry {name!r} has malformed data_offsets {offsets!r}")
 
 
 def check_header(
@@ -184,6 +198,75 @@ def check_header(
             )
 
 
+def tensor_views(blob: Buffer, entries: Mapping[str, Mapping[str, Any]], dtype: str) -> Dict[str, np.ndarray]:
+    """Numpy views of the tensors at their header offsets, without copying (read-only for `bytes`).
+
+    `entries` come from `read_header(blob)`. Every tensor must be `dtype`, its byte range must match
+    its shape, and the ranges must tile the data section exactly (no gap, overlap or trailing bytes),
+    as the safetensors format requires.
+    """
+    if dtype not in _DTYPES:
+        raise AdapterError(f"adapter dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    st_dtype, np_dtype = _DTYPES[dtype]
+    view = memoryview(blob).cast("B")
+    (header_len,) = struct.unpack("<Q", view[:8])
+    start = 8 + header_len
+    le_dtype = np.dtype(np_dtype).newbyteorder("<")
+    spans = []
+    for name, entry in entries.items():
+        if entry["dtype"] != st_dtype:
+            have = _ST_TO_NAME.get(entry["dtype"], entry["dtype"])
+            raise AdapterError(f"adapter tensor {name!r} is {have}, the header metadata says {dtype}")
+        shape = tuple(int(x) for x in entry["shape"])
+        begin, end = (int(x) for x in entry["data_offsets"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - begin != numel * le_dtype.itemsize:
+            raise AdapterError(
+                f"adapter tensor {name!r} of shape {list(shape)} needs {numel * le_dtype.itemsize} bytes, "
+                f"its data_offsets span {end - begin}"
+            )
+        spans.append((begin, end, name, shape, numel))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    position = 0
+    for begin, end, name, _, _ in spans:
+        if begin != position:
+            raise AdapterError(f"adapter tensor {name!r} starts at byte {begin} of the data, expected {position} "
+                               "(offsets overlap or leave a gap)")
+        position = end
+    if position != len(view) - start:
+        raise AdapterError(f"adapter data section is {len(view) - start} bytes, its tensors cover {position}")
+    return {
+        name: np.frombuffer(view, dtype=le_dtype, count=numel, offset=start + begin).reshape(shape)
+        if numel else np.zeros(shape, le_dtype)
+        for begin, _, name, shape, numel in spans
+    }
+
+
+def payload_view(blob: Buffer, dtype: str) -> np.ndarray:
+    """The whole data section as one flat array (all tensors, in file order): one pass checks them all.
+
+    Only meaningful after `tensor_views` accepted the blob for the same `dtype`.
+    """
+    view = memoryview(blob).cast("B")
+    (header_len,) = struct.unpack("<Q", view[:8])
+    return np.frombuffer(view, dtype=np.dtype(_DTYPES[dtype][1]).newbyteorder("<"), offset=8 + header_len)
+
+
+def find_non_finite(tensors: Mapping[str, np.ndarray], payload: Optional[np.ndarray] = None) -> Optional[str]:
+    """The name of the first tensor holding NaN or an infinity, or None if all values are finite.
+
+    With `payload` (from `payload_view`) the common all-finite case is one vectorised pass.
+    """
+    if payload is not None and np.isfinite(payload).all():
+        return None
+    for name, arr in tensors.items():
+        if not np.isfinite(arr).all():
+            return name
+    return None
+
+
 def decode(
     blob: Buffer,
     specs: Optional[Iterable[TensorSpec]] = None,
@@ -191,11 +274,13 @@ def decode(
     model_id: Optional[str] = None,
     max_bytes: Optional[int] = None,
     check_finite: bool = True,
+    copy: bool = True,
 ) -> Adapter:
     """Validate and decode an adapter blob.
 
     The size, header, metadata, model_id and (with `specs`) tensor names, shapes and dtype are
-    checked before any tensor is decoded; finite values after.
+    checked before any tensor is decoded; the byte ranges of the tensors, then finite values, after.
+    With `copy=False` the tensors are zero-copy views into `blob` (read-only if it is `bytes`).
     """
     if max_bytes is not None and len(blob) > max_bytes:
         raise AdapterError(f"adapter blob is {len(blob)} bytes, over the limit of {max_bytes}")
@@ -205,14 +290,13 @@ def decode(
         raise AdapterError(f"adapter is for model_id {meta.model_id[:16]}…, this bundle is {model_id[:16]}…")
     if specs is not None:
         check_header(entries, meta, specs)
-    try:
-        tensors = _st_load(bytes(blob))
-    except Exception as exc:  # safetensors raises its own SafetensorError
-        raise AdapterError(f"adapter payload cannot be decoded: {exc}") from exc
+    tensors = tensor_views(blob, entries, meta.dtype)
     if check_finite:
-        for name, arr in tensors.items():
-            if not np.isfinite(arr).all():
-                raise AdapterError(f"adapter tensor {name!r} holds NaN or infinite values")
+        bad = find_non_finite(tensors, payload_view(blob, meta.dtype))
+        if bad is not None:
+            raise AdapterError(f"adapter tensor {bad!r} holds NaN or infinite values")
+    if copy:
+        tensors = {name: arr.copy() for name, arr in tensors.items()}
     return Adapter(meta, tensors)
 
 

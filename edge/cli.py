@@ -85,6 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "doctor":
             config = {k: v for k, v in config.items() if hasattr(args, k)}
             args = merge_config(args, sub, config, vars(args))
+            if isinstance(args.providers, str):
+                args.providers = _providers(args.providers)
             _setup_logging(args.log_level)
             from .doctor import run_doctor
 
@@ -93,6 +95,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as exc:
         print(f"flora-agent: error: {exc}", file=sys.stderr)
         return 2
+    if isinstance(args.providers, str):  # "cuda,cpu" in a config file
+        args.providers = _providers(args.providers)
     _setup_logging(args.log_level)
     missing = [k for k in ("bundle", "data", "broker", "client_id") if not getattr(args, k, None)]
     if missing:

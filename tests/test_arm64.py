@@ -28,8 +28,8 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(scope="module")
-def arm64_run(request, tmp_path_factory):
-    """Run the default verification once for the module; (completed process, parsed result or None)."""
+def arm64_cache(request, tmp_path_factory):
+    """Where the emulated rootfs and wheels are cached; skips unless FLORA_RUN_ARM64=1."""
     if os.environ.get("FLORA_RUN_ARM64") != "1":
         pytest.skip(
             "aarch64 emulation check is opt-in: set FLORA_RUN_ARM64=1 (slow; downloads ~60 MB of "
@@ -41,6 +41,13 @@ def arm64_run(request, tmp_path_factory):
     if not cache:
         pytest_cache = getattr(request.config, "cache", None)
         cache = str(pytest_cache.mkdir("flora-arm64") if pytest_cache else tmp_path_factory.mktemp("flora-arm64"))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def arm64_run(arm64_cache):
+    """Run the default verification once for the module; (completed process, parsed result or None)."""
+    cache = arm64_cache
     proc = subprocess.run(
         ["bash", str(SCRIPT)],
         env={**os.environ, "FLORA_ARM64_CACHE": cache},
@@ -144,3 +151,61 @@ def test_requirements_match_pyproject():
     assert normalized == sorted(wanted), (
         f"verify-arm64.sh installs {normalized}, pyproject's edge extra wants {sorted(wanted)}"
     )
+
+
+TRAIN_SCRIPT = """
+import json, sys, platform
+import numpy as np
+from edge.bundle import load_bundle
+from edge.trainers import available_backends, open_trainer
+bundle = load_bundle(sys.argv[1])
+trainer = open_trainer(bundle)
+trainer.set_lr(5e-3)
+data = np.load(sys.argv[2])
+losses = [trainer.train_step(data["x%d" % i], data["y%d" % i]).loss for i in range(int(data["n"]))]
+np.savez(sys.argv[3], **trainer.get_adapter())
+print("FLORA_ARM64_TRAIN " + json.dumps({"machine": platform.machine(), "backends": available_backends(bundle),
+                                         "trainer": trainer.name, "losses": losses}))
+"""
+
+
+@pytest.mark.arm64
+def test_agent_doctor_and_step_training_on_aarch64(arm64_run, arm64_cache, tmp_path):
+    """The agent's self-test and a short `step`-backend training of clip-tiny, emulated, equal the host's."""
+    from edge.trainers import open_trainer
+
+    from .conftest import export_tiny
+
+    proc, _ = arm64_run
+    if proc.returncode != 0:
+        pytest.fail("the default aarch64 verification failed first:\n" + _report(proc), pytrace=False)
+    env = {**os.environ, "FLORA_ARM64_CACHE": arm64_cache}
+    bundle = export_tiny(tmp_path / "tiny-step", backends=("step",))
+    doctor = subprocess.run(["bash", str(SCRIPT), "--", "-m", "edge.cli", "doctor", "--bundle", str(bundle.root),
+                             "--batch-size", "8"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert doctor.returncode == 0, doctor.stdout[-3000:] + doctor.stderr[-3000:]
+    assert "aarch64" in doctor.stdout and "OK    trainer    step" in doctor.stdout
+    assert "VERDICT: ready" in doctor.stdout
+
+    rng = np.random.default_rng(0)
+    batches = {}
+    for i in range(10):
+        batches[f"x{i}"] = rng.standard_normal((8, 64)).astype(np.float32)
+        batches[f"y{i}"] = rng.integers(0, 10, 8)
+    np.savez(tmp_path / "batches.npz", n=10, **batches)
+    out = tmp_path / "arm-adapter.npz"
+    train = subprocess.run(["bash", str(SCRIPT), "--", "-c", TRAIN_SCRIPT, str(bundle.root),
+                            str(tmp_path / "batches.npz"), str(out)], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=1800)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    line = next(ln for ln in train.stdout.splitlines() if ln.startswith("FLORA_ARM64_TRAIN "))
+    result = json.loads(line.split(" ", 1)[1])
+    assert result["machine"] == "aarch64" and result["trainer"] == "step" and result["backends"] == ["step"]
+
+    host = open_trainer(bundle, "step")
+    host.set_lr(5e-3)
+    host_losses = [host.train_step(batches[f"x{i}"], batches[f"y{i}"]).loss for i in range(10)]
+    np.testing.assert_allclose(result["losses"], host_losses, rtol=1e-4)
+    arm = dict(np.load(out))
+    for name, value in host.get_adapter().items():
+        np.testing.assert_allclose(arm[name], value, rtol=1e-3, atol=1e-5, err_msg=name)

@@ -11,16 +11,18 @@ from edge.bundle import TensorSpec
 
 
 class Strategy(abc.ABC):
-    """begin(round) -> accumulate(update) for each accepted update -> finalize() -> new global.
+    """begin_round -> accumulate(update) for each accepted update -> finalize() -> the next global.
 
     Memory must not grow with the number of updates: a strategy keeps running state, never a list.
+    `accumulate` gets validated tensors (float32 or float16, possibly read-only views of the message)
+    and must not keep references to them.
     """
 
     name: str
 
     @abc.abstractmethod
-    def begin(self, specs: Sequence[TensorSpec], current_global: Mapping[str, np.ndarray]) -> None:
-        """Start a round from the current global adapter."""
+    def begin_round(self, specs: Sequence[TensorSpec], current_global: Mapping[str, np.ndarray]) -> None:
+        """Start a round from the current global adapter (float32)."""
 
     @abc.abstractmethod
     def accumulate(self, tensors: Mapping[str, np.ndarray], num_samples: int) -> None:

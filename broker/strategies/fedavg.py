@@ -1,4 +1,8 @@
-"""FedAvg as in FLORA: each LoRA tensor (A and B separately) averaged, weighted by sample counts."""
+"""FedAvg as in FLORA: each LoRA tensor (A and B separately) averaged, weighted by sample counts.
+
+global = sum_k n_k * update_k / sum_k n_k, with n_k the client's `num_samples`. The current global
+plays no part: FLORA's server replaces it by the weighted mean of the clients' adapters.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ class FedAvg(Strategy):
         self._weight = 0
         self._count = 0
 
-    def begin(self, specs: Sequence[TensorSpec], current_global: Mapping[str, np.ndarray]) -> None:
+    def begin_round(self, specs: Sequence[TensorSpec], current_global: Mapping[str, np.ndarray]) -> None:
         self._sums = {s.name: np.zeros(s.shape, np.float64) for s in specs}
         self._scratch = {s.name: np.empty(s.shape, np.float64) for s in specs}
         self._weight = 0
@@ -31,6 +35,8 @@ class FedAvg(Strategy):
     def accumulate(self, tensors: Mapping[str, np.ndarray], num_samples: int) -> None:
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
+        if not self._sums:
+            raise RuntimeError("accumulate() before begin_round()")
         for name, total in self._sums.items():
             scratch = self._scratch[name]
             np.multiply(tensors[name], float(num_samples), out=scratch, dtype=np.float64)
