@@ -87,3 +87,53 @@ def test_wrong_password_is_refused(secured_broker):
     cfg = BrokerConfig.from_url(secured_broker.url, username="dev-1", password="wrong")
     with pytest.raises(ConnectionError, match=r"Not authorized|Bad user name or password"):
         Connection(cfg, make_client(cfg, "dev-1")).start(timeout=3)
+
+
+def make_certs(folder):
+    """A private CA and a server certificate for 127.0.0.1 (openssl CLI)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make test certificates")
+    folder.mkdir()
+
+    def run(*args):
+        subprocess.run([openssl, *args], cwd=folder, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key", "-out", "ca.crt",
+        "-subj", "/CN=flora-test-ca")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (folder / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-out", "server.crt", "-extfile", "san.ext")
+    return folder
+
+
+def test_tls_with_passwords_from_the_environment(mosquitto_binary, tiny_text_bundle, tmp_path, monkeypatch, capsys):
+    certs = make_certs(tmp_path / "certs")
+    passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    subprocess.run([passwd, "-b", "-c", str(tmp_path / "pw"), "dev-1", "one-secret"], check=True)
+    broker = start_mosquitto(tmp_path / "mq", listener_config=[
+        "allow_anonymous false", f"password_file {tmp_path / 'pw'}", f"cafile {certs / 'ca.crt'}",
+        f"certfile {certs / 'server.crt'}", f"keyfile {certs / 'server.key'}", "tls_version tlsv1.2"])
+    try:
+        from edge import cli
+
+        monkeypatch.setenv("FLORA_MQTT_USERNAME", "dev-1")
+        monkeypatch.setenv("FLORA_MQTT_PASSWORD", "one-secret")
+        url = f"mqtts://127.0.0.1:{broker.port}"
+        cfg = BrokerConfig.from_url(url, ca_file=str(certs / "ca.crt"))
+        assert cfg.tls and cfg.username == "dev-1" and cfg.password == "one-secret"
+        conn = Connection(cfg, make_client(cfg, "dev-1"))
+        conn.start(timeout=10)
+        conn.stop()
+        # without the CA the server certificate is not trusted
+        untrusted = BrokerConfig.from_url(url)
+        with pytest.raises(ConnectionError):
+            Connection(untrusted, make_client(untrusted, "dev-1")).start(timeout=3)
+        # the agent's self-test checks the same connection
+        assert cli.main(["doctor", "--broker", url, "--tls-ca", str(certs / "ca.crt"), "--bundle",
+                         str(tiny_text_bundle.root)]) == 0
+        out = capsys.readouterr().out
+        assert f"OK    broker     mqtts://dev-1@127.0.0.1:{broker.port} accepted an MQTT 5 connection" in out
+    finally:
+        broker.stop()
