@@ -141,7 +141,8 @@ class Agent:
                 return LocalData(labels, paths=paths, preprocess=manifest.preprocess)
             cache = FeatureCache(self.store.dir / "features.sqlite")
             try:
-                feats = image_features(self.bundle, paths, cache, batch_size=cfg.feature_batch_size)
+                feats = image_features(self.bundle, paths, cache, batch_size=cfg.feature_batch_size,
+                                       threads=cfg.threads, providers=cfg.providers)
             finally:
                 cache.close()
             return LocalData(labels, features=feats)

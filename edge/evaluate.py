@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .bundle import INFERENCE_MODEL, Bundle
-from .ort import import_onnxruntime
+from .ort import inference_session
 from .training import Evaluation, LocalData, evaluate
 
 
@@ -19,14 +19,8 @@ class AdapterEvaluator:
     """Logits of the bundle's classifier for given LoRA tensors (graph inputs of inference_model.onnx)."""
 
     def __init__(self, bundle: Bundle, threads: Optional[int] = None, providers: Optional[List[str]] = None) -> None:
-        ort = import_onnxruntime()
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         self.manifest = bundle.manifest
-        self._session = ort.InferenceSession(str(bundle.path(INFERENCE_MODEL)), options,
-                                             providers=providers or ["CPUExecutionProvider"])
+        self._session = inference_session(bundle.path(INFERENCE_MODEL), threads, providers)
         self._tensors: Dict[str, np.ndarray] = {}
 
     def set_adapter(self, tensors: Dict[str, np.ndarray]) -> None:

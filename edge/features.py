@@ -18,7 +18,7 @@ import numpy as np
 
 from .bundle import IMAGE_ENCODER, Bundle
 from .fileio import PathLike
-from .ort import import_onnxruntime
+from .ort import inference_session
 from .preprocess import preprocess_batch
 
 log = logging.getLogger(__name__)
@@ -89,15 +89,8 @@ class ImageEncoder:
     """The bundle's frozen image tower: preprocessed pixels (N,3,H,W) -> features (N,D)."""
 
     def __init__(self, bundle: Bundle, threads: Optional[int] = None, providers: Optional[List[str]] = None) -> None:
-        ort = import_onnxruntime()
-
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         self.bundle = bundle
-        self._session = ort.InferenceSession(
-            str(bundle.path(IMAGE_ENCODER)), options, providers=providers or ["CPUExecutionProvider"]
-        )
+        self._session = inference_session(bundle.path(IMAGE_ENCODER), threads, providers)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self._session.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]
@@ -111,8 +104,13 @@ def image_features(
     batch_size: int = 32,
     encoder: Optional[ImageEncoder] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    threads: Optional[int] = None,
+    providers: Optional[List[str]] = None,
 ) -> np.ndarray:
-    """Features (N, D) of the images, from the cache where present, else computed (and cached)."""
+    """Features (N, D) of the images, from the cache where present, else computed (and cached).
+
+    The image encoder session is only created (with `threads` and `providers`) if an image misses.
+    """
     manifest = bundle.manifest
     if not manifest.needs_image_encoder:
         raise ValueError("this bundle trains the image tower; it takes pixels, not cached features")
@@ -124,7 +122,7 @@ def image_features(
         first_of.setdefault(hashes[i], i)
     missing = list(first_of.values())
     if missing:
-        encoder = encoder or ImageEncoder(bundle)
+        encoder = encoder or ImageEncoder(bundle, threads, providers)
         t0 = time.perf_counter()
         computed: Dict[str, np.ndarray] = {}
         for start in range(0, len(missing), batch_size):

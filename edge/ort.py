@@ -21,7 +21,7 @@ import os
 import sys
 import types
 from types import ModuleType
-from typing import Iterator
+from typing import Iterator, List, Optional, Sequence
 
 
 @contextlib.contextmanager
@@ -63,3 +63,36 @@ def has_training_api() -> bool:
     except ImportError:
         return False
     return os.path.isdir(os.path.join(os.path.dirname(ort.__file__), "training", "api"))
+
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+}
+
+
+def resolve_providers(requested: Optional[Sequence[str]]) -> List[str]:
+    """Map short names (cpu, cuda, tensorrt) to ONNX Runtime providers; CPU is always the fallback."""
+    if not requested:
+        return ["CPUExecutionProvider"]
+    available = import_onnxruntime().get_available_providers()
+    chosen = []
+    for name in requested:
+        full = PROVIDER_ALIASES.get(name.lower(), name)
+        if full not in available:
+            raise ValueError(f"execution provider {name!r} is not available here; available: {available}")
+        chosen.append(full)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def inference_session(path, threads: Optional[int] = None, providers: Optional[Sequence[str]] = None):
+    """An onnxruntime InferenceSession with `threads` intra-op threads on the resolved providers."""
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=resolve_providers(providers))

@@ -14,37 +14,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..bundle import INFERENCE_MODEL, TRAIN_STEP_MODEL, Bundle
-from ..ort import import_onnxruntime
+from ..ort import import_onnxruntime, inference_session, resolve_providers
 from ..step_io import STEP_OUTPUTS, moment_names, new_names
 from .base import StepResult, Trainer, TrainerError
 
 log = logging.getLogger(__name__)
-
-PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "trt": "TensorrtExecutionProvider",
-}
-
-
-def resolve_providers(requested: Optional[Sequence[str]]) -> List[str]:
-    """Map short names (cpu, cuda, tensorrt) to ONNX Runtime providers; CPU is always the fallback."""
-    ort = import_onnxruntime()
-
-    if not requested:
-        return ["CPUExecutionProvider"]
-    available = ort.get_available_providers()
-    chosen = []
-    for name in requested:
-        full = PROVIDER_ALIASES.get(name.lower(), name)
-        if full not in available:
-            raise TrainerError(f"execution provider {name!r} is not available here; available: {available}")
-        chosen.append(full)
-    if "CPUExecutionProvider" not in chosen:
-        chosen.append("CPUExecutionProvider")
-    return chosen
-
 
 class StepTrainer(Trainer):
     name = "step"
@@ -52,16 +26,14 @@ class StepTrainer(Trainer):
     def __init__(self, bundle: Bundle, threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None) -> None:
         super().__init__(bundle)
-        ort = import_onnxruntime()
-
-        self._ort = ort
-        self.providers = resolve_providers(providers)
+        self._ort = import_onnxruntime()
+        try:
+            self.providers = resolve_providers(providers)
+        except ValueError as exc:
+            raise TrainerError(str(exc)) from None
         self._device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self._session = ort.InferenceSession(str(bundle.path(TRAIN_STEP_MODEL)), options, providers=self.providers)
-        self._infer = ort.InferenceSession(str(bundle.path(INFERENCE_MODEL)), options, providers=self.providers)
+        self._session = inference_session(bundle.path(TRAIN_STEP_MODEL), threads, self.providers)
+        self._infer = inference_session(bundle.path(INFERENCE_MODEL), threads, self.providers)
         self._names = self.manifest.trainable_names
         self._m_names, self._v_names = moment_names(self._names)
         self._input_name = self._session.get_inputs()[0].name
