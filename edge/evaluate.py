@@ -12,6 +12,7 @@ import numpy as np
 
 from .bundle import INFERENCE_MODEL, Bundle
 from .ort import inference_session
+from .trainers.base import StepResult, score_logits
 from .training import Evaluation, LocalData, evaluate
 
 
@@ -34,6 +35,9 @@ class AdapterEvaluator:
             raise ValueError("no adapter set")
         feeds = {self.manifest.input_kind: np.ascontiguousarray(inputs, np.float32), **self._tensors}
         return self._session.run(None, feeds)[0]
+
+    def evaluate_batch(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
+        return score_logits(self.logits(inputs), labels)
 
     def evaluate(self, tensors: Dict[str, np.ndarray], data: LocalData, batch_size: int = 256) -> Optional[Evaluation]:
         self.set_adapter(tensors)

@@ -72,18 +72,16 @@ class Evaluation:
     samples: int
 
 
-def evaluate(trainer: Trainer, data: LocalData, batch_size: int = 256) -> Optional[Evaluation]:
-    """Mean cross-entropy and accuracy of the trainer's current adapter; None for no data."""
+def evaluate(model, data: LocalData, batch_size: int = 256) -> Optional[Evaluation]:
+    """Mean cross-entropy and accuracy of `model`'s current adapter (a Trainer, or anything with
+    `evaluate_batch(inputs, labels)`); None for no data."""
     if len(data) == 0:
         return None
     total_loss, correct = 0.0, 0
     for idx in batch_indices(len(data), batch_size):
-        logits = trainer.logits(data.inputs(idx)).astype(np.float64)
-        labels = data.labels[idx]
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-        total_loss += float(-log_probs[np.arange(len(idx)), labels].sum())
-        correct += int((logits.argmax(axis=1) == labels).sum())
+        result = model.evaluate_batch(data.inputs(idx), data.labels[idx])
+        total_loss += result.loss * result.count
+        correct += result.correct
     return Evaluation(total_loss / len(data), correct / len(data), len(data))
 
 

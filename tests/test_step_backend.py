@@ -261,3 +261,19 @@ def test_pixel_towers_step_graph_keeps_a_dynamic_batch_and_equals_ort(tmp_path, 
     assert_same_adapter(step.get_adapter(), ort_trainer.get_adapter())
     dims = onnx.load(str(bundle.path(TRAIN_STEP_MODEL))).graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
+
+
+def test_step_evaluation_uses_the_step_graph_at_lr_zero_and_changes_nothing(tiny_all_bundle):
+    from edge.trainers.base import score_logits
+
+    trainer = open_trainer(tiny_all_bundle, "step")
+    x, y = batches(64, steps=1)[0]
+    trainer.set_lr(5e-3)
+    trainer.train_step(x, y)
+    before, moments, steps = trainer.get_adapter(), trainer.optimizer_state(), trainer.steps
+    result = trainer.evaluate_batch(x, y)
+    reference = score_logits(trainer.logits(x), y)  # the inference model with the same adapter
+    assert result.correct == reference.correct and result.loss == pytest.approx(reference.loss, rel=1e-5)
+    assert trainer.steps == steps
+    assert_same_adapter(trainer.get_adapter(), before, rtol=0, atol=0)
+    assert_same_adapter(trainer.optimizer_state(), moments, rtol=0, atol=0)

@@ -27,6 +27,15 @@ class StepResult:
     count: int
 
 
+def score_logits(logits: np.ndarray, labels: np.ndarray) -> StepResult:
+    """Mean cross-entropy (float64, stable log-softmax) and arg-max hits of logits against labels."""
+    z = np.asarray(logits, dtype=np.float64)
+    shifted = z - z.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = float(-log_probs[np.arange(len(labels)), labels].mean())
+    return StepResult(loss, int((z.argmax(axis=1) == labels).sum()), len(labels))
+
+
 class Trainer(abc.ABC):
     """Trains a bundle's LoRA tensors with AdamW; reads and writes them by adapter name."""
 
@@ -44,6 +53,11 @@ class Trainer(abc.ABC):
     @abc.abstractmethod
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         """Logits (N, C) with the current LoRA tensors, no update."""
+
+    def evaluate_batch(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
+        """Mean cross-entropy and arg-max hits of the current adapter on a batch (no update)."""
+        self.check_batch(inputs, labels)
+        return score_logits(self.logits(inputs), labels)
 
     @abc.abstractmethod
     def get_adapter(self) -> Dict[str, np.ndarray]:

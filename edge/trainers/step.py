@@ -32,8 +32,9 @@ class StepTrainer(Trainer):
         except ValueError as exc:
             raise TrainerError(str(exc)) from None
         self._device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        self._session = inference_session(bundle.path(TRAIN_STEP_MODEL), threads, self.providers)
-        self._infer = inference_session(bundle.path(INFERENCE_MODEL), threads, self.providers)
+        self._threads = threads
+        self._session = inference_session(bundle.path(TRAIN_STEP_MODEL), threads, self.providers, lean=True)
+        self._infer = None  # the inference model, loaded on the first logits() call
         self._names = self.manifest.trainable_names
         self._m_names, self._v_names = moment_names(self._names)
         self._input_name = self._session.get_inputs()[0].name
@@ -71,14 +72,13 @@ class StepTrainer(Trainer):
         self.weight_decay = float(weight_decay)
         return True
 
-    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
-        self.check_batch(inputs, labels)
+    def _run_step(self, inputs: np.ndarray, labels: np.ndarray, lr: float, weight_decay: float) -> List:
         io = self._session.io_binding()
         io.bind_cpu_input(self._input_name, np.ascontiguousarray(inputs, np.float32))
         io.bind_cpu_input("labels", np.ascontiguousarray(labels, np.int64))
         io.bind_cpu_input("step", np.array(self.steps + 1, np.float32))
-        io.bind_cpu_input("lr", np.array(self.lr, np.float32))
-        io.bind_cpu_input("weight_decay", np.array(self.weight_decay, np.float32))
+        io.bind_cpu_input("lr", np.array(lr, np.float32))
+        io.bind_cpu_input("weight_decay", np.array(weight_decay, np.float32))
         for names, values in ((self._names, self._params), (self._m_names, self._m), (self._v_names, self._v)):
             for name, value in zip(names, values):
                 io.bind_ortvalue_input(name, value)
@@ -87,7 +87,11 @@ class StepTrainer(Trainer):
         for name in self._outputs[2:]:
             io.bind_output(name, self._device)
         self._session.run_with_iobinding(io)
-        out = io.get_outputs()
+        return io.get_outputs()
+
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
+        self.check_batch(inputs, labels)
+        out = self._run_step(inputs, labels, self.lr, self.weight_decay)
         k = len(self._names)
         loss = float(out[0].numpy())
         if not np.isfinite(loss):
@@ -96,8 +100,17 @@ class StepTrainer(Trainer):
         self.steps += 1
         return StepResult(loss, int(out[1].numpy()), len(labels))
 
+    def evaluate_batch(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
+        """Loss and hits with the current adapter: the step graph at lr 0, its outputs discarded
+        (no second session with another copy of the frozen weights is needed)."""
+        self.check_batch(inputs, labels)
+        out = self._run_step(inputs, labels, 0.0, 0.0)
+        return StepResult(float(out[0].numpy()), int(out[1].numpy()), len(labels))
+
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         self.check_batch(inputs)
+        if self._infer is None:
+            self._infer = inference_session(self.bundle.path(INFERENCE_MODEL), self._threads, self.providers)
         io = self._infer.io_binding()
         io.bind_cpu_input(self.manifest.input_kind, np.ascontiguousarray(inputs, np.float32))
         for name, value in zip(self._names, self._params):
