@@ -1,18 +1,19 @@
 """flora-aggregator: runs rounds over MQTT, validates and averages updates, checkpoints, survives restarts.
 
 paho's network thread only queues incoming messages; the main thread validates, folds, closes rounds
-and publishes. The protocol is docs/protocol.md.
+and publishes, so no state is shared between threads. The protocol is docs/protocol.md.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 import numpy as np
 
@@ -33,14 +34,22 @@ from edge.protocol import (
 )
 
 from .checkpoint import AggregatorState, Checkpoint, CheckpointError
-from .rounds import RoundClock, RoundRecord, Sampling
+from .rounds import CLOSE, EXTEND, RoundClock, RoundRecord, Sampling
 from .strategies import make_strategy
-from .validation import Rejected, validate_update
+from .validation import Rejected, RoundView, validate_update
 
 log = logging.getLogger("flora.aggregator")
 
+#: Status states that count a client as online (and so eligible to be asked); `error` is a connected agent
+#: that refused something (e.g. a global adapter) and carries on with the next round.
 ONLINE_STATES = ("online", "idle", "training", "error")
-Evaluator = Callable[[Dict[str, np.ndarray]], Dict[str, float]]
+METRIC_FIELDS = ("loss", "accuracy", "train_accuracy", "samples", "steps", "epochs", "wall_time_s", "step_time_s",
+                 "peak_rss_mb", "backend")
+
+#: on_round_closed(round, new_global_tensors) -> extra fields merged into the round's history row.
+RoundHook = Callable[[int, Dict[str, np.ndarray]], Dict[str, Any]]
+#: on_start(initial_global_tensors) -> fields stored as the state's `initial_eval` (fresh starts only).
+StartHook = Callable[[Dict[str, np.ndarray]], Dict[str, Any]]
 
 
 @dataclass
@@ -59,7 +68,8 @@ class AggregatorConfig:
     metrics_grace_s: float = 1.0
     strategy: str = "fedavg"
     max_update_bytes: Optional[int] = None
-    evaluator: Optional[Evaluator] = None
+    on_round_closed: Optional[RoundHook] = None
+    on_start: Optional[StartHook] = None
     client_id: str = "flora-aggregator"
     username: Optional[str] = None
     password: Optional[str] = None
@@ -68,15 +78,26 @@ class AggregatorConfig:
     tls_key: Optional[str] = None
 
 
+def _numpy_to_json(value: Any) -> Any:
+    """json.dumps fallback for what hooks tend to return: numpy scalars and arrays."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 class Aggregator:
+    """One federation: `run()` until the last round is done or `stop()` is called (from any thread)."""
+
     def __init__(self, cfg: AggregatorConfig, clock: Callable[[], float] = time.time) -> None:
         if cfg.rounds < 1:
-            raise ValueError("--rounds must be >= 1")
+            raise ValueError(f"--rounds must be >= 1, got {cfg.rounds}")
         self.cfg = cfg
         self.manifest = cfg.manifest
         self.topics = Topics(cfg.federation)
         self.clock = clock
-        self.rounds = RoundClock(cfg.sampling.min_clients, cfg.round_timeout_s, clock)
+        self.rounds = RoundClock(cfg.sampling, cfg.round_timeout_s, clock, cfg.metrics_grace_s)
         self.strategy = make_strategy(cfg.strategy)
         self.checkpoint = Checkpoint(cfg.state_dir)
         self.max_bytes = cfg.max_update_bytes or adapter.max_blob_bytes(self.manifest.trainable)
@@ -87,14 +108,13 @@ class Aggregator:
         self.state: Optional[AggregatorState] = None
         self.global_blob = b""
         self.global_tensors: Dict[str, np.ndarray] = {}
-        self._complete_since: Optional[float] = None
         self.broker_cfg = BrokerConfig.from_url(cfg.broker, username=cfg.username, password=cfg.password,
                                                 ca_file=cfg.tls_ca, cert_file=cfg.tls_cert, key_file=cfg.tls_key)
         self.client = make_client(self.broker_cfg, cfg.client_id)
         self.client.on_message = self._on_message
         self.connection = Connection(self.broker_cfg, self.client, on_connected=self._on_connected)
 
-    # -- MQTT (paho's thread) ----------------------------------------------------------------
+    # -- MQTT (paho's thread: queue only) ---------------------------------------------------
     def _on_connected(self, client) -> None:
         client.subscribe([(self.topics.all_updates, QOS), (self.topics.all_status, QOS),
                           (self.topics.all_metrics, QOS)])
@@ -107,236 +127,289 @@ class Aggregator:
                 return
 
     def _publish(self, topic: str, payload: bytes, retain: bool, wait: float = 30.0) -> None:
+        """Publish at QoS 1 and wait for the broker's PUBACK (paho resends after a reconnect)."""
         info = self.client.publish(topic, payload, qos=QOS, retain=retain)
         deadline = time.monotonic() + wait
         while not info.is_published() and time.monotonic() < deadline and not self.stop_event.is_set():
-            time.sleep(0.02)
+            time.sleep(0.01)
+        if not info.is_published() and not self.stop_event.is_set():
+            log.warning("no PUBACK for %s within %.0f s; paho will resend it after reconnecting", topic, wait)
 
     # -- state -------------------------------------------------------------------------------
     def _resume_or_start(self) -> None:
-        try:
-            loaded = self.checkpoint.load()
-        except CheckpointError:
-            raise
+        loaded = self.checkpoint.load()
         if loaded is None:
             blob = adapter.encode(self.cfg.initial_adapter, model_id=self.manifest.model_id, round=0, kind="global")
             self.state = self.checkpoint.start(self.manifest.model_id, self.cfg.rounds, blob)
-            if self.cfg.evaluator is not None:
-                self.state.extra["initial_eval"] = self.cfg.evaluator(adapter.decode(blob).as_float32())
+            if self.cfg.on_start is not None:
+                self.state.extra["initial_eval"] = self._call_hook("on_start", self.cfg.on_start,
+                                                                   adapter.decode(blob).as_float32())
                 self.checkpoint.save(self.state)
-            log.info("starting a new federation %r: %d rounds", self.cfg.federation, self.cfg.rounds)
+            log.info("starting federation %r: %d rounds of %s, model %s…", self.cfg.federation, self.cfg.rounds,
+                     self.strategy.name, self.manifest.model_id[:16])
         else:
             self.state, blob = loaded
             if self.state.model_id != self.manifest.model_id:
                 raise CheckpointError(
-                    f"state dir {self.checkpoint.dir} belongs to model {self.state.model_id[:16]}, the bundle is "
-                    f"{self.manifest.model_id[:16]}: use another --state-dir"
+                    f"state dir {self.checkpoint.dir} belongs to model {self.state.model_id[:16]}…, the bundle is "
+                    f"{self.manifest.model_id[:16]}…: use another --state-dir"
                 )
             if self.state.rounds_total != self.cfg.rounds:
-                log.info("rounds changed from %d to %d", self.state.rounds_total, self.cfg.rounds)
+                log.info("total rounds changed from %d to %d", self.state.rounds_total, self.cfg.rounds)
                 self.state.rounds_total = self.cfg.rounds
-            log.info("resuming at round %d from %s", self.state.round, self.checkpoint.dir)
+                self.state.done = self.state.round >= self.cfg.rounds
+                self.checkpoint.save(self.state)
+            log.info("resuming federation %r at round %d of %d from %s", self.cfg.federation, self.state.round,
+                     self.state.rounds_total, self.checkpoint.dir)
         decoded = adapter.decode(blob, self.manifest.trainable, model_id=self.manifest.model_id)
+        if decoded.meta.round != self.state.round:
+            raise CheckpointError(f"the checkpointed global is for round {decoded.meta.round}, the state says "
+                                  f"{self.state.round}")
         self.global_blob = blob
         self.global_tensors = decoded.as_float32()
+        if not self.state.done:
+            saved = self.checkpoint.load_open_round(self.state.round)
+            if saved is not None:
+                self._restore_round(RoundRecord.from_json(saved))
 
     # -- rounds ------------------------------------------------------------------------------
-    def _announce(self, rec: RoundRecord) -> None:
-        ann = RoundAnnouncement(
-            round=rec.number, model_id=self.manifest.model_id, state=ROUND_TRAINING, config=self.cfg.train,
-            clients=sorted(rec.asked), deadline=rec.deadline, global_sha256=sha256_bytes(self.global_blob),
-            total_rounds=self.state.rounds_total,
+    def _announcement(self, state: str, rec: Optional[RoundRecord]) -> RoundAnnouncement:
+        return RoundAnnouncement(
+            round=self.state.round, model_id=self.manifest.model_id, state=state, config=self.cfg.train,
+            clients=sorted(rec.asked) if rec is not None else [],
+            deadline=rec.deadline if rec is not None else self.clock(),
+            global_sha256=sha256_bytes(self.global_blob), total_rounds=self.state.rounds_total,
         )
-        self._publish(self.topics.round, ann.to_json(), retain=True)
+
+    def _announce(self, rec: RoundRecord) -> None:
+        self._publish(self.topics.round, self._announcement(ROUND_TRAINING, rec).to_json(), retain=True)
 
     def _announce_done(self) -> None:
-        ann = RoundAnnouncement(
-            round=self.state.round, model_id=self.manifest.model_id, state=ROUND_DONE, config=self.cfg.train,
-            clients=[], deadline=self.clock(), global_sha256=sha256_bytes(self.global_blob),
-            total_rounds=self.state.rounds_total,
-        )
-        self._publish(self.topics.round, ann.to_json(), retain=True)
+        self._publish(self.topics.round, self._announcement(ROUND_DONE, None).to_json(), retain=True)
+
+    def _begin(self, rec: RoundRecord) -> None:
+        self.current = rec
+        self.strategy.begin_round(self.manifest.trainable, self.global_tensors)
+        restored = 0
+        for client, blob in self.checkpoint.spooled(rec.number):  # accepted before a restart
+            rec.asked.add(client)  # it was asked when its update was accepted
+            if self._fold(client, blob, spool=False):
+                restored += 1
+        self.checkpoint.save_open_round(rec.number, rec.to_json())
+        if restored:
+            log.info("round %d: %d update(s) restored from the spool", rec.number, restored)
 
     def _open_round(self) -> None:
-        number = self.state.round
-        asked = self.cfg.sampling.choose(self.online, number)
-        self.current = self.rounds.open(number, asked)
-        self._complete_since = None
-        self.strategy.begin(self.manifest.trainable, self.global_tensors)
-        for client, blob in self.checkpoint.spooled(number):  # accepted before a restart
-            self._fold(client, blob, spool=False)
-        self._announce(self.current)
-        log.info("round %d open: asked %d client(s) %s, deadline in %.0f s%s", number, len(asked), sorted(asked),
-                 self.cfg.round_timeout_s,
-                 f", {len(self.current.reported)} update(s) restored from the spool" if self.current.reported else "")
+        rec = self.rounds.open(self.state.round, self.online)
+        self._begin(rec)
+        self._announce(rec)
+        log.info("round %d of %d open: asked %d client(s) (%s) %s, deadline in %.0f s", rec.number,
+                 self.state.rounds_total, len(rec.asked), self.cfg.sampling.describe, sorted(rec.asked),
+                 self.cfg.round_timeout_s)
 
-    def _fold(self, client: str, blob: bytes, spool: bool = True) -> None:
+    def _restore_round(self, saved: RoundRecord) -> None:
+        saved.reported, saved.bytes_received, saved.complete_since = {}, 0, None  # rebuilt from the spool
+        rec = self.rounds.resume(saved)
+        self._begin(rec)
+        log.info("round %d resumed: asked %s, %d reported, deadline in %.0f s", rec.number, sorted(rec.asked),
+                 len(rec.reported), self.cfg.round_timeout_s)
+
+    def _fold(self, client: str, blob: bytes, spool: bool = True) -> bool:
+        """Validate one update and fold it into the running average; False if it was rejected."""
         rec = self.current
         assert rec is not None
+        view = RoundView(rec.number, rec.asked, rec.reported.keys())
         try:
-            update = validate_update(blob, client, self.manifest, current_round=rec.number, asked=rec.asked,
-                                     already=set(rec.reported), max_bytes=self.max_bytes)
+            update = validate_update(blob, client, self.manifest, view, self.max_bytes)
         except Rejected as why:
             rec.reject(client, why.reason, why.detail, len(blob))
             log.warning("round %d: rejected update from %s: %s", rec.number, client, why)
-            return
+            return False
+        num_samples = int(update.meta.num_samples or 0)
         if spool:
             self.checkpoint.spool(rec.number, client, blob)
-        self.strategy.accumulate(update.tensors, update.meta.num_samples)
-        rec.accept(client, update.meta.num_samples, len(blob))
-        log.info("round %d: accepted update from %s (%d samples, %d bytes, %s); %d/%d reported", rec.number, client,
-                 update.meta.num_samples, len(blob), update.meta.dtype, len(rec.reported), len(rec.asked))
+        self.strategy.accumulate(update.tensors, num_samples)
+        rec.accept(client, num_samples, len(blob))
+        log.info("round %d: accepted update from %s (%d samples, %d bytes, %s); %d of %d asked reported", rec.number,
+                 client, num_samples, len(blob), update.meta.dtype, len(rec.reported), len(rec.asked))
+        return True
 
     def _close_round(self) -> None:
         rec = self.current
         assert rec is not None and self.state is not None
         new = self.strategy.finalize()
-        assert new is not None  # a round closes only with at least min_clients >= 1 updates
+        if new is None:  # cannot happen: a round closes with at least min_clients >= 1 updates
+            raise RuntimeError(f"round {rec.number} closed without updates")
         next_round = rec.number + 1
-        done = next_round >= self.state.rounds_total
         blob = adapter.encode(new, model_id=self.manifest.model_id, round=next_round, kind="global")
         row = self._history_row(rec, new)
-        self.checkpoint.commit(self.state, next_round, blob, row, done)
+        self.state = self.checkpoint.commit(self.state, next_round, blob, row, next_round >= self.state.rounds_total)
         self.global_blob, self.global_tensors = blob, new
-        self._publish(self.topics.global_, blob, retain=True)
-        log.info("round %d closed: %d update(s), %d rejected %s, %.1f s%s", rec.number, len(rec.reported),
-                 len(rec.rejected), rec.rejection_counts or "", row["wall_time_s"],
-                 f", test accuracy {row['test_accuracy']:.4f}" if "test_accuracy" in row else "")
         self.current = None
+        self._publish(self.topics.global_, blob, retain=True)
+        log.info("round %d closed: %d update(s), %d sample(s), %d rejected%s, %.1f s%s; global for round %d published",
+                 rec.number, len(rec.reported), row["samples"], rec.num_rejected,
+                 f" {row['rejection_counts']}" if rec.num_rejected else "", row["wall_time_s"],
+                 f", test accuracy {row['test_accuracy']:.4f}" if isinstance(row.get("test_accuracy"), float) else "",
+                 next_round)
 
-    def _history_row(self, rec: RoundRecord, new: Dict[str, np.ndarray]) -> Dict:
-        accs = [m["accuracy"] for m in rec.metrics.values() if m.get("accuracy") is not None]
-        losses = [m["loss"] for m in rec.metrics.values() if m.get("loss") is not None]
-        row = {
+    def _history_row(self, rec: RoundRecord, new: Dict[str, np.ndarray]) -> Dict[str, Any]:
+        accs = [m["accuracy"] for m in rec.metrics.values() if isinstance(m.get("accuracy"), (int, float))]
+        losses = [m["loss"] for m in rec.metrics.values() if isinstance(m.get("loss"), (int, float))]
+        now = self.clock()
+        row: Dict[str, Any] = {
             "round": rec.number,
             "strategy": self.strategy.name,
             "asked": sorted(rec.asked),
             "reported": dict(sorted(rec.reported.items())),
             "num_asked": len(rec.asked),
             "num_reported": len(rec.reported),
+            "num_rejected": rec.num_rejected,
             "samples": int(sum(rec.reported.values())),
             "rejected": rec.rejected,
-            "rejection_counts": rec.rejection_counts,
+            "rejection_counts": dict(sorted(rec.rejection_counts.items())),
             "bytes_received": rec.bytes_received,
             "bytes_rejected": rec.bytes_rejected,
             "global_bytes": len(self.global_blob),
             "bytes_sent": len(self.global_blob) * len(rec.asked),
             "extensions": rec.extensions,
-            "wall_time_s": round(self.clock() - rec.started_at, 3),
-            "closed_at": self.clock(),
-            "metrics": rec.metrics,
+            "started_at": rec.started_at,
+            "closed_at": now,
+            "wall_time_s": round(now - rec.started_at, 3),
+            "metrics": dict(sorted(rec.metrics.items())),
             "mean_client_accuracy": float(np.mean(accs)) if accs else None,
             "mean_client_loss": float(np.mean(losses)) if losses else None,
         }
-        if self.cfg.evaluator is not None:
-            row.update(self.cfg.evaluator(new))
+        if self.cfg.on_round_closed is not None:
+            row.update(self._call_hook(f"round {rec.number}: on_round_closed", self.cfg.on_round_closed,
+                                       rec.number, new))
         return row
+
+    @staticmethod
+    def _call_hook(what: str, hook: Callable[..., Any], *args: Any) -> Dict[str, Any]:
+        """A hook's dict as plain JSON (numpy values converted); a failing hook is logged, never fatal."""
+        try:
+            return json.loads(json.dumps(dict(hook(*args) or {}), default=_numpy_to_json))
+        except Exception as exc:
+            log.exception("%s hook failed", what)
+            return {"hook_error": f"{type(exc).__name__}: {exc}"}
 
     # -- events ------------------------------------------------------------------------------
     def handle(self, kind: str, client: str, payload: bytes) -> None:
-        if kind == "status":
-            try:
-                status = Status.from_json(payload)
-            except ProtocolError as exc:
-                log.warning("ignored a malformed status from %s: %s", client, exc)
-                return
-            was_online = client in self.online
-            if status.state in ONLINE_STATES and status.client_id == client:
-                self.online.add(client)
-            else:
-                self.online.discard(client)
-            if was_online != (client in self.online):
-                log.info("client %s is %s (%d online)", client, status.state, len(self.online))
-        elif kind == "metrics":
-            try:
-                metrics = Metrics.from_json(payload)
-            except ProtocolError as exc:
-                log.warning("ignored malformed metrics from %s: %s", client, exc)
-                return
-            rec = self.current
-            if rec is not None and metrics.round == rec.number and client in rec.reported:
-                rec.metrics[client] = {k: getattr(metrics, k) for k in (
-                    "loss", "accuracy", "train_accuracy", "samples", "steps", "wall_time_s", "step_time_s",
-                    "peak_rss_mb", "backend")}
-        elif kind == "update":
+        """Process one message (main thread); a malformed message is logged and dropped."""
+        if kind == "update":
             if self.current is None:
-                log.warning("update from %s while no round is open: ignored", client)
-                return
-            self._fold(client, payload)
+                log.warning("update from %s while no round is open: dropped", client)
+            else:
+                self._fold(client, payload)
+        elif kind == "status":
+            self._handle_status(client, payload)
+        elif kind == "metrics":
+            self._handle_metrics(client, payload)
+
+    def _handle_status(self, client: str, payload: bytes) -> None:
+        if not payload:  # a cleared retained status: the client is gone
+            self.online.discard(client)
+            return
+        try:
+            status = Status.from_json(payload)
+        except ProtocolError as exc:
+            log.warning("ignored a malformed status from %s: %s", client, exc)
+            return
+        was_online = client in self.online
+        if status.state in ONLINE_STATES and status.client_id == client:
+            self.online.add(client)
+        else:
+            self.online.discard(client)
+        if was_online != (client in self.online):
+            log.info("client %s is %s (%d online)", client, status.state, len(self.online))
+
+    def _handle_metrics(self, client: str, payload: bytes) -> None:
+        try:
+            metrics = Metrics.from_json(payload)
+        except ProtocolError as exc:
+            log.warning("ignored malformed metrics from %s: %s", client, exc)
+            return
+        rec = self.current
+        if rec is None or metrics.client_id != client or metrics.round != rec.number or client not in rec.reported:
+            log.debug("metrics from %s for round %s not recorded", client, metrics.round)
+            return
+        rec.metrics[client] = {k: getattr(metrics, k, None) for k in METRIC_FIELDS}
+        self.checkpoint.save_open_round(rec.number, rec.to_json())
 
     def _drain(self, timeout: float) -> None:
+        """Handle every queued message, waiting up to `timeout` for the first."""
         try:
-            self.handle(*self.events.get(timeout=timeout))
+            event = self.events.get(timeout=timeout)
         except queue.Empty:
             return
         while True:
             try:
-                self.handle(*self.events.get_nowait())
+                self.handle(*event)
+            except (ValueError, TypeError, KeyError) as exc:  # a message that slipped past validation
+                log.exception("dropped a %s message from %s that could not be handled: %s", event[0], event[1], exc)
+            try:
+                event = self.events.get_nowait()
             except queue.Empty:
                 return
 
-    def _ready_to_close(self) -> bool:
-        rec = self.current
-        assert rec is not None
-        if self.rounds.complete(rec):
-            # everyone reported: give their metrics messages (sent right after the update) a moment
-            now = self.clock()
-            self._complete_since = self._complete_since or now
-            have_metrics = set(rec.metrics) >= set(rec.reported)
-            return have_metrics or now - self._complete_since >= self.cfg.metrics_grace_s
-        return self.rounds.due(rec) and self.rounds.quorum(rec)
-
     def _wait_for_clients(self, need: int, timeout: Optional[float] = None) -> None:
-        """Process messages until `need` clients are online; raise after `timeout` seconds if given."""
+        """Process messages until `need` clients are online; raise TimeoutError after `timeout` seconds if given."""
         start = time.monotonic()
         next_note = start
         while len(self.online) < need and not self.stop_event.is_set():
             now = time.monotonic()
             if timeout is not None and now - start > timeout:
-                raise TimeoutError(f"only {len(self.online)} of {need} clients came online within {timeout:.0f} s")
+                raise TimeoutError(f"only {len(self.online)} of {need} clients came online within {timeout:g} s")
             if now >= next_note:
                 log.info("waiting for %d client(s) to come online (%d now)", need, len(self.online))
                 next_note = now + 60.0
-            self._drain(0.2)
+            self._drain(0.1)
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> int:
-        self._resume_or_start()
-        self.connection.start()
+        """Run until every round is done (0) or `stop()` (0); raises on a broker or state-dir failure."""
+        self.checkpoint.lock()
+        try:
+            self._resume_or_start()
+            assert self.state is not None
+            self.connection.start()
+        except BaseException:
+            self.checkpoint.unlock()
+            raise
         try:
             self._publish(self.topics.global_, self.global_blob, retain=True)
-            if self.state.done:
-                self._announce_done()
-                log.info("the federation already finished %d rounds", self.state.round)
-                return 0
-            self._wait_for_clients(max(self.cfg.wait_for_clients, self.cfg.sampling.min_clients),
-                                   self.cfg.wait_timeout_s)
+            if self.current is not None:
+                self._announce(self.current)
+            elif not self.state.done:
+                self._wait_for_clients(max(self.cfg.wait_for_clients, self.cfg.sampling.min_clients),
+                                       self.cfg.wait_timeout_s)
             while not self.stop_event.is_set():
                 if self.current is None:
                     if self.state.done:
                         self._announce_done()
-                        log.info("federation done: %d rounds", self.state.round)
+                        log.info("federation %r done: %d rounds", self.cfg.federation, self.state.round)
                         return 0
                     self._wait_for_clients(self.cfg.sampling.min_clients)
-                    self._open_round()
-                self._drain(0.1)
-                rec = self.current
-                if rec is None:
+                    if not self.stop_event.is_set():
+                        self._open_round()
                     continue
-                if self._ready_to_close():
+                self._drain(0.05)
+                rec = self.current
+                step = self.rounds.step(rec, self.online)
+                if step.action == CLOSE:
                     self._close_round()
-                elif self.rounds.due(rec):
-                    added = self.rounds.extend(rec, self.online, self.cfg.sampling)
-                    log.warning("round %d: %d of %d needed updates at the deadline; extended by %.0f s%s",
+                elif step.action == EXTEND:
+                    log.warning("round %d: %d of %d needed update(s) at the deadline; extended by %.0f s%s",
                                 rec.number, len(rec.reported), self.rounds.min_clients, self.cfg.round_timeout_s,
-                                f", also asking {added}" if added else "")
+                                f", also asking {step.added}" if step.added else "")
+                    self.checkpoint.save_open_round(rec.number, rec.to_json())
                     self._announce(rec)
+            log.info("stopped%s", f" in round {self.current.number} (resumes there)" if self.current else "")
             return 0
         finally:
             self.connection.stop()
+            self.checkpoint.unlock()
 
     def stop(self) -> None:
         self.stop_event.set()
-
-    def asked_history(self) -> List[Dict]:
-        return self.checkpoint.history()

@@ -14,6 +14,7 @@ that already submitted (they never submit a round twice).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,6 +26,7 @@ STATE = "state.json"
 HISTORY = "history.jsonl"
 SPOOL = "spool"
 OPEN_ROUND = "round.json"
+LOCK = ".lock"
 FORMAT = "flora-aggregator-state"
 
 
@@ -52,6 +54,31 @@ class Checkpoint:
     def __init__(self, directory: PathLike) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd: Optional[int] = None
+
+    def lock(self) -> None:
+        """Hold the state dir exclusively for this process (released when it exits), so that two
+        aggregators can never write one state dir; CheckpointError if another process holds it."""
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on POSIX: no locking
+            return
+        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CheckpointError(f"state dir {self.dir} is in use by another flora-aggregator (pid {holder})"
+                                  ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- state ---------------------------------------------------------------------------------
     def load(self) -> Optional[Tuple[AggregatorState, bytes]]:

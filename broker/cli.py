@@ -1,4 +1,15 @@
-"""`flora-aggregator`: run a federation (`run`, the default), show its state (`status`), plot it (`plot`)."""
+"""`flora-aggregator`: run a federation (`run`, the default), show its state (`status`), plot it (`plot`).
+
+    flora-aggregator --bundle DIR --broker mqtt://HOST:PORT --rounds R --state-dir DIR [options]
+    flora-aggregator --config aggregator.toml
+    flora-aggregator status --state-dir DIR [--plot FILE.png]
+    flora-aggregator plot --state-dir DIR --out FILE.png
+
+A TOML `--config` file takes the same keys as the long options (`round_timeout = 600`); the command
+line wins over it. The broker password comes from FLORA_MQTT_PASSWORD (and the username from
+FLORA_MQTT_USERNAME) unless given otherwise. Exit status: 0 done or stopped by SIGINT/SIGTERM,
+2 bad arguments or inputs, 3 broker or state-dir failure.
+"""
 
 from __future__ import annotations
 
@@ -7,69 +18,78 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from edge.config import ConfigError, load_toml, merge_config
 
 RUN_KEYS = (
     "bundle", "manifest", "initial_adapter", "broker", "federation", "rounds", "state_dir", "epochs", "lr",
     "batch_size", "weight_decay", "clients_per_round", "fraction", "min_clients", "round_timeout",
-    "wait_for_clients", "wait_timeout", "seed", "strategy", "max_update_bytes", "eval_data", "client_id",
-    "username", "password", "tls_ca", "tls_cert", "tls_key", "log_level",
+    "wait_for_clients", "wait_timeout", "metrics_grace", "seed", "strategy", "max_update_bytes", "eval_data",
+    "client_id", "username", "password", "tls_ca", "tls_cert", "tls_key", "log_level",
 )
+PATH_KEYS = ("bundle", "manifest", "initial_adapter", "state_dir", "eval_data")
+DEFAULT_STATE_DIR = Path("flora-aggregator-state")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flora-aggregator", description=__doc__)
+def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser and its `run` sub-parser (whose defaults the config file may override)."""
+    parser = argparse.ArgumentParser(prog="flora-aggregator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run the federation (the default command)")
     run.add_argument("--config", type=Path, help="TOML file with the same keys as these options")
     run.add_argument("--bundle", type=Path, help="bundle folder (its manifest and initial adapter)")
     run.add_argument("--manifest", type=Path, help="a manifest.json instead of the whole bundle")
-    run.add_argument("--initial-adapter", type=Path, help="with --manifest: the initial adapter "
-                                                          "(default: adapter.safetensors beside the manifest)")
+    run.add_argument("--initial-adapter", type=Path,
+                     help="with --manifest: the initial adapter (default: adapter.safetensors beside the manifest)")
     run.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
     run.add_argument("--federation", default="default", help="federation name (topics flora/<name>/...)")
-    run.add_argument("--rounds", type=int, default=10)
-    run.add_argument("--state-dir", type=Path, default=Path("flora-aggregator-state"))
-    t = run.add_argument_group("round config sent to clients")
+    run.add_argument("--rounds", type=int, default=10, help="total rounds to run (default: 10)")
+    run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="checkpoint and history folder")
+    t = run.add_argument_group("round config sent to clients (the same every round)")
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--weight-decay", type=float, default=0.0)
     s = run.add_argument_group("client sampling and quorum")
     s.add_argument("--clients-per-round", type=int, help="ask N of the online clients each round (seeded)")
-    s.add_argument("--fraction", type=float, help="ask this fraction of the online clients each round")
+    s.add_argument("--fraction", type=float, help="ask this fraction of the online clients each round (seeded)")
     s.add_argument("--min-clients", type=int, default=1, help="quorum: updates needed to close at the deadline")
-    s.add_argument("--round-timeout", type=float, default=300.0, help="seconds before a round may close on quorum")
+    s.add_argument("--round-timeout", type=float, default=300.0,
+                   help="seconds until a round may close on quorum; below quorum it is extended by this much")
     s.add_argument("--wait-for-clients", type=int, default=0, help="clients online before round 0 starts")
-    s.add_argument("--wait-timeout", type=float, default=600.0, help="give up waiting for them after this")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--wait-timeout", type=float, default=600.0, help="give up waiting for them after this (s)")
+    s.add_argument("--metrics-grace", type=float, default=1.0,
+                   help="once every asked client reported, wait up to this long (s) for their metrics")
+    s.add_argument("--seed", type=int, default=0, help="seed of the client sampling")
     run.add_argument("--strategy", default="fedavg", help="aggregation strategy (default: fedavg)")
     run.add_argument("--max-update-bytes", type=int, help="reject larger updates (default: fp32 size + 64 KiB)")
     run.add_argument("--eval-data", type=Path, help="held-out images (folder or CSV) to test every global on")
-    run.add_argument("--client-id", default="flora-aggregator", help="MQTT client id of the aggregator")
-    run.add_argument("--username")
-    run.add_argument("--password", help="prefer FLORA_MQTT_PASSWORD or the config file")
-    run.add_argument("--tls-ca")
-    run.add_argument("--tls-cert")
-    run.add_argument("--tls-key")
+    m = run.add_argument_group("broker connection")
+    m.add_argument("--client-id", default="flora-aggregator", help="MQTT client id (and, by convention, username)")
+    m.add_argument("--username", help="default: FLORA_MQTT_USERNAME")
+    m.add_argument("--password", help="prefer FLORA_MQTT_PASSWORD or the config file")
+    m.add_argument("--tls-ca", help="CA certificate: connect with TLS")
+    m.add_argument("--tls-cert", help="client certificate (with --tls-key)")
+    m.add_argument("--tls-key", help="client key")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     status = sub.add_parser("status", help="current round and the history of a state dir")
-    status.add_argument("--state-dir", type=Path, default=Path("flora-aggregator-state"))
+    status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     status.add_argument("--plot", type=Path, help="also write the PNG plot here")
     plot = sub.add_parser("plot", help="PNG of accuracy and bytes per round")
-    plot.add_argument("--state-dir", type=Path, default=Path("flora-aggregator-state"))
+    plot.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     plot.add_argument("--out", type=Path, required=True)
-    return parser
+    return parser, run
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("run", "status", "plot", "-h", "--help"):
         argv.insert(0, "run")
-    parser = build_parser()
+    parser, run_parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "status":
         from .report import print_status
@@ -79,18 +99,25 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .report import write_plot
 
         return write_plot(args.state_dir, args.out)
-    sub = parser._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
     try:
-        args = merge_config(args, sub, load_toml(args.config), RUN_KEYS)
+        args = merge_config(args, run_parser, load_toml(args.config), RUN_KEYS)
     except ConfigError as exc:
-        print(f"flora-aggregator: error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return _error(str(exc), 2)
+    for key in PATH_KEYS:
+        if getattr(args, key) is not None:
+            setattr(args, key, Path(getattr(args, key)))
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stdout,
+                        format=LOG_FORMAT)
     return run(args)
 
 
+def _error(message: str, code: int) -> int:
+    print(f"flora-aggregator: error: {message}", file=sys.stderr)
+    return code
+
+
 def _load_inputs(args: argparse.Namespace):
+    """(bundle or None, manifest, initial adapter tensors) from --bundle or --manifest."""
     from edge import adapter
     from edge.bundle import ADAPTER, load_bundle, load_manifest
 
@@ -100,12 +127,24 @@ def _load_inputs(args: argparse.Namespace):
     if args.bundle:
         bundle = load_bundle(args.bundle, verify=bool(args.eval_data))
         manifest = bundle.manifest
-        initial_path = bundle.path(ADAPTER)
+        initial_path = args.initial_adapter or bundle.path(ADAPTER)
     else:
         manifest = load_manifest(args.manifest)
-        initial_path = args.initial_adapter or Path(args.manifest).parent / ADAPTER
+        initial_path = args.initial_adapter or args.manifest.parent / ADAPTER
     initial = adapter.load_file(initial_path, manifest.trainable, model_id=manifest.model_id)
     return bundle, manifest, initial.as_float32()
+
+
+def _hooks(bundle, eval_data: Optional[Path]) -> Dict[str, Any]:
+    """--eval-data: test the initial global and every new one on held-out images (server side)."""
+    if not eval_data:
+        return {}
+    if bundle is None:
+        raise ValueError("--eval-data needs --bundle (it runs the bundle's models)")
+    from .evaluation import HeldOutEvaluator
+
+    evaluator = HeldOutEvaluator(bundle, eval_data)
+    return {"on_start": evaluator, "on_round_closed": evaluator.on_round_closed}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -117,19 +156,15 @@ def run(args: argparse.Namespace) -> int:
     from .aggregator import Aggregator, AggregatorConfig
     from .checkpoint import CheckpointError
     from .rounds import Sampling
+    from .strategies import STRATEGIES
 
+    log = logging.getLogger("flora.aggregator")
     if not args.broker:
-        print("flora-aggregator: error: missing --broker (on the command line or in --config)", file=sys.stderr)
-        return 2
+        return _error("missing --broker (on the command line or in --config)", 2)
+    if args.strategy not in STRATEGIES:
+        return _error(f"unknown --strategy {args.strategy!r}; known: {sorted(STRATEGIES)}", 2)
     try:
         bundle, manifest, initial = _load_inputs(args)
-        evaluator = None
-        if args.eval_data:
-            if bundle is None:
-                raise ValueError("--eval-data needs --bundle (it runs the bundle's models)")
-            from .evaluation import HeldOutEvaluator
-
-            evaluator = HeldOutEvaluator(bundle, args.eval_data)
         cfg = AggregatorConfig(
             manifest=manifest, initial_adapter=initial, broker=args.broker, state_dir=args.state_dir,
             rounds=args.rounds, federation=args.federation,
@@ -137,26 +172,26 @@ def run(args: argparse.Namespace) -> int:
                               weight_decay=args.weight_decay),
             sampling=Sampling(args.clients_per_round, args.fraction, args.min_clients, args.seed),
             round_timeout_s=args.round_timeout, wait_for_clients=args.wait_for_clients,
-            wait_timeout_s=args.wait_timeout, strategy=args.strategy, max_update_bytes=args.max_update_bytes,
-            evaluator=evaluator, client_id=args.client_id, username=args.username, password=args.password,
-            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            wait_timeout_s=args.wait_timeout, metrics_grace_s=args.metrics_grace, strategy=args.strategy,
+            max_update_bytes=args.max_update_bytes, client_id=args.client_id, username=args.username,
+            password=args.password, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+            **_hooks(bundle, args.eval_data),
         )
         aggregator = Aggregator(cfg)
     except (BundleError, AdapterError, CheckpointError, BrokerConfigError, ProtocolError, ValueError) as exc:
-        print(f"flora-aggregator: error: {exc}", file=sys.stderr)
-        return 2
+        return _error(str(exc), 2)
 
-    def _stop(signum, frame):
-        logging.getLogger("flora.aggregator").info("signal %d: stopping", signum)
+    def _stop(signum, frame) -> None:
+        log.info("signal %d: stopping after the current step", signum)
         aggregator.stop()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
         return aggregator.run()
-    except (ConnectionError, TimeoutError, CheckpointError) as exc:
-        print(f"flora-aggregator: error: {exc}", file=sys.stderr)
-        return 3
+    except (ConnectionError, TimeoutError, CheckpointError, OSError, BrokerConfigError, AdapterError) as exc:
+        log.error("%s", exc)
+        return _error(str(exc), 3)
 
 
 if __name__ == "__main__":

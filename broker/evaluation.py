@@ -38,3 +38,7 @@ class HeldOutEvaluator:
         result = self.evaluator.evaluate(tensors, self.data)
         assert result is not None
         return {"test_accuracy": result.accuracy, "test_loss": result.loss, "test_samples": result.samples}
+
+    def on_round_closed(self, round_: int, tensors: Dict[str, np.ndarray]) -> Dict[str, float]:
+        """The aggregator's per-round hook: test the new global."""
+        return self(tensors)

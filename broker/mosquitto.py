@@ -81,16 +81,13 @@ def start_mosquitto(
     By default the listener allows anonymous clients (a private test/simulation broker bound to
     127.0.0.1); `listener_config` replaces that block (e.g. TLS, password file, ACL).
     """
-    binary = find_mosquitto()
+    find_mosquitto()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
     listener = list(listener_config) if listener_config is not None else ["allow_anonymous true"]
-    # Started as root, mosquitto drops to the `mosquitto` user and then cannot read this private
-    # work dir (password and ACL files); the private broker keeps the invoking user instead.
-    user = [f"user {getpass.getuser()}"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
     lines = [
-        *user,
+        *run_as_invoking_user(),
         "per_listener_settings false",
         "persistence false",
         "log_dest stderr",
@@ -106,7 +103,23 @@ def start_mosquitto(
     ]
     config_path = workdir / "mosquitto.conf"
     config_path.write_text("\n".join(lines) + "\n")
-    log_path = workdir / "mosquitto.log"
+    return launch_mosquitto(config_path, host, port, timeout=timeout)
+
+
+def run_as_invoking_user() -> Sequence[str]:
+    """Config lines that keep a root-started mosquitto from dropping to the `mosquitto` user (which cannot
+    read a private work dir's password and ACL files)."""
+    return [f"user {getpass.getuser()}"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+
+
+def launch_mosquitto(config_path: Path, host: str, port: int, *, timeout: float = 10.0) -> Mosquitto:
+    """Start mosquitto with a ready config file (its listener on host:port); wait until it accepts connections.
+
+    Its output goes to mosquitto.log beside the config.
+    """
+    binary = find_mosquitto()
+    config_path = Path(config_path)
+    log_path = config_path.parent / "mosquitto.log"
     with open(log_path, "wb") as log_fh:
         proc = subprocess.Popen(
             [binary, "-c", str(config_path)], stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True

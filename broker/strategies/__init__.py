@@ -1,4 +1,8 @@
-"""Aggregation strategies, one file each, registered by name."""
+"""Aggregation strategies, one file each, registered by name.
+
+To add one: subclass `Strategy` (base.py) in a new file, keep only running state (memory must not
+grow with the number of updates), and add it to `STRATEGIES`; `--strategy NAME` then selects it.
+"""
 
 from __future__ import annotations
 

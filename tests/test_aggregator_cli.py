@@ -1,0 +1,105 @@
+"""flora-aggregator's command line without a broker: argument and config errors, `status`, `plot`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker import report
+from broker.cli import main
+from broker.rounds import Sampling
+from edge import adapter
+
+from .factories import encode_update, random_adapter, synthetic_manifest, write_bundle
+from .test_aggregator_rounds import FakeClock, metrics, offline_aggregator, status
+
+M = synthetic_manifest()
+
+
+@pytest.fixture
+def bundle(tmp_path) -> Path:
+    return write_bundle(tmp_path / "bundle", M)
+
+
+@pytest.mark.parametrize("args, config, message", [
+    (["--broker", "mqtt://h"], None, "give exactly one of --bundle and --manifest"),
+    (["--broker", "mqtt://h", "--manifest", "{bundle}/manifest.json", "--bundle", "{bundle}"], None,
+     "give exactly one of --bundle and --manifest"),
+    (["--bundle", "{bundle}"], None, "missing --broker"),
+    (["--bundle", "{bundle}/nowhere", "--broker", "mqtt://h"], None, "no manifest at"),
+    (["--bundle", "{bundle}", "--broker", "ftp://h"], None, "must start with mqtt:// or mqtts://"),
+    (["--bundle", "{bundle}", "--broker", "mqtt://h", "--fraction", "0.5", "--clients-per-round", "2"], None,
+     "give --clients-per-round or --fraction, not both"),
+    (["--bundle", "{bundle}", "--broker", "mqtt://h", "--min-clients", "0"], None, "--min-clients must be >= 1"),
+    (["--bundle", "{bundle}", "--broker", "mqtt://h", "--round-timeout", "0"], None, "--round-timeout must be > 0"),
+    (["--bundle", "{bundle}", "--broker", "mqtt://h", "--rounds", "0"], None, "--rounds must be >= 1"),
+    (["--bundle", "{bundle}", "--broker", "mqtt://h", "--strategy", "median"], None, "unknown --strategy 'median'"),
+    (["--bundle", "{bundle}", "--broker", "mqtt://h", "--lr", "-1"], None, "lr must be > 0"),
+    (["--config", "{tmp}/agg.toml"], 'brokr = "mqtt://h"\n', "config file has unknown keys ['brokr']"),
+    (["--config", "{tmp}/agg.toml"], "rounds = [", "is not valid TOML"),
+    (["--config", "{tmp}/missing.toml"], None, "cannot read config file"),
+])
+def test_bad_arguments_exit_2_with_a_message_naming_the_problem(args, config, message, bundle, tmp_path, capsys):
+    if config is not None:
+        (tmp_path / "agg.toml").write_text(config)
+    args = [a.format(bundle=bundle, tmp=tmp_path) for a in args]
+    assert main([*args, "--state-dir", str(tmp_path / "state")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flora-aggregator: error: ") and message in err, err
+
+
+def test_an_initial_adapter_of_another_model_is_refused(bundle, tmp_path, capsys):
+    other = synthetic_manifest(width=8)
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(adapter.encode(random_adapter(other, 0), model_id=other.model_id, round=0, kind="initial"))
+    args = ["--manifest", str(bundle / "manifest.json"), "--initial-adapter", str(foreign), "--broker", "mqtt://h",
+            "--state-dir", str(tmp_path / "s")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"adapter is for model_id {other.model_id[:16]}…, this bundle is {M.model_id[:16]}…" in err
+    foreign.write_bytes(adapter.encode(random_adapter(other, 0), model_id=M.model_id, round=0, kind="initial"))
+    assert main(args) == 2  # the right model_id on the wrong tensors
+    assert "has shape [4, 8], the bundle says [4, 16]" in capsys.readouterr().err
+    assert not (tmp_path / "s" / "state.json").exists()
+
+
+def test_status_shows_the_open_round_and_the_history_table(tmp_path, capsys):
+    clock = FakeClock()
+    agg = offline_aggregator(tmp_path / "state", clock, rounds=3, sampling=Sampling(min_clients=1),
+                             on_round_closed=lambda r, t: {"test_accuracy": 0.3})
+    agg._resume_or_start()
+    for c in ("a", "b"):
+        agg.handle("status", c, status(c))
+    agg._open_round()
+    for i, c in enumerate(("a", "b")):
+        agg.handle("update", c, encode_update(agg.manifest, random_adapter(agg.manifest, i), c, 0, 10 + i))
+        agg.handle("metrics", c, metrics(c, 0, 0.5 + i / 10))
+    agg.handle("update", "a", b"junk")
+    clock.t += 12.5
+    agg._close_round()
+    agg._open_round()
+    agg.handle("update", "b", encode_update(agg.manifest, random_adapter(agg.manifest, 7), "b", 1, 3))
+
+    assert main(["status", "--state-dir", str(tmp_path / "state")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("round 1 open (asked 2, 1 update(s) accepted so far, extended 0 time(s)); "
+                           "1 of 3 rounds completed")
+    assert out[1].split() == ["round", "asked", "reported", "rejected", "samples", "client", "acc", "test", "acc",
+                              "MB", "up", "MB", "down", "time", "s"]
+    assert out[3].split()[:7] == ["0", "2", "2", "1", "21", "0.5500", "0.3000"] and out[3].split()[-1] == "12.5"
+    assert out[4] == "rejected updates by reason: {'malformed': 1}"
+    assert main(["status", "--state-dir", str(tmp_path / "nothing")]) == 2
+    assert "no readable aggregator state" in capsys.readouterr().err
+
+
+def test_plot_needs_rounds_and_matplotlib_and_says_so(tmp_path, monkeypatch, capsys):
+    agg = offline_aggregator(tmp_path / "state", FakeClock(), rounds=2)
+    agg._resume_or_start()
+    assert main(["plot", "--state-dir", str(tmp_path / "state"), "--out", str(tmp_path / "p.png")]) == 2
+    assert "no completed rounds" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the `plot` extra were not installed
+    assert report.write_plot(tmp_path / "state", tmp_path / "p.png") == 2
+    assert "plotting needs matplotlib: pip install 'flora-edge[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()

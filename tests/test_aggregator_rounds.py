@@ -1,0 +1,241 @@
+"""The round state machine with a fake clock (no MQTT, no sleeping): sampling, closing, quorum, extension,
+and the aggregator's event handling driven through it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+
+from broker.aggregator import Aggregator, AggregatorConfig
+from broker.rounds import CLOSE, EXTEND, MAX_REJECTION_DETAILS, WAIT, RoundClock, RoundRecord, Sampling
+from edge import adapter
+from edge.fileio import sha256_bytes
+from edge.protocol import Metrics, RoundAnnouncement, Status
+
+from .factories import encode_update, random_adapter, synthetic_manifest
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+
+def test_sampling_is_seeded_order_independent_and_respects_the_quorum():
+    online = [f"c{i}" for i in range(10)]
+    s = Sampling(clients_per_round=3, min_clients=2, seed=7)
+    picked = s.choose(online, 4)
+    assert len(picked) == 3 and set(picked) <= set(online)
+    assert picked == s.choose(reversed(online), 4) == Sampling(clients_per_round=3, min_clients=2, seed=7).choose(
+        online, 4)
+    assert len({tuple(s.choose(online, r)) for r in range(10)}) > 3  # rounds differ
+    assert len(Sampling(fraction=0.25).choose(online, 0)) == 2  # round(2.5) with banker's rounding
+    assert len(Sampling(fraction=0.1, min_clients=3).choose(online, 0)) == 3  # never below the quorum
+    assert len(Sampling(clients_per_round=50).choose(online, 0)) == 10  # never more than online
+    assert Sampling().choose(online, 0) == sorted(online)  # no flag: all
+    for bad in (dict(clients_per_round=2, fraction=0.5), dict(fraction=0.0), dict(fraction=1.5),
+                dict(clients_per_round=0), dict(min_clients=0)):
+        with pytest.raises(ValueError):
+            Sampling(**bad)
+
+
+# --- closing, quorum, extension ------------------------------------------------------------------------
+
+
+def test_a_round_closes_when_every_asked_client_reported_after_their_metrics_or_a_grace():
+    clock = FakeClock()
+    rc = RoundClock(Sampling(min_clients=2), timeout_s=60, clock=clock, metrics_grace_s=2)
+    rec = rc.open(0, ["a", "b", "c"])
+    assert rec.asked == {"a", "b", "c"} and rec.deadline == 1060
+    rec.accept("a", 5, 100)
+    rec.accept("b", 5, 100)
+    assert rc.step(rec, {"a", "b", "c"}).action == WAIT  # quorum, but neither complete nor due
+    rec.accept("c", 5, 100)
+    rec.metrics["a"] = {"accuracy": 0.5}
+    assert rc.step(rec, {"a", "b", "c"}).action == WAIT  # complete: give b's and c's metrics a moment
+    clock.t += 1
+    rec.metrics["b"] = rec.metrics["c"] = {"accuracy": 0.5}
+    assert rc.step(rec, set()).action == CLOSE  # all metrics in: no need to wait out the grace
+    rec2 = rc.open(1, ["a"])
+    rec2.accept("a", 1, 1)
+    assert rc.step(rec2, {"a"}).action == WAIT
+    clock.t += 2
+    assert rc.step(rec2, {"a"}).action == CLOSE  # metrics never came: the grace is over
+
+
+def test_at_the_deadline_a_quorum_closes():
+    clock = FakeClock()
+    rc = RoundClock(Sampling(min_clients=2), timeout_s=60, clock=clock)
+    rec = rc.open(0, ["a", "b", "c"])
+    rec.accept("a", 5, 100)
+    rec.accept("b", 5, 100)
+    clock.t += 59.9
+    assert rc.step(rec, {"c"}).action == WAIT
+    clock.t += 0.1
+    assert rc.step(rec, {"c"}).action == CLOSE
+
+
+def test_below_quorum_at_the_deadline_the_round_is_extended_keeping_its_updates():
+    clock = FakeClock()
+    rc = RoundClock(Sampling(clients_per_round=2, min_clients=2, seed=1), timeout_s=60, clock=clock)
+    rec = rc.open(0, ["a", "b", "c", "d"])
+    assert len(rec.asked) == 2
+    first, second = sorted(rec.asked)
+    rec.accept(first, 5, 100)
+    clock.t += 60
+    # the other asked client is still online: it may still report, so nobody else is asked
+    step = rc.step(rec, {"a", "b", "c", "d"})
+    assert step.action == EXTEND and step.added == []
+    assert rec.deadline == clock.t + 60 and rec.extensions == 1 and rec.reported == {first: 5}
+    clock.t += 60
+    # now it went offline: one more online client is sampled into the asked list
+    others = {"a", "b", "c", "d"} - {first, second}
+    step = rc.step(rec, {"a", "b", "c", "d"} - {second})
+    assert step.action == EXTEND and len(step.added) == 1 and set(step.added) <= others
+    assert rec.asked == {first, second, *step.added} and rec.extensions == 2 and rec.reported == {first: 5}
+    rec.accept(step.added[0], 7, 100)
+    assert rc.step(rec, set()).action == WAIT  # quorum, but not complete (second is missing) and not due
+    clock.t += 60
+    assert rc.step(rec, set()).action == CLOSE
+    # nobody online to add: the round is extended again and again, never closed below quorum
+    lonely = rc.open(1, ["a", "b"])
+    lonely.accept("a", 1, 1)
+    for i in range(3):
+        clock.t += 60
+        assert rc.step(lonely, {"a"}).action == EXTEND and lonely.extensions == i + 1
+
+
+def test_a_record_survives_json_and_keeps_at_most_100_rejection_details():
+    rec = RoundRecord(4, {"a", "b"}, 10.0, 70.0)
+    rec.accept("a", 3, 1000)
+    for i in range(MAX_REJECTION_DETAILS + 20):
+        rec.reject("x", "late" if i % 2 else "malformed", "why", 10)
+    assert len(rec.rejected) == MAX_REJECTION_DETAILS and rec.num_rejected == MAX_REJECTION_DETAILS + 20
+    assert rec.rejection_counts == {"late": 60, "malformed": 60} and rec.bytes_rejected == 1200
+    with pytest.raises(ValueError, match="already reported"):
+        rec.accept("a", 3, 1000)
+    again = RoundRecord.from_json(json.loads(json.dumps(rec.to_json())))
+    assert again == rec
+
+
+# --- the aggregator's event handling without a broker --------------------------------------------------
+
+
+class OfflineAggregator(Aggregator):
+    """The aggregator with its publishes recorded instead of sent (no broker, no waiting)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.published: List[Tuple[str, bytes, bool]] = []
+
+    def _publish(self, topic: str, payload: bytes, retain: bool, wait: float = 30.0) -> None:
+        self.published.append((topic, payload, retain))
+
+    def announcements(self) -> List[RoundAnnouncement]:
+        return [RoundAnnouncement.from_json(p) for t, p, _ in self.published if t == self.topics.round]
+
+    def globals(self) -> List[adapter.Adapter]:
+        return [adapter.decode(p) for t, p, _ in self.published if t == self.topics.global_]
+
+
+def offline_aggregator(state_dir: Path, clock: FakeClock, **kw) -> OfflineAggregator:
+    m = kw.pop("manifest", None) or synthetic_manifest()
+    cfg = AggregatorConfig(manifest=m, initial_adapter=random_adapter(m, 0), broker="mqtt://127.0.0.1:1",
+                           state_dir=state_dir, federation="fed", **kw)
+    return OfflineAggregator(cfg, clock=clock)
+
+
+def status(client: str, state: str = "online") -> bytes:
+    return Status(client, state).to_json()
+
+
+def metrics(client: str, rnd: int, accuracy: float) -> bytes:
+    return Metrics(client, rnd, 0.5, accuracy, None, 10, 2, 1, 1.0, 0.1, 100.0, "step").to_json()
+
+
+def test_the_aggregator_runs_rounds_from_events_with_quorum_extension_and_hook(tmp_path):
+    clock = FakeClock()
+    hook_calls = []
+
+    def on_round_closed(rnd, tensors):
+        hook_calls.append((rnd, sorted(tensors)))
+        return {"test_accuracy": 0.25 * (rnd + 1)}
+
+    agg = offline_aggregator(tmp_path, clock, rounds=2, round_timeout_s=30,
+                             sampling=Sampling(clients_per_round=2, min_clients=2, seed=3),
+                             on_round_closed=on_round_closed)
+    m = agg.manifest
+    agg._resume_or_start()
+    for c in ("a", "b", "c"):
+        agg.handle("status", c, status(c))
+    agg.handle("status", "d", status("d", "offline"))
+    agg.handle("status", "e", b"{not json")
+    agg.handle("status", "f", Status("someone-else", "online").to_json())  # status for another id: ignored
+    assert agg.online == {"a", "b", "c"}
+    agg._open_round()
+    asked = sorted(agg.current.asked)
+    ann = agg.announcements()[-1]
+    assert ann.round == 0 and ann.clients == asked and ann.deadline == clock.t + 30
+    assert ann.global_sha256 == sha256_bytes(agg.global_blob) and ann.state == "training"
+    assert [g.meta.round for g in agg.globals()] == []  # run() publishes the global; _open_round only announces
+
+    u0 = encode_update(m, random_adapter(m, 10), asked[0], 0, 30)
+    agg.handle("update", asked[0], u0)
+    agg.handle("update", asked[0], u0)  # duplicate
+    agg.handle("metrics", asked[0], metrics(asked[0], 0, 0.5))
+    agg.handle("metrics", asked[1], metrics(asked[1], 0, 0.9))  # has not reported: not recorded
+    agg.handle("status", asked[1], status(asked[1], "offline"))
+    clock.t += 30
+    step = agg.rounds.step(agg.current, agg.online)
+    assert step.action == EXTEND and len(step.added) == 1
+    late_joiner = step.added[0]
+    assert late_joiner not in asked and late_joiner in agg.online
+    u1 = encode_update(m, random_adapter(m, 11), late_joiner, 0, 10)
+    agg.handle("update", late_joiner, u1)
+    clock.t += 30
+    assert agg.rounds.step(agg.current, agg.online).action == CLOSE
+    agg._close_round()
+
+    g1 = agg.globals()[-1]
+    assert g1.meta.round == 1 and g1.meta.kind == "global"
+    for name in g1.tensors:
+        expected = (30 * random_adapter(m, 10)[name].astype(np.float64) + 10 * random_adapter(m, 11)[name]) / 40
+        np.testing.assert_allclose(g1.tensors[name], expected, rtol=0, atol=1e-6)
+    row = agg.checkpoint.history()[-1]
+    assert row["round"] == 0 and row["reported"] == {asked[0]: 30, late_joiner: 10}
+    assert row["num_asked"] == 3 and row["extensions"] == 1 and row["rejection_counts"] == {"duplicate": 1}
+    assert row["bytes_received"] == len(u0) + len(u1) and row["bytes_sent"] == 3 * row["global_bytes"]
+    assert list(row["metrics"]) == [asked[0]] and row["metrics"][asked[0]]["accuracy"] == 0.5
+    assert row["mean_client_accuracy"] == 0.5 and row["mean_client_loss"] == 0.5
+    assert row["test_accuracy"] == 0.25 and row["wall_time_s"] == 60.0
+    assert hook_calls == [(0, sorted(t.name for t in m.trainable))]
+    assert agg.state.round == 1 and not agg.state.done and agg.current is None
+
+
+@pytest.mark.parametrize("hook, expected", [
+    (lambda r, t: {"test_accuracy": np.float32(0.5), "per_class": np.array([1, 2])},
+     {"test_accuracy": 0.5, "per_class": [1, 2]}),  # numpy values become plain JSON
+    (lambda r, t: 1 / 0, {"hook_error": "ZeroDivisionError: division by zero"}),
+    (lambda r, t: {"model": object()}, {"hook_error": "TypeError: object is not JSON serialisable"}),
+])
+def test_a_hook_result_lands_in_the_row_and_a_failing_hook_never_loses_the_round(hook, expected, tmp_path):
+    agg = offline_aggregator(tmp_path, FakeClock(), rounds=1, on_round_closed=hook)
+    agg._resume_or_start()
+    agg.handle("status", "a", status("a"))
+    agg._open_round()
+    agg.handle("update", "a", encode_update(agg.manifest, random_adapter(agg.manifest, 1), "a", 0, 5))
+    agg.handle("update", "nobody", b"junk")  # not asked, and garbage: rejected, never raised
+    agg._close_round()
+    row = agg.checkpoint.history()[-1]
+    assert {k: row.get(k) for k in expected} == expected
+    assert row["num_reported"] == 1 and row["rejection_counts"] == {"malformed": 1}
+    assert agg.state.done and agg.globals()[-1].meta.round == 1

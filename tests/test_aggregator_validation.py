@@ -1,0 +1,183 @@
+"""Update validation: every rejection reason, zero-copy decoding, and garbage that must never crash it."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Callable, Dict
+
+import numpy as np
+import pytest
+from safetensors.numpy import load as safetensors_load
+
+from broker.validation import REASONS, Rejected, RoundView, validate_update
+from edge import adapter
+
+from .factories import encode_update, random_adapter, synthetic_manifest
+
+M = synthetic_manifest()
+LIMIT = adapter.max_blob_bytes(M.trainable)
+ROUND = RoundView(3, asked={"c1", "c2"}, reported={"c2"})
+
+
+def update(client: str = "c1", rnd: int = 3, n: int = 10, seed: int = 1, **kw) -> bytes:
+    tensors = kw.pop("tensors", None)
+    return encode_update(M, tensors if tensors is not None else random_adapter(M, seed), client, rnd, n, **kw)
+
+
+def rewrite_header(blob: bytes, edit: Callable[[Dict], None]) -> bytes:
+    """The same data section under an edited header (as a forger would write it)."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
+
+
+def check(blob: bytes, client: str = "c1", round_: RoundView = ROUND, max_bytes: int = LIMIT) -> adapter.Adapter:
+    return validate_update(blob, client, M, round_, max_bytes)
+
+
+def test_good_updates_pass_in_fp32_and_fp16_as_zero_copy_read_only_views():
+    for dtype in ("float32", "float16"):
+        blob = update(dtype=dtype)
+        got = check(blob)
+        assert got.meta.num_samples == 10 and got.meta.dtype == dtype and got.meta.client_id == "c1"
+        expected = safetensors_load(blob)
+        assert list(got.tensors) != [] and set(got.tensors) == set(expected)
+        for name, arr in got.tensors.items():
+            np.testing.assert_array_equal(arr, expected[name])
+            assert arr.dtype == np.dtype(dtype) and not arr.flags.writeable
+            assert np.shares_memory(arr, np.frombuffer(blob, np.uint8))
+
+
+def _forged_meta(**changes: str) -> bytes:
+    def edit(h: Dict) -> None:
+        for key, value in changes.items():
+            if value is None:
+                h["__metadata__"].pop(key)
+            else:
+                h["__metadata__"][key] = value
+    return rewrite_header(update(), edit)
+
+
+def _bad_offsets() -> bytes:
+    def edit(h: Dict) -> None:
+        first = M.trainable[0].name
+        begin, end = h[first]["data_offsets"]
+        h[first]["data_offsets"] = [begin + 4, end + 4]  # overlaps its neighbour
+    return rewrite_header(update(), edit)
+
+
+def _transposed() -> bytes:  # same byte count, wrong shape
+    def edit(h: Dict) -> None:
+        h[M.trainable[0].name]["shape"] = list(reversed(h[M.trainable[0].name]["shape"]))
+    return rewrite_header(update(), edit)
+
+
+def _mixed_dtype() -> bytes:  # float16 tensors in a blob whose metadata says float32
+    return rewrite_header(update(dtype="float16"), lambda h: h["__metadata__"].update(dtype="float32"))
+
+
+def _with_nan(value: float) -> bytes:
+    t = random_adapter(M, 1)
+    t[M.trainable[-1].name][1, 2] = value
+    return update(tensors=t)
+
+
+def cases() -> Dict[str, list]:
+    """reason -> [(blob, topic client, round view)]: at least one forged update per reason."""
+    good = random_adapter(M, 1)
+    wrong_shape = dict(good)
+    wrong_shape[M.trainable[0].name] = np.zeros((3, 3), np.float32)
+    missing = dict(good)
+    missing.pop(M.trainable[1].name)
+    extra = dict(good, **{"text.resblocks.9.attn.q.lora_A": np.zeros((4, 16), np.float32)})
+    padding = dict(good, padding=np.zeros(LIMIT // 4, np.float32))
+    return {
+        "oversized": [update(tensors=padding)],
+        "malformed": [b"this is not a safetensors blob at all", b"", b"\xff" * 8 + b"{}",
+                      struct.pack("<Q", 2) + b"[]", rewrite_header(update(), lambda h: h.update(x={"dtype": "F32"})),
+                      rewrite_header(update(), lambda h: h[M.trainable[0].name].update(shape="4x16")),
+                      update()[:-4],  # truncated data
+                      update() + b"\0" * 8,  # trailing bytes
+                      _bad_offsets(),
+                      _forged_meta(kind="global"), _forged_meta(format="other"), _forged_meta(client_id=None),
+                      adapter.encode(good, model_id=M.model_id, round=3, kind="global")],
+        "bad-dtype": [_forged_meta(dtype="float64"), _forged_meta(dtype="int8"), _mixed_dtype()],
+        "bad-num-samples": [_forged_meta(num_samples="0"), _forged_meta(num_samples="-4"),
+                            _forged_meta(num_samples="many"), _forged_meta(num_samples=None)],
+        "client-mismatch": [update(client="c2")],
+        "foreign-model": [update(model_id="e" * 64)],
+        "late": [update(rnd=2), update(rnd=0)],
+        "early": [update(rnd=4)],
+        "not-asked": [(update(client="c9"), "c9")],
+        "duplicate": [(update(client="c2"), "c2")],
+        "bad-tensors": [update(tensors=wrong_shape), update(tensors=missing), update(tensors=extra), _transposed()],
+        "non-finite": [_with_nan(np.nan), _with_nan(np.inf), _with_nan(-np.inf),
+                       update(tensors=dict({k: v.astype(np.float16) for k, v in good.items()},
+                                           **{M.trainable[0].name: np.full((4, 16), np.inf, np.float16)}),
+                              dtype="float16")],
+    }
+
+
+def test_every_rejection_reason_is_detected_with_a_readable_detail():
+    all_cases = cases()
+    assert set(all_cases) == set(REASONS)
+    for reason, blobs in all_cases.items():
+        for i, item in enumerate(blobs):
+            blob, client = item if isinstance(item, tuple) else (item, "c1")
+            with pytest.raises(Rejected) as err:
+                check(blob, client=client)
+            assert err.value.reason == reason, (reason, i, str(err.value))
+            assert str(err.value).startswith(f"{reason}: ") and len(err.value.detail) > 5
+
+
+def test_cheap_checks_come_first():
+    # a late update is rejected as late before its (broken) tensors are looked at
+    t = random_adapter(M, 1)
+    t[M.trainable[0].name][0, 0] = np.nan
+    with pytest.raises(Rejected, match=r"^late"):
+        check(update(rnd=1, tensors=t))
+    with pytest.raises(Rejected, match=r"^oversized"):
+        check(update(rnd=1), max_bytes=100)
+    # any client may report when the round asks "all"
+    assert check(update(client="c9"), client="c9", round_=RoundView(3, None, set())).meta.client_id == "c9"
+
+
+def test_random_corruption_is_rejected_or_accepted_never_a_crash():
+    good = update(seed=5)
+    rng = np.random.default_rng(0)
+    header_len = struct.unpack("<Q", good[:8])[0]
+    outcomes = set()
+    for _ in range(400):
+        blob = bytearray(good)
+        for pos in rng.integers(0, 8 + header_len + 64, size=rng.integers(1, 4)):
+            blob[pos] = rng.integers(0, 256)
+        if rng.random() < 0.2:
+            blob = blob[: rng.integers(0, len(blob))]
+        try:
+            got = check(bytes(blob))
+        except Rejected as exc:
+            outcomes.add(exc.reason)
+        else:
+            outcomes.add("accepted")
+            assert all(np.isfinite(a).all() for a in got.tensors.values())
+    assert "malformed" in outcomes and len(outcomes) >= 2
+
+
+def test_decode_agrees_with_safetensors_and_copies_by_default():
+    blob = adapter.encode(random_adapter(M, 3), model_id=M.model_id, round=1, kind="global", dtype="float16")
+    ours = adapter.decode(blob, M.trainable, model_id=M.model_id)
+    theirs = safetensors_load(blob)
+    assert ours.meta.round == 1 and set(ours.tensors) == set(theirs)
+    for name, arr in ours.tensors.items():
+        np.testing.assert_array_equal(arr, theirs[name])
+        assert arr.flags.writeable and not np.shares_memory(arr, np.frombuffer(blob, np.uint8))
+    views = adapter.decode(blob, copy=False)
+    assert all(not v.flags.writeable for v in views.tensors.values())
+    with pytest.raises(adapter.AdapterError, match="holds NaN"):
+        adapter.decode(_with_nan(np.nan))
+    with pytest.raises(adapter.AdapterError, match="starts at byte"):
+        adapter.decode(_bad_offsets())
