@@ -207,8 +207,8 @@ def watch(cfg: SimConfig, state_dir: Path, group: ProcessGroup, t_start: float, 
             raise SimError("a federation process failed:\n" + "\n".join(f for f in failed if f))
         if not shown_zero and (state_dir / STATE).exists():
             initial = json.loads((state_dir / STATE).read_text()).get("extra", {}).get("initial_eval")
-            if initial:
-                table.zero_shot(initial["test_accuracy"], initial["test_loss"], time.monotonic() - t_start)
+            if initial:  # may hold only a hook_error if the evaluation failed; the row then shows "-"
+                table.zero_shot(initial.get("test_accuracy"), initial.get("test_loss"), time.monotonic() - t_start)
                 shown_zero = True
         history = Checkpoint(state_dir).history() if state_dir.exists() else []
         for r in history[len(rows):]:
@@ -284,10 +284,10 @@ def write_report(out: Path, report: Dict, say) -> None:
 def summary(report: Dict) -> str:
     acc = report["accuracy"]
     lines = [f"final held-out test accuracy after {len(acc['federated']) - 1} rounds:",
-             f"  federated LoRA   {acc['federated'][-1]:.4f}"]
+             f"  federated LoRA   {_f(acc['federated'][-1])}"]
     if "centralised" in acc:
-        lines += [f"  centralised LoRA {acc['centralised'][-1]:.4f}", f"  local-only LoRA  {acc['local_only'][-1]:.4f}"]
-    lines.append(f"  zero-shot        {acc['zero_shot']:.4f}")
+        lines += [f"  centralised LoRA {_f(acc['centralised'][-1])}", f"  local-only LoRA  {_f(acc['local_only'][-1])}"]
+    lines.append(f"  zero-shot        {_f(acc['zero_shot'])}")
     out = Path(report["out"])
     lines.append(f"report: {out / 'report.json'} and {out / 'report.png'}")
     return "\n".join(lines)
