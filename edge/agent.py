@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -65,7 +65,6 @@ class AgentConfig:
     progress_every_s: float = 5.0
     feature_batch_size: int = 32
     connect_timeout_s: float = 30.0
-    extra: dict = field(default_factory=dict)
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else Path("flora-state") / self.client_id
@@ -134,20 +133,21 @@ class Agent:
         train, val = train_val_split(samples, cfg.val_fraction, cfg.seed)
         log.info("data %s: %d training and %d validation images", cfg.data, len(train), len(val))
 
-        def to_local(part) -> LocalData:
-            labels = np.array([s.label for s in part], dtype=np.int64)
-            paths = [s.path for s in part]
-            if not manifest.needs_image_encoder:
-                return LocalData(labels, paths=paths, preprocess=manifest.preprocess)
-            cache = FeatureCache(self.store.dir / "features.sqlite")
-            try:
-                feats = image_features(self.bundle, paths, cache, batch_size=cfg.feature_batch_size,
-                                       threads=cfg.threads, providers=cfg.providers)
-            finally:
-                cache.close()
-            return LocalData(labels, features=feats)
+        def labels_of(part) -> np.ndarray:
+            return np.array([s.label for s in part], dtype=np.int64)
 
-        return to_local(train), to_local(val)
+        if not manifest.needs_image_encoder:  # pixels are decoded batch by batch while training
+            return tuple(LocalData(labels_of(p), paths=[s.path for s in p], preprocess=manifest.preprocess)
+                         for p in (train, val))
+        # text mode: image features once per image (cached on disk across rounds and restarts)
+        cache = FeatureCache(self.store.dir / "features.sqlite")
+        try:
+            feats = image_features(self.bundle, [s.path for s in train + val], cache,
+                                   batch_size=cfg.feature_batch_size, threads=cfg.threads, providers=cfg.providers)
+        finally:
+            cache.close()
+        return (LocalData(labels_of(train), features=feats[: len(train)]),
+                LocalData(labels_of(val), features=feats[len(train):]))
 
     # -- MQTT callbacks (paho's thread) ------------------------------------------------------
     def _on_connected(self, client) -> None:

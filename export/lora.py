@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -180,12 +180,6 @@ def load_lora_(lora: Dict[str, nn.Parameter], tensors: Dict[str, torch.Tensor]) 
     with torch.no_grad():
         for name, p in lora.items():
             p.copy_(torch.as_tensor(tensors[name], dtype=p.dtype))
-
-
-def lora_numel(lora: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in lora)
-
-
 def factors_by_name(root: nn.Module, lora: Dict[str, nn.Parameter]) -> OrderedDict[str, LoRAFactors]:
     """{adapter base name (without .lora_A/.lora_B): its LoRAFactors module}, in adapter order."""
     by_param = {id(m.lora_A): m for m in root.modules() if isinstance(m, LoRAFactors)}

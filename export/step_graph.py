@@ -14,7 +14,6 @@ import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
 
-import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -183,8 +182,3 @@ def export_step_graph(
     cap_ir_version(model)
     save_model(model, path)
     return {"opset": STEP_OPSET, "op_types": sorted({n.op_type for n in model.graph.node})}
-
-
-def check_standard_ops(model: onnx.ModelProto) -> List[str]:
-    """Op types outside the default ONNX domain (there should be none)."""
-    return sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")})

@@ -45,29 +45,15 @@ else
 fi
 "$PREFIX/venv/bin/python" -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 
-echo "== user, folders, config, systemd unit"
-id flora >/dev/null 2>&1 || useradd --system --home-dir "$VAR" --shell /usr/sbin/nologin flora
+# shellcheck source=devices/install-common.sh
+. "$SRC/devices/install-common.sh"
+install_service "$SRC/devices/jetson/agent.example.toml"
 usermod -aG video flora 2>/dev/null || true   # GPU device nodes on L4T
-install -d -o flora -g flora -m 750 "$VAR" "$VAR/bundles" "$VAR/images" "$VAR/state"
-install -d -m 755 "$ETC"
-[ -f "$ETC/agent.toml" ] || install -m 644 "$SRC/devices/jetson/agent.example.toml" "$ETC/agent.toml"
-[ -f "$ETC/agent.env" ] || { install -m 600 /dev/null "$ETC/agent.env"; echo "# FLORA_MQTT_PASSWORD=" > "$ETC/agent.env"; }
-install -m 644 "$SRC/devices/systemd/flora-agent.service" /etc/systemd/system/flora-agent.service
-systemctl daemon-reload 2>/dev/null || true
-
 if [ -n "$BUNDLE" ]; then
-    name=$(basename "$BUNDLE")
-    rm -rf "${VAR:?}/bundles/$name"
-    cp -r "$BUNDLE" "$VAR/bundles/$name"
-    chown -R flora:flora "$VAR/bundles/$name"
+    installed=$(install_bundle "$BUNDLE")
     providers=cpu
     [ -n "$WHEEL" ] && providers=cuda,cpu
-    echo "== self-test (providers $providers)"
-    "$PREFIX/venv/bin/flora-agent" doctor --bundle "$VAR/bundles/$name" --backend step --providers "$providers" \
-        --batch-size 32
+    echo "== self-test of $installed (providers $providers)"
+    "$PREFIX/venv/bin/flora-agent" doctor --bundle "$installed" --backend step --providers "$providers" --batch-size 32
 fi
-cat <<MSG
-== done. Next: edit $ETC/agent.toml and $ETC/agent.env, then
-   $PREFIX/venv/bin/flora-agent doctor --config $ETC/agent.toml
-   systemctl enable --now flora-agent && journalctl -u flora-agent -f
-MSG
+next_steps

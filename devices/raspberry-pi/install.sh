@@ -35,28 +35,12 @@ if "$PREFIX/venv/bin/python" -c "import torch" 2>/dev/null; then
     echo "install.sh: torch got installed into the agent's venv; it must not be" >&2; exit 1
 fi
 
-echo "== user, folders, config, systemd unit"
-id flora >/dev/null 2>&1 || useradd --system --home-dir "$VAR" --shell /usr/sbin/nologin flora
-install -d -o flora -g flora -m 750 "$VAR" "$VAR/bundles" "$VAR/images" "$VAR/state"
-install -d -m 755 "$ETC"
-[ -f "$ETC/agent.toml" ] || install -m 644 "$SRC/devices/agent.example.toml" "$ETC/agent.toml"
-[ -f "$ETC/agent.env" ] || { install -m 600 /dev/null "$ETC/agent.env"; echo "# FLORA_MQTT_PASSWORD=" > "$ETC/agent.env"; }
-install -m 644 "$SRC/devices/systemd/flora-agent.service" /etc/systemd/system/flora-agent.service
-systemctl daemon-reload 2>/dev/null || true
-
+# shellcheck source=devices/install-common.sh
+. "$SRC/devices/install-common.sh"
+install_service "$SRC/devices/agent.example.toml"
 if [ -n "$BUNDLE" ]; then
-    name=$(basename "$BUNDLE")
-    echo "== bundle -> $VAR/bundles/$name"
-    rm -rf "${VAR:?}/bundles/$name"
-    cp -r "$BUNDLE" "$VAR/bundles/$name"
-    chown -R flora:flora "$VAR/bundles/$name"
-    echo "== self-test"
-    "$PREFIX/venv/bin/flora-agent" doctor --bundle "$VAR/bundles/$name" --batch-size 32
+    installed=$(install_bundle "$BUNDLE")
+    echo "== self-test of $installed"
+    "$PREFIX/venv/bin/flora-agent" doctor --bundle "$installed" --batch-size 32
 fi
-cat <<MSG
-== done. Next:
-   edit $ETC/agent.toml (bundle, data, client_id, broker), put FLORA_MQTT_PASSWORD in $ETC/agent.env,
-   copy the broker's CA to $ETC/ca.crt and your images to $VAR/images/<class>/, then
-   $PREFIX/venv/bin/flora-agent doctor --config $ETC/agent.toml
-   systemctl enable --now flora-agent && journalctl -u flora-agent -f
-MSG
+next_steps
