@@ -1,7 +1,13 @@
 """flora-aggregator: runs rounds over MQTT, validates and averages updates, checkpoints, survives restarts.
 
 paho's network thread only queues incoming messages; the main thread validates, folds, closes rounds
-and publishes, so no state is shared between threads. The protocol is docs/protocol.md.
+and publishes, so no state is shared between threads. Updates are acknowledged manually (paho's
+`manual_ack`): the main thread sends the PUBACK only once the update is spooled to disk or its rejection
+is saved in the round's record, so a crash before that leaves it unacknowledged and the broker delivers
+it again to the restarted aggregator's session. Status and metrics messages are acknowledged at once.
+At most `max_queued_updates` updates wait in memory: beyond that paho's thread waits for room, so the
+rest stay at the broker (TCP backpressure) and memory stays flat however many updates are pending
+(mosquitto 2.0's own in-flight limit lets more through once acks flow). The protocol is docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ from edge.protocol import (
 )
 
 from .checkpoint import AggregatorState, Checkpoint, CheckpointError
-from .rounds import CLOSE, EXTEND, RoundClock, RoundRecord, Sampling
+from .rounds import CLOSE, EXTEND, GIVE_UP, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
 from .strategies import make_strategy
-from .validation import Rejected, RoundView, validate_update
+from .validation import DEFAULT_MAX_NUM_SAMPLES, Rejected, RoundView, validate_update
 
 log = logging.getLogger("flora.aggregator")
 
@@ -50,6 +56,13 @@ METRIC_FIELDS = ("loss", "accuracy", "train_accuracy", "samples", "steps", "epoc
 RoundHook = Callable[[int, Dict[str, np.ndarray]], Dict[str, Any]]
 #: on_start(initial_global_tensors) -> fields stored as the state's `initial_eval` (fresh starts only).
 StartHook = Callable[[Dict[str, np.ndarray]], Dict[str, Any]]
+#: (mid, qos, connection number) of an update still to be acknowledged to the broker.
+AckToken = Tuple[int, int, int]
+#: (kind, client, payload, ack token or None) as paho's thread queues it.
+Event = Tuple[str, str, bytes, Optional[AckToken]]
+KINDS = ("update", "status", "metrics")
+#: The largest --max-num-samples accepted: every weight a strategy gets is then a finite float64.
+MAX_WEIGHT = 10 ** 300
 
 
 @dataclass
@@ -68,6 +81,9 @@ class AggregatorConfig:
     metrics_grace_s: float = 1.0
     strategy: str = "fedavg"
     max_update_bytes: Optional[int] = None
+    max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES
+    max_extensions: int = 0  # 0: extend a round below quorum for as long as it takes
+    max_queued_updates: int = 32  # updates received but not yet handled, at most (memory bound)
     on_round_closed: Optional[RoundHook] = None
     on_start: Optional[StartHook] = None
     client_id: str = "flora-aggregator"
@@ -97,41 +113,77 @@ class Aggregator:
         self.manifest = cfg.manifest
         self.topics = Topics(cfg.federation)
         self.clock = clock
-        self.rounds = RoundClock(cfg.sampling, cfg.round_timeout_s, clock, cfg.metrics_grace_s)
+        if not 1 <= cfg.max_num_samples <= MAX_WEIGHT:
+            raise ValueError(f"--max-num-samples must be >= 1 and <= 1e300 (a float64 weight), got "
+                             f"{str(cfg.max_num_samples)[:24]}")
+        self.rounds = RoundClock(cfg.sampling, cfg.round_timeout_s, clock, cfg.metrics_grace_s, cfg.max_extensions)
         self.strategy = make_strategy(cfg.strategy)
         self.checkpoint = Checkpoint(cfg.state_dir)
         self.max_bytes = cfg.max_update_bytes or adapter.max_blob_bytes(self.manifest.trainable)
-        self.events: queue.Queue[Tuple[str, str, bytes]] = queue.Queue()
+        if cfg.max_queued_updates < 1:
+            raise ValueError(f"--max-queued-updates must be >= 1, got {cfg.max_queued_updates}")
+        self.events: queue.Queue[Event] = queue.Queue()
+        self._room = threading.Semaphore(cfg.max_queued_updates)  # free places for updates in `events`
         self.stop_event = threading.Event()
         self.online: Set[str] = set()
+        self.errored: Set[str] = set()  # online clients whose latest status is `error`
         self.current: Optional[RoundRecord] = None
+        self.no_round: Optional[NoRoundUpdates] = None
+        self.connections = 0  # (re)connections so far: an ack token is good on its own connection only
         self.state: Optional[AggregatorState] = None
         self.global_blob = b""
         self.global_tensors: Dict[str, np.ndarray] = {}
         self.broker_cfg = BrokerConfig.from_url(cfg.broker, username=cfg.username, password=cfg.password,
                                                 ca_file=cfg.tls_ca, cert_file=cfg.tls_cert, key_file=cfg.tls_key)
         self.client = make_client(self.broker_cfg, cfg.client_id)
+        self.client.manual_ack_set(True)  # updates are acked after they are durable (see _handle_event)
         self.client.on_message = self._on_message
         self.connection = Connection(self.broker_cfg, self.client, on_connected=self._on_connected)
 
     # -- MQTT (paho's thread: queue only) ---------------------------------------------------
     def _on_connected(self, client) -> None:
+        self.connections += 1
         client.subscribe([(self.topics.all_updates, QOS), (self.topics.all_status, QOS),
                           (self.topics.all_metrics, QOS)])
 
-    def _on_message(self, client, userdata, msg) -> None:
-        for kind in ("update", "status", "metrics"):
-            who = self.topics.client_of(msg.topic, kind)
+    def _route(self, topic: str) -> Tuple[Optional[str], str]:
+        for kind in KINDS:
+            who = self.topics.client_of(topic, kind)
             if who is not None:
-                self.events.put((kind, who, bytes(msg.payload)))
+                return kind, who
+        return None, ""
+
+    def _on_message(self, client, userdata, msg) -> None:
+        """Queue the message; acknowledge all but updates at once (an update is acked once it is durable)."""
+        kind, who = self._route(msg.topic)
+        if kind == "update":
+            self._wait_for_room()
+            self.events.put((kind, who, bytes(msg.payload), (msg.mid, msg.qos, self.connections)))
+            return
+        client.ack(msg.mid, msg.qos)
+        if kind is not None:
+            self.events.put((kind, who, bytes(msg.payload), None))
+
+    def _wait_for_room(self) -> None:
+        """Hold paho's thread while `max_queued_updates` updates wait for the main thread (not once stopping)."""
+        while not self._room.acquire(timeout=0.5):
+            if self.stop_event.is_set():
                 return
+
+    def _ack(self, token: AckToken) -> None:
+        """PUBACK an update (thread-safe: paho queues the packet for its network thread, as for a publish)."""
+        mid, qos, connection = token
+        if connection != self.connections:  # the broker redelivers it on the new connection (same session)
+            log.info("update mid %d came on an earlier connection: not acknowledged, the broker resends it", mid)
+            return
+        self.client.ack(mid, qos)
 
     def _publish(self, topic: str, payload: bytes, retain: bool, wait: float = 30.0) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK (paho resends after a reconnect)."""
         info = self.client.publish(topic, payload, qos=QOS, retain=retain)
         deadline = time.monotonic() + wait
         while not info.is_published() and time.monotonic() < deadline and not self.stop_event.is_set():
-            time.sleep(0.01)
+            self._drain(0.01)  # keep handling messages: paho's thread may be waiting for room in the queue
         if not info.is_published() and not self.stop_event.is_set():
             log.warning("no PUBACK for %s within %.0f s; paho will resend it after reconnecting", topic, wait)
 
@@ -141,6 +193,7 @@ class Aggregator:
         if loaded is None:
             blob = adapter.encode(self.cfg.initial_adapter, model_id=self.manifest.model_id, round=0, kind="global")
             self.state = self.checkpoint.start(self.manifest.model_id, self.cfg.rounds, blob)
+            log.info("fresh state dir %s: run id %s", self.checkpoint.dir, self.state.run_id)
             if self.cfg.on_start is not None:
                 self.state.extra["initial_eval"] = self._call_hook("on_start", self.cfg.on_start,
                                                                    adapter.decode(blob).as_float32())
@@ -159,8 +212,8 @@ class Aggregator:
                 self.state.rounds_total = self.cfg.rounds
                 self.state.done = self.state.round >= self.cfg.rounds
                 self.checkpoint.save(self.state)
-            log.info("resuming federation %r at round %d of %d from %s", self.cfg.federation, self.state.round,
-                     self.state.rounds_total, self.checkpoint.dir)
+            log.info("resuming federation %r (run %s) at round %d of %d from %s", self.cfg.federation,
+                     self.state.run_id or "-", self.state.round, self.state.rounds_total, self.checkpoint.dir)
         decoded = adapter.decode(blob, self.manifest.trainable, model_id=self.manifest.model_id)
         if decoded.meta.round != self.state.round:
             raise CheckpointError(f"the checkpointed global is for round {decoded.meta.round}, the state says "
@@ -168,9 +221,18 @@ class Aggregator:
         self.global_blob = blob
         self.global_tensors = decoded.as_float32()
         if not self.state.done:
-            saved = self.checkpoint.load_open_round(self.state.round)
-            if saved is not None:
-                self._restore_round(RoundRecord.from_json(saved))
+            self._restore_open_round()
+
+    def _restore_open_round(self) -> None:
+        """Resume the round open before a restart, or reload the no-round updates counted for the next one."""
+        number = self.state.round
+        saved = self.checkpoint.load_open_round(number)
+        if saved is not None:
+            self.checkpoint.clear_no_round(number)  # a crash after they were merged into the saved record
+            self._restore_round(RoundRecord.from_json(saved))
+            return
+        pending = self.checkpoint.load_no_round(number)
+        self.no_round = NoRoundUpdates.from_json(pending) if pending is not None else None
 
     # -- rounds ------------------------------------------------------------------------------
     def _announcement(self, state: str, rec: Optional[RoundRecord]) -> RoundAnnouncement:
@@ -179,6 +241,7 @@ class Aggregator:
             clients=sorted(rec.asked) if rec is not None else [],
             deadline=rec.deadline if rec is not None else self.clock(),
             global_sha256=sha256_bytes(self.global_blob), total_rounds=self.state.rounds_total,
+            run_id=self.state.run_id,
         )
 
     def _announce(self, rec: RoundRecord) -> None:
@@ -195,13 +258,24 @@ class Aggregator:
             rec.asked.add(client)  # it was asked when its update was accepted
             if self._fold(client, blob, spool=False):
                 restored += 1
-        self.checkpoint.save_open_round(rec.number, rec.to_json())
+            else:  # no longer valid (e.g. a lower --max-num-samples): counted once, never re-folded
+                self.checkpoint.unspool(rec.number, client)
+        self._save_round(rec)
         if restored:
             log.info("round %d: %d update(s) restored from the spool", rec.number, restored)
 
+    def _save_round(self, rec: RoundRecord) -> None:
+        self.checkpoint.save_open_round(rec.number, rec.to_json())
+
     def _open_round(self) -> None:
         rec = self.rounds.open(self.state.round, self.online)
+        if self.no_round is not None and self.no_round.round == rec.number:
+            self.no_round.merge_into(rec)
+            log.info("round %d: counts %d update(s) that came while no round was open", rec.number,
+                     self.no_round.count)
         self._begin(rec)
+        self.checkpoint.clear_no_round(rec.number)  # after round.json holds them
+        self.no_round = None
         self._announce(rec)
         log.info("round %d of %d open: asked %d client(s) (%s) %s, deadline in %.0f s", rec.number,
                  self.state.rounds_total, len(rec.asked), self.cfg.sampling.describe, sorted(rec.asked),
@@ -215,45 +289,89 @@ class Aggregator:
                  len(rec.reported), self.cfg.round_timeout_s)
 
     def _fold(self, client: str, blob: bytes, spool: bool = True) -> bool:
-        """Validate one update and fold it into the running average; False if it was rejected."""
+        """Validate one update, fold it into the running average and spool it (durably, unless re-folding
+        the spool); False if it was rejected (and, when live, the rejection saved in the round's record)."""
         rec = self.current
         assert rec is not None
         view = RoundView(rec.number, rec.asked, rec.reported.keys())
         try:
-            update = validate_update(blob, client, self.manifest, view, self.max_bytes)
+            update = validate_update(blob, client, self.manifest, view, self.max_bytes, self.cfg.max_num_samples)
+            num_samples = int(update.meta.num_samples or 0)
+            self.strategy.accumulate(update.tensors, num_samples)  # checks the weight before touching a sum
         except Rejected as why:
-            rec.reject(client, why.reason, why.detail, len(blob))
-            log.warning("round %d: rejected update from %s: %s", rec.number, client, why)
-            return False
-        num_samples = int(update.meta.num_samples or 0)
+            return self._reject(rec, client, why.reason, why.detail, len(blob), save=spool)
+        except ValueError as exc:  # the strategy refused the weight: the sums are untouched
+            return self._reject(rec, client, "bad-num-samples", str(exc), len(blob), save=spool)
         if spool:
-            self.checkpoint.spool(rec.number, client, blob)
-        self.strategy.accumulate(update.tensors, num_samples)
+            self.checkpoint.spool(rec.number, client, blob)  # an OSError here is fatal: nothing is acked
         rec.accept(client, num_samples, len(blob))
         log.info("round %d: accepted update from %s (%d samples, %d bytes, %s); %d of %d asked reported", rec.number,
                  client, num_samples, len(blob), update.meta.dtype, len(rec.reported), len(rec.asked))
         return True
 
+    def _reject(self, rec: RoundRecord, client: str, reason: str, detail: str, size: int, save: bool) -> bool:
+        """Count a rejection in the round's record (saved before the update is acked); always False."""
+        rec.reject(client, reason, detail, size)
+        log.warning("round %d: rejected update from %s: %s: %s", rec.number, client, reason, detail)
+        if save:
+            self._save_round(rec)
+        return False
+
+    def _count_no_round(self, client: str, blob: bytes) -> None:
+        """An update while no round is open: counted as `no-round` in the next round's record (saved)."""
+        assert self.state is not None
+        number = self.state.round
+        if self.no_round is None or self.no_round.round != number:
+            self.no_round = NoRoundUpdates(number)
+        detail = f"no round was open (the next is round {number}); the update says round {_claimed_round(blob)}"
+        self.no_round.add(client, detail, len(blob))
+        self.checkpoint.save_no_round(number, self.no_round.to_json())
+        log.warning("update from %s while no round is open: not folded, counted as no-round in round %d", client,
+                    number)
+
     def _close_round(self) -> None:
         rec = self.current
         assert rec is not None and self.state is not None
-        new = self.strategy.finalize()
+        try:
+            new = self.strategy.finalize()
+        except ValueError as exc:
+            self._fail_round(rec, f"the {self.strategy.name} aggregate cannot be computed: {exc}")
+            return
         if new is None:  # cannot happen: a round closes with at least min_clients >= 1 updates
             raise RuntimeError(f"round {rec.number} closed without updates")
-        next_round = rec.number + 1
-        blob = adapter.encode(new, model_id=self.manifest.model_id, round=next_round, kind="global")
+        bad = adapter.find_non_finite(new)
+        if bad is not None:
+            self._fail_round(rec, f"the {self.strategy.name} aggregate of tensor {bad} is not finite")
+            return
         row = self._history_row(rec, new)
-        self.state = self.checkpoint.commit(self.state, next_round, blob, row, next_round >= self.state.rounds_total)
-        self.global_blob, self.global_tensors = blob, new
-        self.current = None
-        self._publish(self.topics.global_, blob, retain=True)
+        self._commit(rec, new, row)
         log.info("round %d closed: %d update(s), %d sample(s), %d rejected%s, %.1f s%s; global for round %d published",
                  rec.number, len(rec.reported), row["samples"], rec.num_rejected,
                  f" {row['rejection_counts']}" if rec.num_rejected else "", row["wall_time_s"],
                  f", test accuracy {row['test_accuracy']:.4f}" if isinstance(row.get("test_accuracy"), float) else "",
-                 next_round)
+                 rec.number + 1)
 
-    def _history_row(self, rec: RoundRecord, new: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    def _fail_round(self, rec: RoundRecord, why: str) -> None:
+        """A round whose aggregate is unusable: never committed nor published; the round is recorded as
+        failed (its updates discarded) and the next round starts from the unchanged global."""
+        log.error("round %d FAILED: %s; its %d update(s) are discarded, round %d starts from the round-%d global",
+                  rec.number, why, len(rec.reported), rec.number + 1, rec.number)
+        row = self._history_row(rec, None)
+        row["failed"] = why
+        self._commit(rec, self.global_tensors, row)
+
+    def _commit(self, rec: RoundRecord, tensors: Dict[str, np.ndarray], row: Dict[str, Any]) -> None:
+        """Checkpoint `tensors` as the global of the next round, then publish it."""
+        assert self.state is not None
+        next_round = rec.number + 1
+        blob = adapter.encode(tensors, model_id=self.manifest.model_id, round=next_round, kind="global")
+        self.state = self.checkpoint.commit(self.state, next_round, blob, row, next_round >= self.state.rounds_total)
+        self.global_blob, self.global_tensors = blob, tensors
+        self.current = None
+        self._publish(self.topics.global_, blob, retain=True)
+
+    def _history_row(self, rec: RoundRecord, new: Optional[Dict[str, np.ndarray]]) -> Dict[str, Any]:
+        """The round's history row; the `on_round_closed` hook runs only for a new global (`new`)."""
         accs = [m["accuracy"] for m in rec.metrics.values() if isinstance(m.get("accuracy"), (int, float))]
         losses = [m["loss"] for m in rec.metrics.values() if isinstance(m.get("loss"), (int, float))]
         now = self.clock()
@@ -280,7 +398,7 @@ class Aggregator:
             "mean_client_accuracy": float(np.mean(accs)) if accs else None,
             "mean_client_loss": float(np.mean(losses)) if losses else None,
         }
-        if self.cfg.on_round_closed is not None:
+        if self.cfg.on_round_closed is not None and new is not None:
             row.update(self._call_hook(f"round {rec.number}: on_round_closed", self.cfg.on_round_closed,
                                        rec.number, new))
         return row
@@ -299,7 +417,7 @@ class Aggregator:
         """Process one message (main thread); a malformed message is logged and dropped."""
         if kind == "update":
             if self.current is None:
-                log.warning("update from %s while no round is open: dropped", client)
+                self._count_no_round(client, payload)
             else:
                 self._fold(client, payload)
         elif kind == "status":
@@ -310,6 +428,7 @@ class Aggregator:
     def _handle_status(self, client: str, payload: bytes) -> None:
         if not payload:  # a cleared retained status: the client is gone
             self.online.discard(client)
+            self.errored.discard(client)
             return
         try:
             status = Status.from_json(payload)
@@ -321,6 +440,10 @@ class Aggregator:
             self.online.add(client)
         else:
             self.online.discard(client)
+        if status.state == "error" and client in self.online:
+            self.errored.add(client)
+        else:
+            self.errored.discard(client)
         if was_online != (client in self.online):
             log.info("client %s is %s (%d online)", client, status.state, len(self.online))
 
@@ -335,7 +458,30 @@ class Aggregator:
             log.debug("metrics from %s for round %s not recorded", client, metrics.round)
             return
         rec.metrics[client] = {k: getattr(metrics, k, None) for k in METRIC_FIELDS}
-        self.checkpoint.save_open_round(rec.number, rec.to_json())
+        self._save_round(rec)
+
+    @property
+    def available(self) -> Set[str]:
+        """Clients that can train now: online and not in `error` (what an extension counts and samples)."""
+        return self.online - self.errored
+
+    def _handle_event(self, kind: str, client: str, payload: bytes, token: Optional[AckToken]) -> None:
+        """Handle one queued message, then acknowledge it if it is an update (its outcome is on disk by then).
+
+        An exception other than the three below (an OSError writing the spool) propagates unacknowledged.
+        """
+        try:
+            self.handle(kind, client, payload)
+        except (ValueError, TypeError, KeyError) as exc:  # a message that slipped past validation
+            log.exception("a %s message from %s could not be handled: %s", kind, client, exc)
+            if kind == "update" and self.current is not None:
+                self._reject(self.current, client, "malformed", f"could not be handled: {type(exc).__name__}: "
+                             f"{exc}", len(payload), save=True)
+        finally:
+            if kind == "update":
+                self._room.release()
+        if token is not None:
+            self._ack(token)
 
     def _drain(self, timeout: float) -> None:
         """Handle every queued message, waiting up to `timeout` for the first."""
@@ -344,10 +490,7 @@ class Aggregator:
         except queue.Empty:
             return
         while True:
-            try:
-                self.handle(*event)
-            except (ValueError, TypeError, KeyError) as exc:  # a message that slipped past validation
-                log.exception("dropped a %s message from %s that could not be handled: %s", event[0], event[1], exc)
+            self._handle_event(*event)
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
@@ -368,7 +511,8 @@ class Aggregator:
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> int:
-        """Run until every round is done (0) or `stop()` (0); raises on a broker or state-dir failure."""
+        """Run until every round is done (0) or `stop()` (0); raises on a broker or state-dir failure, and
+        QuorumError when a round stays below quorum through `max_extensions` extensions."""
         self.checkpoint.lock()
         try:
             self._resume_or_start()
@@ -395,21 +539,42 @@ class Aggregator:
                         self._open_round()
                     continue
                 self._drain(0.05)
-                rec = self.current
-                step = self.rounds.step(rec, self.online)
-                if step.action == CLOSE:
-                    self._close_round()
-                elif step.action == EXTEND:
-                    log.warning("round %d: %d of %d needed update(s) at the deadline; extended by %.0f s%s",
-                                rec.number, len(rec.reported), self.rounds.min_clients, self.cfg.round_timeout_s,
-                                f", also asking {step.added}" if step.added else "")
-                    self.checkpoint.save_open_round(rec.number, rec.to_json())
-                    self._announce(rec)
+                self._tick()
             log.info("stopped%s", f" in round {self.current.number} (resumes there)" if self.current else "")
             return 0
         finally:
+            self.stop_event.set()  # frees paho's thread if it waits for room in the queue
             self.connection.stop()
             self.checkpoint.unlock()
 
+    def _tick(self) -> None:
+        """Close, extend (and re-announce) or give up on the open round, as the round clock says."""
+        rec = self.current
+        assert rec is not None
+        step = self.rounds.step(rec, self.available)
+        if step.action == CLOSE:
+            self._close_round()
+        elif step.action == EXTEND:
+            log.warning("round %d: %d of %d needed update(s) at the deadline; extended by %.0f s%s", rec.number,
+                        len(rec.reported), self.rounds.min_clients, self.cfg.round_timeout_s,
+                        f", also asking {step.added}" if step.added else "")
+            self._save_round(rec)
+            self._announce(rec)
+        elif step.action == GIVE_UP:
+            self._save_round(rec)
+            raise QuorumError(
+                f"round {rec.number}: {len(rec.reported)} of {self.rounds.min_clients} needed update(s) after "
+                f"{rec.extensions} extension(s) (--max-extensions {self.cfg.max_extensions}); stopping with the "
+                f"round kept open: a restart resumes it")
+
     def stop(self) -> None:
         self.stop_event.set()
+
+
+def _claimed_round(blob: bytes) -> str:
+    """The `round` an update's header names, for a log line ("?" if unreadable), never long."""
+    try:
+        _, meta = adapter.read_header(blob)
+    except adapter.AdapterError:
+        return "?"
+    return str(meta.get("round", "?"))[:20]

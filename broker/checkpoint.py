@@ -5,16 +5,23 @@ to its own file, then state.json switches to it (carrying the round's history ro
 appended to history.jsonl. A crash between any two leaves a state that `load` repairs: state.json
 is the truth, and a row it carries that history.jsonl lacks is appended.
 
-Accepted updates of the open round are spooled to disk as they arrive, and the open round's record
-(asked clients, rejections, metrics, extensions) is saved beside them, so a restarted aggregator
-resumes the same round with the same clients and re-folds the updates instead of waiting for clients
-that already submitted (they never submit a round twice).
+Accepted updates of the open round are spooled to disk (written and fsynced) before the aggregator
+acknowledges them to the broker, and the open round's record (asked clients, rejections, metrics,
+extensions) is saved beside them when the round opens, after every rejection, metrics message and
+extension, so a restarted aggregator resumes the same round with the same clients, rejection counts
+and updates instead of waiting for clients that already submitted (they never submit a round twice).
+Updates that arrive while no round is open are counted in `no-round.json` in the next round's spool
+folder until that round opens and takes them into its record.
+
+state.json also carries the run id: a random name given to the federation run when a state dir is
+started afresh (kept on resume), announced in every `round` message.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,6 +33,7 @@ STATE = "state.json"
 HISTORY = "history.jsonl"
 SPOOL = "spool"
 OPEN_ROUND = "round.json"
+NO_ROUND = "no-round.json"
 LOCK = ".lock"
 FORMAT = "flora-aggregator-state"
 
@@ -46,6 +54,12 @@ class AggregatorState:
     format: str = FORMAT
     version: int = 1
     extra: Dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""  # random per fresh start; "" in a state dir written before run ids existed
+
+
+def new_run_id() -> str:
+    """A random run id: 16 hex digits."""
+    return secrets.token_hex(8)
 
 
 class Checkpoint:
@@ -112,8 +126,10 @@ class Checkpoint:
         if not rows or rows[-1].get("round") != row.get("round"):
             append_line(self.dir / HISTORY, json.dumps(row, sort_keys=True))
 
-    def start(self, model_id: str, rounds_total: int, initial_global: bytes) -> AggregatorState:
-        state = AggregatorState(model_id, 0, rounds_total, "", "")
+    def start(self, model_id: str, rounds_total: int, initial_global: bytes,
+              run_id: Optional[str] = None) -> AggregatorState:
+        """A fresh state at round 0 with a new run id (or `run_id`)."""
+        state = AggregatorState(model_id, 0, rounds_total, "", "", run_id=run_id or new_run_id())
         self._write_global(state, 0, initial_global)
         atomic_write_json(self.dir / STATE, asdict(state))
         return state
@@ -159,7 +175,12 @@ class Checkpoint:
         return self.dir / SPOOL / f"round-{round_:06d}"
 
     def spool(self, round_: int, client: str, blob: bytes) -> None:
+        """Store an accepted update durably (written, fsynced, renamed) before it is acknowledged."""
         atomic_write_bytes(self.spool_dir(round_) / f"{client}.safetensors", blob)
+
+    def unspool(self, round_: int, client: str) -> None:
+        """Forget a spooled update (one that no longer validates when it is re-folded)."""
+        (self.spool_dir(round_) / f"{client}.safetensors").unlink(missing_ok=True)
 
     def spooled(self, round_: int) -> Iterator[Tuple[str, bytes]]:
         """(client, blob) of each update accepted in `round_` before a restart, read one at a time."""
@@ -197,3 +218,18 @@ class Checkpoint:
         except (OSError, ValueError):
             return None
         return record if isinstance(record, dict) and record.get("number") == round_ else None
+
+    # -- updates that arrived while no round was open ------------------------------------------------
+    def save_no_round(self, round_: int, record: Dict[str, Any]) -> None:
+        """Those counted so far, to go into round `round_`'s record when it opens."""
+        atomic_write_json(self.spool_dir(round_) / NO_ROUND, record)
+
+    def load_no_round(self, round_: int) -> Optional[Dict[str, Any]]:
+        try:
+            record = json.loads((self.spool_dir(round_) / NO_ROUND).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("round") == round_ else None
+
+    def clear_no_round(self, round_: int) -> None:
+        (self.spool_dir(round_) / NO_ROUND).unlink(missing_ok=True)

@@ -8,7 +8,8 @@
 A TOML `--config` file takes the same keys as the long options (`round_timeout = 600`); the command
 line wins over it. The broker password comes from FLORA_MQTT_PASSWORD (and the username from
 FLORA_MQTT_USERNAME) unless given otherwise. Exit status: 0 done or stopped by SIGINT/SIGTERM,
-2 bad arguments or inputs, 3 broker or state-dir failure.
+2 bad arguments or inputs, 3 broker or state-dir failure, 4 a round stayed below quorum through
+--max-extensions extensions (the round stays open in the state dir; a restart resumes it).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from edge.config import ConfigError, load_toml, merge_config
+from edge.config import ConfigError, explicit_options, load_toml, merge_config
+
+from .validation import DEFAULT_MAX_NUM_SAMPLES
 
 RUN_KEYS = (
     "bundle", "manifest", "initial_adapter", "broker", "federation", "rounds", "state_dir", "epochs", "lr",
     "batch_size", "weight_decay", "clients_per_round", "fraction", "min_clients", "round_timeout",
-    "wait_for_clients", "wait_timeout", "metrics_grace", "seed", "strategy", "max_update_bytes", "eval_data",
+    "wait_for_clients", "wait_timeout", "metrics_grace", "seed", "strategy", "max_update_bytes", "max_num_samples",
+    "max_extensions", "max_queued_updates", "eval_data",
     "client_id", "username", "password", "tls_ca", "tls_cert", "tls_key", "log_level",
 )
 PATH_KEYS = ("bundle", "manifest", "initial_adapter", "state_dir", "eval_data")
@@ -59,6 +63,8 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     s.add_argument("--min-clients", type=int, default=1, help="quorum: updates needed to close at the deadline")
     s.add_argument("--round-timeout", type=float, default=300.0,
                    help="seconds until a round may close on quorum; below quorum it is extended by this much")
+    s.add_argument("--max-extensions", type=int, default=0,
+                   help="stop (exit 4, round kept open) after this many extensions below quorum (default 0: no limit)")
     s.add_argument("--wait-for-clients", type=int, default=0, help="clients online before round 0 starts")
     s.add_argument("--wait-timeout", type=float, default=600.0, help="give up waiting for them after this (s)")
     s.add_argument("--metrics-grace", type=float, default=1.0,
@@ -66,6 +72,10 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     s.add_argument("--seed", type=int, default=0, help="seed of the client sampling")
     run.add_argument("--strategy", default="fedavg", help="aggregation strategy (default: fedavg)")
     run.add_argument("--max-update-bytes", type=int, help="reject larger updates (default: fp32 size + 64 KiB)")
+    run.add_argument("--max-queued-updates", type=int, default=32,
+                     help="updates held in memory before the rest wait at the broker (default: 32)")
+    run.add_argument("--max-num-samples", type=int, default=DEFAULT_MAX_NUM_SAMPLES,
+                     help="reject updates claiming more local samples, as bad-num-samples (default: 10**9)")
     run.add_argument("--eval-data", type=Path, help="held-out images (folder or CSV) to test every global on")
     m = run.add_argument_group("broker connection")
     m.add_argument("--client-id", default="flora-aggregator", help="MQTT client id (and, by convention, username)")
@@ -100,7 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return write_plot(args.state_dir, args.out)
     try:
-        args = merge_config(args, run_parser, load_toml(args.config), RUN_KEYS)
+        given = explicit_options(run_parser, argv[1:])  # these win over the config file, whatever their value
+        args = merge_config(args, run_parser, load_toml(args.config), RUN_KEYS, given)
     except ConfigError as exc:
         return _error(str(exc), 2)
     for key in PATH_KEYS:
@@ -155,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .aggregator import Aggregator, AggregatorConfig
     from .checkpoint import CheckpointError
-    from .rounds import Sampling
+    from .rounds import QuorumError, Sampling
     from .strategies import STRATEGIES
 
     log = logging.getLogger("flora.aggregator")
@@ -173,7 +184,9 @@ def run(args: argparse.Namespace) -> int:
             sampling=Sampling(args.clients_per_round, args.fraction, args.min_clients, args.seed),
             round_timeout_s=args.round_timeout, wait_for_clients=args.wait_for_clients,
             wait_timeout_s=args.wait_timeout, metrics_grace_s=args.metrics_grace, strategy=args.strategy,
-            max_update_bytes=args.max_update_bytes, client_id=args.client_id, username=args.username,
+            max_update_bytes=args.max_update_bytes, max_num_samples=args.max_num_samples,
+            max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
+            client_id=args.client_id, username=args.username,
             password=args.password, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
             **_hooks(bundle, args.eval_data),
         )
@@ -189,6 +202,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         return aggregator.run()
+    except QuorumError as exc:
+        log.error("%s", exc)
+        return _error(str(exc), 4)
     except (ConnectionError, TimeoutError, CheckpointError, OSError, BrokerConfigError, AdapterError) as exc:
         log.error("%s", exc)
         return _error(str(exc), 3)

@@ -112,6 +112,20 @@ def run_as_invoking_user() -> Sequence[str]:
     return [f"user {getpass.getuser()}"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
 
 
+def _wait_listening(broker: Mosquitto, timeout: float) -> bool:
+    """True once the broker accepts connections; False at the timeout; MosquittoError if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if broker.process.poll() is not None:
+            raise MosquittoError(f"mosquitto exited with code {broker.process.returncode}:\n{broker.log_tail()}")
+        try:
+            with socket.create_connection((broker.host, broker.port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
 def launch_mosquitto(config_path: Path, host: str, port: int, *, timeout: float = 10.0) -> Mosquitto:
     """Start mosquitto with a ready config file (its listener on host:port); wait until it accepts connections.
 
@@ -125,14 +139,11 @@ def launch_mosquitto(config_path: Path, host: str, port: int, *, timeout: float 
             [binary, "-c", str(config_path)], stdout=log_fh, stderr=subprocess.STDOUT, start_new_session=True
         )
     broker = Mosquitto(host, port, proc, config_path, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise MosquittoError(f"mosquitto exited with code {proc.returncode}:\n{broker.log_tail()}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return broker
-        except OSError:
-            time.sleep(0.05)
+    try:
+        if _wait_listening(broker, timeout):
+            return broker
+    except BaseException:  # a Ctrl-C (or anything) while it starts up must not leave it running
+        broker.stop()
+        raise
     broker.stop()
     raise MosquittoError(f"mosquitto did not listen on {host}:{port} within {timeout}s:\n{broker.log_tail()}")

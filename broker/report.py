@@ -55,7 +55,8 @@ def print_status(state_dir: Path, plot: Optional[Path] = None, out: Callable[[st
             spooled = len(list(cp.spool_dir(state["round"]).glob("*.safetensors")))
             phase += (f" (asked {len(record['asked'])}, {spooled} update(s) accepted so far, "
                       f"extended {record['extensions']} time(s))")
-    out(f"model {state['model_id'][:16]}…: {phase}; {len(rows)} of {state['rounds_total']} rounds completed")
+    run = f" (run {state['run_id']})" if state.get("run_id") else ""
+    out(f"model {state['model_id'][:16]}…{run}: {phase}; {len(rows)} of {state['rounds_total']} rounds completed")
     initial = state.get("extra", {}).get("initial_eval")
     if initial and "test_accuracy" in initial:
         out(f"initial global (round 0): test accuracy {_fmt(initial['test_accuracy'])}")

@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set
 
+from .validation import NO_ROUND
+
 Clock = Callable[[], float]
 
 #: Rejections kept with their detail in a round's record; all of them are counted by reason.
@@ -19,6 +21,10 @@ MAX_REJECTION_DETAILS = 100
 WAIT = "wait"
 CLOSE = "close"
 EXTEND = "extend"
+GIVE_UP = "give-up"
+
+#: Rejections that say nothing about the client's submission for *this* round (it may still send one).
+OTHER_ROUND_REASONS = ("late", "early", NO_ROUND)
 
 
 @dataclass(frozen=True)
@@ -81,12 +87,16 @@ class RoundRecord:
     extensions: int = 0
     metrics: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     complete_since: Optional[float] = None  # when the last asked client reported
+    refused: Set[str] = field(default_factory=set)  # clients whose update for this round was rejected
 
     def reject(self, client: str, reason: str, detail: str, size: int) -> None:
+        """Count a rejection; a client whose update for this round was refused will not send another."""
         if len(self.rejected) < MAX_REJECTION_DETAILS:
             self.rejected.append({"client": client, "reason": reason, "detail": detail})
         self.rejection_counts[reason] = self.rejection_counts.get(reason, 0) + 1
         self.bytes_rejected += size
+        if reason not in OTHER_ROUND_REASONS:
+            self.refused.add(client)
 
     @property
     def num_rejected(self) -> int:
@@ -101,18 +111,51 @@ class RoundRecord:
     def to_json(self) -> Dict[str, Any]:
         d = asdict(self)
         d["asked"] = sorted(self.asked)
+        d["refused"] = sorted(self.refused)
         return d
 
     @classmethod
     def from_json(cls, d: Dict[str, Any]) -> RoundRecord:
         d = dict(d)
         d["asked"] = set(d["asked"])
+        d["refused"] = set(d.get("refused", ()))
+        return cls(**d)
+
+
+@dataclass
+class NoRoundUpdates:
+    """Updates that arrived while no round was open, counted (reason `no-round`) in round `round`'s record."""
+
+    round: int
+    count: int = 0
+    bytes: int = 0
+    details: List[Dict[str, str]] = field(default_factory=list)  # the first 100
+
+    def add(self, client: str, detail: str, size: int) -> None:
+        if len(self.details) < MAX_REJECTION_DETAILS:
+            self.details.append({"client": client, "reason": NO_ROUND, "detail": detail})
+        self.count += 1
+        self.bytes += size
+
+    def merge_into(self, rec: RoundRecord) -> None:
+        room = max(MAX_REJECTION_DETAILS - len(rec.rejected), 0)
+        rec.rejected.extend(self.details[:room])
+        if self.count:
+            rec.rejection_counts[NO_ROUND] = rec.rejection_counts.get(NO_ROUND, 0) + self.count
+        rec.bytes_rejected += self.bytes
+
+    def to_json(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Dict[str, Any]) -> NoRoundUpdates:
         return cls(**d)
 
 
 @dataclass(frozen=True)
 class Step:
-    """What the aggregator should do now: WAIT, CLOSE, or EXTEND (then re-announce; `added` were asked too)."""
+    """What the aggregator should do now: WAIT, CLOSE, EXTEND (then re-announce; `added` were asked too), or
+    GIVE_UP (below quorum after `max_extensions` extensions)."""
 
     action: str
     added: List[str] = field(default_factory=list)
@@ -120,16 +163,23 @@ class Step:
 
 class RoundClock:
     """Closes a round when every asked client reported (after a short grace for their metrics), or at the
-    deadline with a quorum; below quorum at the deadline it extends the round by one timeout."""
+    deadline with a quorum; below quorum at the deadline it extends the round by one timeout, at most
+    `max_extensions` times (0: no limit), then gives up.
+
+    `available` (passed to `step`) is the set of clients that can train now: online, and not in `error`.
+    """
 
     def __init__(self, sampling: Sampling, timeout_s: float, clock: Clock = time.time,
-                 metrics_grace_s: float = 1.0) -> None:
+                 metrics_grace_s: float = 1.0, max_extensions: int = 0) -> None:
         if not timeout_s > 0:
             raise ValueError(f"--round-timeout must be > 0, got {timeout_s}")
+        if max_extensions < 0:
+            raise ValueError(f"--max-extensions must be >= 0 (0: no limit), got {max_extensions}")
         self.sampling = sampling
         self.timeout_s = timeout_s
         self.clock = clock
         self.metrics_grace_s = metrics_grace_s
+        self.max_extensions = max_extensions
 
     @property
     def min_clients(self) -> int:
@@ -146,7 +196,9 @@ class RoundClock:
         return rec
 
     def complete(self, rec: RoundRecord) -> bool:
-        return bool(rec.asked) and rec.asked <= set(rec.reported)
+        """Every asked client sent its update for this round (accepted, or refused: it sends no other), and
+        the accepted ones make the quorum."""
+        return bool(rec.asked) and rec.asked <= set(rec.reported) | rec.refused and self.quorum(rec)
 
     def due(self, rec: RoundRecord) -> bool:
         return self.clock() >= rec.deadline
@@ -154,7 +206,14 @@ class RoundClock:
     def quorum(self, rec: RoundRecord) -> bool:
         return len(rec.reported) >= self.min_clients
 
-    def step(self, rec: RoundRecord, online: Iterable[str]) -> Step:
+    def pending(self, rec: RoundRecord, available: Iterable[str]) -> Set[str]:
+        """Asked clients that may still report: no update accepted or refused yet, and available."""
+        return (rec.asked & set(available)) - set(rec.reported) - rec.refused
+
+    def exhausted(self, rec: RoundRecord) -> bool:
+        return 0 < self.max_extensions <= rec.extensions
+
+    def step(self, rec: RoundRecord, available: Iterable[str]) -> Step:
         """Decide, and for EXTEND also apply the extension to `rec`."""
         now = self.clock()
         if self.complete(rec):
@@ -168,16 +227,22 @@ class RoundClock:
             return Step(WAIT)
         if self.quorum(rec):
             return Step(CLOSE)
-        return Step(EXTEND, self.extend(rec, online))
+        if self.exhausted(rec):
+            return Step(GIVE_UP)
+        return Step(EXTEND, self.extend(rec, available))
 
-    def extend(self, rec: RoundRecord, online: Iterable[str]) -> List[str]:
-        """Below quorum at the deadline: one more timeout; if the clients that reported plus those asked
-        and still online cannot reach the quorum, ask more online clients. Returns the newly asked."""
+    def extend(self, rec: RoundRecord, available: Iterable[str]) -> List[str]:
+        """Below quorum at the deadline: one more timeout; if the clients that reported plus the pending
+        ones cannot reach the quorum, ask more available clients. Returns the newly asked."""
         rec.deadline = self.clock() + self.timeout_s
         rec.extensions += 1
-        online = set(online)
-        reachable = set(rec.reported) | (rec.asked & online)
-        missing = self.min_clients - len(reachable)
-        added = self.sampling.more(online - rec.asked, missing, rec.number, rec.extensions) if missing > 0 else []
+        available = set(available)
+        missing = self.min_clients - len(rec.reported) - len(self.pending(rec, available))
+        candidates = available - rec.asked - rec.refused  # refused: sent this round unasked, will not resend
+        added = self.sampling.more(candidates, missing, rec.number, rec.extensions) if missing > 0 else []
         rec.asked |= set(added)
         return added
+
+
+class QuorumError(RuntimeError):
+    """A round stayed below its quorum through `--max-extensions` extensions (the round stays open on disk)."""

@@ -6,18 +6,19 @@ place (no copy) and checked for NaN and infinities in one pass over the payload.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import AbstractSet, Mapping, Optional
 
 from edge import adapter
 from edge.bundle import Manifest
 
-#: Every reason an update can be rejected for (the history rows count them by these codes).
-REASONS = (
+#: Every reason `validate_update` rejects an update for (the history rows count them by these codes).
+VALIDATION_REASONS = (
     "oversized",        # the blob is larger than the manifest's tensors can need
     "malformed",        # not a readable FLORA adapter blob, not an update, or inconsistent byte offsets
     "bad-dtype",        # not float32/float16, or tensors of another dtype than the metadata says
-    "bad-num-samples",  # num_samples missing, not an integer, or not positive
+    "bad-num-samples",  # num_samples missing, not a plain positive decimal integer, or above the cap
     "client-mismatch",  # the metadata names another client than the topic it came on
     "foreign-model",    # model_id of another bundle
     "late",             # for an earlier round
@@ -27,6 +28,15 @@ REASONS = (
     "bad-tensors",      # tensor names or shapes differ from the manifest
     "non-finite",       # NaN or infinity in a tensor
 )
+#: Counted by the aggregator itself: an update that arrived while no round was open (in the next round's row).
+NO_ROUND = "no-round"
+REASONS = (*VALIDATION_REASONS, NO_ROUND)
+
+#: The default cap on an update's num_samples (`--max-num-samples`): far above any edge device's data set,
+#: and low enough that the exact integer total of a round stays below 2**53 (exact in float64) for
+#: millions of updates, so the weighted float64 sums can never overflow.
+DEFAULT_MAX_NUM_SAMPLES = 10 ** 9
+_DECIMAL = re.compile(r"[1-9][0-9]*")  # a canonical positive decimal: no sign, space, '_' or leading zero
 
 FLOAT_DTYPES = ("float32", "float16")
 _SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16"}
@@ -51,15 +61,44 @@ class RoundView:
     reported: AbstractSet[str]
 
 
-def _num_samples_ok(meta: Mapping[str, str]) -> bool:
+def check_num_samples(meta: Mapping[str, str], cap: int = DEFAULT_MAX_NUM_SAMPLES) -> int:
+    """The update's num_samples as an int in [1, cap], or `Rejected("bad-num-samples")`."""
+    text = meta.get("num_samples")
+    if not isinstance(text, str) or not _DECIMAL.fullmatch(text):
+        raise Rejected("bad-num-samples", f"num_samples={_short(text)}, need a positive decimal integer <= {cap}")
+    value = int(text) if len(text) <= len(str(cap)) else cap + 1  # never parse a 4000-digit number
+    if value > cap:
+        raise Rejected("bad-num-samples", f"num_samples={_short(text)} is above the cap of {cap} (--max-num-samples)")
+    return value
+
+
+def _short(value: object, limit: int = 32) -> str:
+    """repr(value), cut to `limit` characters (a forged header can hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"
+
+
+def _tensors(blob: bytes, entries, meta: adapter.AdapterMeta, manifest: Manifest):
+    """Zero-copy views: one flat array when the header is `encode`'s own layout for the manifest (every
+    agent's), else checked tensor by tensor."""
     try:
-        return int(meta["num_samples"]) > 0
-    except (KeyError, ValueError):
-        return False
+        fast = adapter.canonical_tensors(blob, entries, meta.dtype, manifest.trainable)
+    except adapter.AdapterError as exc:
+        raise Rejected("malformed", str(exc)) from None
+    if fast is not None:
+        return fast
+    try:
+        adapter.check_header(entries, meta, manifest.trainable)
+    except adapter.AdapterError as exc:
+        raise Rejected("bad-tensors", str(exc)) from None
+    try:
+        return adapter.tensor_views(blob, entries, meta.dtype)
+    except adapter.AdapterError as exc:
+        raise Rejected("malformed", str(exc)) from None
 
 
-def validate_update(blob: bytes, topic_client: str, manifest: Manifest, round_: RoundView,
-                    max_bytes: int) -> adapter.Adapter:
+def validate_update(blob: bytes, topic_client: str, manifest: Manifest, round_: RoundView, max_bytes: int,
+                    max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES) -> adapter.Adapter:
     """The update with zero-copy read-only tensors, or `Rejected` with the first reason that applies."""
     if len(blob) > max_bytes:
         raise Rejected("oversized", f"{len(blob)} bytes, limit {max_bytes}")
@@ -71,8 +110,7 @@ def validate_update(blob: bytes, topic_client: str, manifest: Manifest, round_: 
         raise Rejected("malformed", f"kind is {meta_strings.get('kind')!r}, not 'update'")
     if meta_strings.get("dtype") not in FLOAT_DTYPES:
         raise Rejected("bad-dtype", f"dtype {meta_strings.get('dtype')!r} is not one of {FLOAT_DTYPES}")
-    if not _num_samples_ok(meta_strings):
-        raise Rejected("bad-num-samples", f"num_samples={meta_strings.get('num_samples')!r}, need a positive integer")
+    check_num_samples(meta_strings, max_num_samples)
     try:
         meta = adapter.AdapterMeta.from_strings(meta_strings)
     except adapter.AdapterError as exc:
@@ -92,14 +130,7 @@ def validate_update(blob: bytes, topic_client: str, manifest: Manifest, round_: 
     wrong = sorted({e["dtype"] for e in entries.values()} - {_SAFETENSORS_DTYPE[meta.dtype]})
     if wrong:
         raise Rejected("bad-dtype", f"tensors of dtype {wrong}, the metadata says {meta.dtype}")
-    try:
-        adapter.check_header(entries, meta, manifest.trainable)
-    except adapter.AdapterError as exc:
-        raise Rejected("bad-tensors", str(exc)) from None
-    try:
-        tensors = adapter.tensor_views(blob, entries, meta.dtype)
-    except adapter.AdapterError as exc:
-        raise Rejected("malformed", str(exc)) from None
+    tensors = _tensors(blob, entries, meta, manifest)
     bad = adapter.find_non_finite(tensors, adapter.payload_view(blob, meta.dtype))
     if bad is not None:
         raise Rejected("non-finite", f"tensor {bad} holds NaN or infinity")

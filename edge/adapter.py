@@ -7,11 +7,12 @@ metadata) before it decodes a single tensor, and the finite-ness of the values a
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
 from safetensors.numpy import save as _st_save
@@ -101,7 +102,7 @@ def _parse_int(text: str, what: str) -> int:
 @dataclass(frozen=True)
 class Adapter:
     meta: AdapterMeta
-    tensors: Dict[str, np.ndarray]
+    tensors: Mapping[str, np.ndarray]  # a dict, or FlatTensors for a blob in `encode`'s own layout
 
     def as_float32(self) -> Dict[str, np.ndarray]:
         return {k: np.asarray(v, dtype=np.float32) for k, v in self.tensors.items()}
@@ -241,6 +242,76 @@ def tensor_views(blob: Buffer, entries: Mapping[str, Mapping[str, Any]], dtype: 
     }
 
 
+@dataclass(frozen=True, eq=False)  # one object per spec list (layout_of caches): compared by identity
+class Layout:
+    """Where `encode` puts a spec list's tensors: one flat run of elements, tensor after tensor.
+
+    Every blob `encode` writes for these specs has exactly this header (per dtype), so a receiver that
+    finds it knows names, shapes, dtype and byte ranges at once and can treat the payload as one array.
+    """
+
+    entries: Tuple[Tuple[str, Tuple[int, ...], int, int], ...]  # (name, shape, first element, end element)
+    numel: int
+    headers: Mapping[str, Mapping[str, Mapping[str, Any]]]  # dtype -> the header entries of such a blob
+
+    def split(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
+        """Views of a flat array in this layout, by tensor name."""
+        return {name: flat[a:b].reshape(shape) for name, shape, a, b in self.entries}
+
+
+@functools.lru_cache(maxsize=8)
+def layout_of(specs: Tuple[TensorSpec, ...]) -> Layout:
+    """The layout `encode` gives these specs (read off a blob of zeros, so it is safetensors' own order)."""
+    headers = {}
+    for dtype, (_, np_dtype) in _DTYPES.items():
+        zeros = {s.name: np.zeros(s.shape, np_dtype) for s in specs}
+        headers[dtype], _ = read_header(_st_save(zeros, metadata={"dtype": dtype}))
+    itemsize = np.dtype(np.float32).itemsize
+    entries = tuple(sorted(
+        ((name, tuple(e["shape"]), e["data_offsets"][0] // itemsize, e["data_offsets"][1] // itemsize)
+         for name, e in headers["float32"].items()), key=lambda entry: entry[2]))
+    return Layout(entries, sum(s.numel for s in specs), headers)
+
+
+class FlatTensors(Mapping[str, np.ndarray]):
+    """An adapter's tensors as one flat payload array in a known layout; by name, they are views of it."""
+
+    def __init__(self, flat: np.ndarray, layout: Layout) -> None:
+        self.flat = flat
+        self.layout = layout
+        self._views = layout.split(flat)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._views[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._views)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+
+def canonical_tensors(blob: Buffer, entries: Mapping[str, Any], dtype: str,
+                      specs: Tuple[TensorSpec, ...]) -> Optional[FlatTensors]:
+    """Zero-copy tensors of a blob whose header is exactly what `encode` writes for `specs`, else None.
+
+    Such a header has the manifest's names and shapes, one dtype and byte ranges that tile the data
+    in order, so the per-tensor checks of `check_header` and `tensor_views` hold by construction; only
+    the length of the data section is left to check. Any other header takes the general path.
+    """
+    if dtype not in _DTYPES:
+        return None
+    layout = layout_of(tuple(specs))
+    if entries != layout.headers[dtype]:
+        return None
+    view = memoryview(blob).cast("B")
+    (header_len,) = struct.unpack("<Q", view[:8])
+    covered = layout.numel * np.dtype(_DTYPES[dtype][1]).itemsize
+    if len(view) - 8 - header_len != covered:
+        raise AdapterError(f"adapter data section is {len(view) - 8 - header_len} bytes, its tensors cover {covered}")
+    return FlatTensors(payload_view(blob, dtype), layout)
+
+
 def payload_view(blob: Buffer, dtype: str) -> np.ndarray:
     """The whole data section as one flat array (all tensors, in file order): one pass checks them all.
 
@@ -291,15 +362,22 @@ def decode(
     meta = AdapterMeta.from_strings(meta_strings)
     if model_id is not None and meta.model_id != model_id:
         raise AdapterError(f"adapter is for model_id {meta.model_id[:16]}…, this bundle is {model_id[:16]}…")
-    if specs is not None:
-        check_header(entries, meta, specs)
-    tensors = tensor_views(blob, entries, meta.dtype)
+    tensors: Mapping[str, np.ndarray]
+    fast = canonical_tensors(blob, entries, meta.dtype, tuple(specs)) if specs is not None else None
+    if fast is not None:
+        tensors = fast
+    else:
+        if specs is not None:
+            check_header(entries, meta, specs)
+        tensors = tensor_views(blob, entries, meta.dtype)
     if check_finite:
         bad = find_non_finite(tensors, payload_view(blob, meta.dtype))
         if bad is not None:
             raise AdapterError(f"adapter tensor {bad!r} holds NaN or infinite values")
     if copy:
-        tensors = {name: arr.copy() for name, arr in tensors.items()}
+        if isinstance(tensors, FlatTensors):
+            return Adapter(meta, FlatTensors(tensors.flat.copy(), tensors.layout))
+        return Adapter(meta, {name: arr.copy() for name, arr in tensors.items()})
     return Adapter(meta, tensors)
 
 

@@ -112,6 +112,9 @@ class RoundAnnouncement:
     global_sha256: str  # sha256 of the `global` payload that this round trains from
     total_rounds: int
     protocol: int = PROTOCOL_VERSION
+    # names one federation run (the aggregator's state dir): an agent's record of submitted rounds
+    # holds for that run only, so a federation started afresh is trained again from round 0
+    run_id: str = ""
 
     def asks(self, client_id: str) -> bool:
         return self.state == ROUND_TRAINING and (self.clients == "all" or client_id in self.clients)
@@ -139,6 +142,7 @@ class RoundAnnouncement:
                 global_sha256=str(d["global_sha256"]),
                 total_rounds=int(d["total_rounds"]),
                 protocol=int(d.get("protocol", PROTOCOL_VERSION)),
+                run_id=str(d.get("run_id", "")),
             )
         except ProtocolError:
             raise

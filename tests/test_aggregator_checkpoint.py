@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -114,9 +115,10 @@ def test_a_restarted_aggregator_resumes_the_open_round_with_its_clients_updates_
     first._open_round()
     asked1 = sorted(first.current.asked)
     kept = encode_update(m, random_adapter(m, 20), asked1[0], 1, 12)
-    first.handle("update", asked1[0], encode_update(m, random_adapter(m, 20), asked1[0], 0, 12))  # late
     first.handle("update", asked1[0], kept)
     first.handle("metrics", asked1[0], metrics(asked1[0], 1, 0.75))
+    # the rejection comes last: nothing but the rejection itself can have saved it
+    first.handle("update", asked1[0], encode_update(m, random_adapter(m, 20), asked1[0], 0, 12))  # late
     g1 = first.global_blob
     del first  # killed: nothing else is written
 
@@ -162,3 +164,146 @@ def test_a_finished_federation_stays_done_unless_more_rounds_are_asked_for(tmp_p
     more._resume_or_start()
     assert not more.state.done and more.state.rounds_total == 3 and more.state.round == 1
     assert json.loads((tmp_path / "state.json").read_text())["rounds_total"] == 3
+
+
+# --- implausible weights and non-finite aggregates never reach the checkpoint --------------------------------
+
+
+def _one_client_round(tmp_path, clock, **kw):
+    agg = offline_aggregator(tmp_path, clock, rounds=2, **kw)
+    agg._resume_or_start()
+    agg.handle("status", "a", status("a"))
+    agg._open_round()
+    return agg
+
+
+@pytest.mark.parametrize("num_samples", [10 ** 308, 10 ** 400])
+def test_an_implausible_num_samples_is_rejected_before_it_is_spooled_or_folded(num_samples, tmp_path):
+    agg = _one_client_round(tmp_path, FakeClock())
+    m = agg.manifest
+    agg.handle("update", "a", encode_update(m, random_adapter(m, 1), "a", 0, num_samples))
+    assert agg.current.reported == {} and agg.current.rejection_counts == {"bad-num-samples": 1}
+    assert list(agg.checkpoint.spooled(0)) == [] and agg.strategy.count == 0
+    assert agg.checkpoint.load_open_round(0)["rejection_counts"] == {"bad-num-samples": 1}
+    good = random_adapter(m, 2)
+    agg.handle("update", "a", encode_update(m, good, "a", 0, 7))  # a's next, sane update still counts
+    agg._close_round()
+    np.testing.assert_array_equal(agg.globals()[-1].tensors[m.trainable[0].name], good[m.trainable[0].name])
+
+
+def test_a_spooled_update_that_no_longer_validates_is_counted_once_and_never_crashes_a_restart(tmp_path):
+    clock = FakeClock()
+    agg = _one_client_round(tmp_path, clock)
+    m = agg.manifest
+    # what an older aggregator without the cap accepted and spooled: 10**400 made float() raise on every re-fold
+    agg.checkpoint.spool(0, "a", encode_update(m, random_adapter(m, 1), "a", 0, 10 ** 400))
+    for _ in range(2):  # restarted twice: counted once, the spool file is gone after the first
+        again = offline_aggregator(tmp_path, clock, rounds=2)
+        again._resume_or_start()
+        assert again.current.reported == {} and again.current.rejection_counts == {"bad-num-samples": 1}
+        assert list(again.checkpoint.spooled(0)) == []
+
+
+def _refuse(self):
+    raise ValueError("a strategy's own reason")
+
+
+@pytest.mark.parametrize("broken, why", [
+    (None, "the fedavg aggregate of tensor .* is not finite"),  # the float64 sums overflow to inf
+    (_refuse, "the fedavg aggregate cannot be computed: a strategy's own reason"),
+], ids=["overflow", "strategy-error"])
+def test_a_non_finite_aggregate_is_never_committed_or_published_and_the_round_fails_clearly(
+        broken, why, tmp_path, caplog, monkeypatch):
+    clock = FakeClock()
+    # a misconfigured cap lets weights through whose float64 weighted sum overflows: 1e300 * 1e9
+    agg = _one_client_round(tmp_path, clock, max_num_samples=10 ** 300)
+    m = agg.manifest
+    agg.handle("status", "b", status("b"))
+    agg.current.asked.add("b")
+    big = {k: np.full_like(v, 1e9) for k, v in random_adapter(m, 1).items()}
+    for c in ("a", "b"):
+        agg.handle("update", c, encode_update(m, big, c, 0, 10 ** 300))
+    assert agg.current.reported == {"a": 10 ** 300, "b": 10 ** 300}
+    if broken is not None:
+        monkeypatch.setattr(type(agg.strategy), "finalize", broken)
+    g0 = dict(agg.global_tensors)
+    agg._close_round()
+    assert re.search(f"round 0 FAILED: {why}; its 2 update", caplog.text)
+    published = agg.globals()[-1]
+    assert published.meta.round == 1  # the next round starts from the unchanged global
+    for name, arr in g0.items():
+        np.testing.assert_array_equal(published.tensors[name], arr)
+    row = agg.checkpoint.history()[-1]
+    assert row["round"] == 0 and re.fullmatch(why, row["failed"]) and sorted(row["reported"]) == ["a", "b"]
+    assert "test_accuracy" not in row and agg.state.round == 1
+    again = offline_aggregator(tmp_path, clock, rounds=2)
+    again._resume_or_start()  # the aggregator resumes from its own checkpoint
+    assert again.state.round == 1 and again.global_blob == agg.global_blob
+
+
+def test_a_cap_beyond_float64_weights_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--max-num-samples must be >= 1 and <= 1e300"):
+        offline_aggregator(tmp_path, FakeClock(), rounds=1, max_num_samples=10 ** 301)
+
+
+# --- updates while no round is open -----------------------------------------------------------------------
+
+
+def test_updates_while_no_round_is_open_are_counted_in_the_next_round_and_survive_a_restart(tmp_path):
+    clock = FakeClock()
+    kw = dict(rounds=2, sampling=Sampling(min_clients=1))
+    agg = offline_aggregator(tmp_path, clock, **kw)
+    m = agg.manifest
+    agg._resume_or_start()
+    agg.handle("update", "a", encode_update(m, random_adapter(m, 1), "a", 0, 5))  # before round 0 opened
+    agg.handle("status", "a", status("a"))
+    agg._open_round()
+    assert agg.current.rejection_counts == {"no-round": 1} and agg.current.reported == {}
+    assert agg.current.rejected[0]["detail"] == "no round was open (the next is round 0); the update says round 0"
+    agg.handle("update", "a", encode_update(m, random_adapter(m, 2), "a", 0, 5))
+    agg._close_round()
+    agg.handle("update", "b", encode_update(m, random_adapter(m, 3), "b", 0, 5))  # between rounds 0 and 1
+    agg.handle("update", "c", b"junk")
+    del agg  # killed before round 1 opened
+
+    again = offline_aggregator(tmp_path, clock, **kw)
+    again._resume_or_start()
+    again.handle("status", "a", status("a"))
+    again._open_round()
+    assert again.current.rejection_counts == {"no-round": 2}
+    assert [r["client"] for r in again.current.rejected] == ["b", "c"]
+    assert again.current.bytes_rejected > 4 and "round ?" in again.current.rejected[1]["detail"]
+    # killed right after round 1 opened: its record holds them, and they are not counted twice
+    third = offline_aggregator(tmp_path, clock, **kw)
+    third._resume_or_start()
+    assert third.current.rejection_counts == {"no-round": 2}
+    third.handle("update", "a", encode_update(m, random_adapter(m, 4), "a", 1, 5))
+    third._close_round()
+    rows = third.checkpoint.history()
+    assert rows[0]["rejection_counts"] == {"no-round": 1} and rows[1]["rejection_counts"] == {"no-round": 2}
+
+
+# --- the run id ------------------------------------------------------------------------------------------
+
+
+def test_a_fresh_start_gets_a_random_run_id_that_a_resume_keeps_and_every_round_message_carries(tmp_path):
+    clock = FakeClock()
+    agg = _one_client_round(tmp_path / "one", clock)
+    run_id = agg.state.run_id
+    assert len(run_id) == 16 and int(run_id, 16) >= 0
+    assert json.loads((tmp_path / "one" / "state.json").read_text())["run_id"] == run_id
+    agg.handle("update", "a", encode_update(agg.manifest, random_adapter(agg.manifest, 1), "a", 0, 5))
+    agg._close_round()
+    again = offline_aggregator(tmp_path / "one", clock, rounds=2)
+    again._resume_or_start()
+    assert again.state.run_id == run_id
+    again.handle("status", "a", status("a"))
+    again._open_round()
+    again.handle("update", "a", encode_update(again.manifest, random_adapter(again.manifest, 2), "a", 1, 5))
+    again._close_round()
+    again._announce_done()
+    announcements = agg.announcements() + again.announcements()
+    assert [a.state for a in announcements] == ["training", "training", "done"]
+    assert {a.run_id for a in announcements} == {run_id}
+    other = _one_client_round(tmp_path / "two", clock)
+    assert other.state.run_id != run_id and other.announcements()[-1].run_id == other.state.run_id

@@ -37,6 +37,11 @@ def bundle(tmp_path) -> Path:
     (["--bundle", "{bundle}", "--broker", "mqtt://h", "--rounds", "0"], None, "--rounds must be >= 1"),
     (["--bundle", "{bundle}", "--broker", "mqtt://h", "--strategy", "median"], None, "unknown --strategy 'median'"),
     (["--bundle", "{bundle}", "--broker", "mqtt://h", "--lr", "-1"], None, "lr must be > 0"),
+    (["--bundle", "{bundle}", "--broker", "mqtt://h", "--max-num-samples", "0"], None,
+     "--max-num-samples must be >= 1"),
+    (["--bundle", "{bundle}", "--broker", "mqtt://h", "--max-extensions", "-1"], None, "--max-extensions must be >= 0"),
+    (["--bundle", "{bundle}", "--broker", "mqtt://h", "--max-queued-updates", "0"], None,
+     "--max-queued-updates must be >= 1"),
     (["--config", "{tmp}/agg.toml"], 'brokr = "mqtt://h"\n', "config file has unknown keys ['brokr']"),
     (["--config", "{tmp}/agg.toml"], "rounds = [", "is not valid TOML"),
     (["--config", "{tmp}/missing.toml"], None, "cannot read config file"),
@@ -103,3 +108,16 @@ def test_plot_needs_rounds_and_matplotlib_and_says_so(tmp_path, monkeypatch, cap
     assert report.write_plot(tmp_path / "state", tmp_path / "p.png") == 2
     assert "plotting needs matplotlib: pip install 'flora-edge[plot]'" in capsys.readouterr().err
     assert not (tmp_path / "p.png").exists()
+
+
+def test_explicit_command_line_values_win_over_the_config_file(bundle, tmp_path, monkeypatch):
+    """`--rounds 10` equals the parser's default, and must still beat the config file's `rounds = 3`."""
+    import broker.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "run", lambda args: seen.update(vars(args)) or 0)
+    (tmp_path / "agg.toml").write_text(f'broker = "mqtt://h"\nbundle = "{bundle}"\nrounds = 3\nlr = 0.5\n')
+    assert main(["--config", str(tmp_path / "agg.toml"), "--rounds", "10"]) == 0
+    assert seen["rounds"] == 10 and seen["lr"] == 0.5 and seen["broker"] == "mqtt://h"
+    assert main(["--config", str(tmp_path / "agg.toml")]) == 0
+    assert seen["rounds"] == 3

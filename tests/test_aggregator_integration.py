@@ -348,3 +348,38 @@ def test_waiting_for_clients_gives_up_with_a_clear_error(mosquitto, tmp_path):
                           capture_output=True, text=True, cwd=REPO, timeout=30)
     assert proc.returncode == 3
     assert "only 0 of 2 clients came online within 0.3 s" in proc.stderr
+
+
+def test_below_quorum_through_max_extensions_the_cli_exits_4_and_a_restart_resumes_the_round(
+        mosquitto, scripted, tmp_path):
+    bundle = write_bundle(tmp_path / "bundle", M)
+    state_dir, log = tmp_path / "agg", tmp_path / "agg.log"
+    args = ["--bundle", str(bundle), "--broker", mosquitto.url, "--rounds", "1", "--state-dir", str(state_dir),
+            "--federation", FED, "--min-clients", "2", "--round-timeout", "0.3", "--max-extensions", "2"]
+    scripted.status("c1", "c2")
+    proc = start_cli(args, log)
+    try:
+        first = scripted.wait_round(0)
+        assert first.run_id and first.clients == ["c1", "c2"]
+        scripted.send("c1", encode_update(M, random_adapter(M, 1), "c1", 0, 4))
+        assert proc.wait(20) == 4
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "round 0: 1 of 2 needed update(s) after 2 extension(s) (--max-extensions 2)" in text
+    assert [r.round for r in scripted.rounds].count(0) == 3  # announced, then re-announced at each extension
+    scripted.forget()
+    proc = start_cli(args[:-2], log)  # restarted without the bound: the same round, its update kept
+    try:
+        resumed = scripted.wait_round(0)
+        assert resumed.run_id == first.run_id and resumed.global_sha256 == first.global_sha256
+        update = encode_update(M, random_adapter(M, 2), "c2", 0, 6)
+        scripted.send("c2", update)
+        assert_global_is(scripted.wait_global(1), weighted_mean(
+            [encode_update(M, random_adapter(M, 1), "c1", 0, 4), update], [4, 6]))
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert history(state_dir)[0]["extensions"] == 2

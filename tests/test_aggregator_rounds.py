@@ -11,7 +11,17 @@ import numpy as np
 import pytest
 
 from broker.aggregator import Aggregator, AggregatorConfig
-from broker.rounds import CLOSE, EXTEND, MAX_REJECTION_DETAILS, WAIT, RoundClock, RoundRecord, Sampling
+from broker.rounds import (
+    CLOSE,
+    EXTEND,
+    GIVE_UP,
+    MAX_REJECTION_DETAILS,
+    WAIT,
+    QuorumError,
+    RoundClock,
+    RoundRecord,
+    Sampling,
+)
 from edge import adapter
 from edge.fileio import sha256_bytes
 from edge.protocol import Metrics, RoundAnnouncement, Status
@@ -65,8 +75,9 @@ def test_a_round_closes_when_every_asked_client_reported_after_their_metrics_or_
     clock.t += 1
     rec.metrics["b"] = rec.metrics["c"] = {"accuracy": 0.5}
     assert rc.step(rec, set()).action == CLOSE  # all metrics in: no need to wait out the grace
-    rec2 = rc.open(1, ["a"])
+    rec2 = rc.open(1, ["a", "b"])
     rec2.accept("a", 1, 1)
+    rec2.accept("b", 1, 1)
     assert rc.step(rec2, {"a"}).action == WAIT
     clock.t += 2
     assert rc.step(rec2, {"a"}).action == CLOSE  # metrics never came: the grace is over
@@ -239,3 +250,160 @@ def test_a_hook_result_lands_in_the_row_and_a_failing_hook_never_loses_the_round
     assert {k: row.get(k) for k in expected} == expected
     assert row["num_reported"] == 1 and row["rejection_counts"] == {"malformed": 1}
     assert agg.state.done and agg.globals()[-1].meta.round == 1
+
+
+# --- extension: who is still pending, and the bound -----------------------------------------------------
+
+
+def test_an_asked_client_whose_update_was_refused_is_not_waited_for_a_spare_is_asked():
+    clock = FakeClock()
+    rc = RoundClock(Sampling(min_clients=2), timeout_s=60, clock=clock)
+    rec = RoundRecord(0, {"a", "c"}, clock.t, clock.t + 60)
+    rec.accept("a", 5, 100)
+    rec.reject("c", "non-finite", "tensor x holds NaN", 100)  # c recorded the round as submitted: it won't resend
+    clock.t += 60
+    assert rc.pending(rec, {"a", "b", "c"}) == set()
+    step = rc.step(rec, {"a", "b", "c"})
+    assert step.action == EXTEND and step.added == ["b"] and rec.asked == {"a", "b", "c"}
+
+
+def test_a_refused_update_completes_a_round_only_with_the_quorum():
+    clock = FakeClock()
+    rc = RoundClock(Sampling(min_clients=2), timeout_s=60, clock=clock, metrics_grace_s=0)
+    rec = RoundRecord(0, {"a", "b", "c"}, clock.t, clock.t + 60)
+    rec.accept("a", 5, 100)
+    rec.reject("c", "bad-tensors", "shape", 100)
+    assert rc.step(rec, {"a", "b", "c"}).action == WAIT  # b may still report
+    rec.reject("b", "non-finite", "NaN", 100)
+    assert not rc.complete(rec) and rc.step(rec, {"a", "b", "c"}).action == WAIT  # all sent, 1 of 2: the deadline
+    rec2 = RoundRecord(1, {"a", "b", "c"}, clock.t, clock.t + 60)
+    rec2.accept("a", 5, 100)
+    rec2.accept("b", 5, 100)
+    rec2.reject("c", "non-finite", "NaN", 100)
+    assert rc.step(rec2, {"a", "b", "c"}).action == CLOSE  # nobody left to wait for: closes before the deadline
+
+
+def test_a_client_that_sent_unasked_is_not_sampled_in_later():
+    clock = FakeClock()
+    rc = RoundClock(Sampling(min_clients=2), timeout_s=60, clock=clock)
+    rec = RoundRecord(0, {"a", "b"}, clock.t, clock.t + 60)
+    rec.accept("a", 5, 100)
+    eager = [f"x{i}" for i in range(8)]
+    for x in eager:
+        rec.reject(x, "not-asked", f"{x} was not asked", 100)  # it trained this round anyway: it will not resend
+    clock.t += 60
+    step = rc.step(rec, {"a", "y", *eager})
+    assert step.action == EXTEND and step.added == ["y"]
+
+
+def test_a_late_or_early_update_does_not_count_against_the_client_in_this_round():
+    clock = FakeClock()
+    rc = RoundClock(Sampling(min_clients=2), timeout_s=60, clock=clock)
+    rec = RoundRecord(3, {"a", "c"}, clock.t, clock.t + 60)
+    rec.accept("a", 5, 100)
+    rec.reject("c", "late", "for round 2", 100)  # a slow client finishing the last round: it may still send 3
+    rec.reject("c", "early", "for round 4", 100)
+    clock.t += 60
+    assert rc.pending(rec, {"a", "b", "c"}) == {"c"}
+    step = rc.step(rec, {"a", "b", "c"})
+    assert step.action == EXTEND and step.added == [] and rec.asked == {"a", "c"}
+
+
+def test_clients_in_error_are_not_pending_and_not_sampled():
+    clock = FakeClock()
+    rc = RoundClock(Sampling(min_clients=3), timeout_s=60, clock=clock)
+    rec = RoundRecord(0, {"a", "c", "d"}, clock.t, clock.t + 60)
+    rec.accept("a", 5, 100)
+    clock.t += 60
+    # the aggregator passes the available clients: online and not in `error` (c refused the global; e spare in error)
+    available = {"a", "b", "d", "f"}
+    assert rc.pending(rec, available) == {"d"}
+    step = rc.step(rec, available)
+    assert step.action == EXTEND and len(step.added) == 1 and set(step.added) <= {"b", "f"}
+
+
+def test_after_max_extensions_below_quorum_the_clock_gives_up():
+    clock = FakeClock()
+    rc = RoundClock(Sampling(min_clients=2), timeout_s=60, clock=clock, max_extensions=2)
+    rec = RoundRecord(0, {"a", "b", "c"}, clock.t, clock.t + 60)
+    rec.accept("a", 5, 100)
+    for expected in (EXTEND, EXTEND, GIVE_UP, GIVE_UP):
+        clock.t = rec.deadline
+        assert rc.step(rec, {"a", "b"}).action == expected
+    assert rec.extensions == 2
+    rec.accept("b", 1, 1)  # a quorum at the deadline still closes the round, whatever the count
+    assert rc.step(rec, {"a", "b"}).action == CLOSE
+    with pytest.raises(ValueError, match="--max-extensions must be >= 0"):
+        RoundClock(Sampling(), timeout_s=1, max_extensions=-1)
+
+
+def _open_with_spare(tmp_path, clock, **kw) -> Tuple[OfflineAggregator, List[str], str]:
+    """Three clients online, two asked (quorum 2): (aggregator, asked, the spare)."""
+    agg = offline_aggregator(tmp_path, clock, rounds=2, round_timeout_s=30,
+                             sampling=Sampling(clients_per_round=2, min_clients=2, seed=3), **kw)
+    agg._resume_or_start()
+    for c in ("a", "b", "c"):
+        agg.handle("status", c, status(c))
+    agg._open_round()
+    asked = sorted(agg.current.asked)
+    return agg, asked, ({"a", "b", "c"} - set(asked)).pop()
+
+
+def test_a_nan_update_from_an_asked_client_brings_the_spare_in_at_the_extension(tmp_path):
+    clock = FakeClock()
+    agg, (good, bad), spare = _open_with_spare(tmp_path, clock)
+    m = agg.manifest
+    nan = random_adapter(m, 2)
+    nan[m.trainable[0].name][0, 0] = np.nan
+    agg.handle("update", good, encode_update(m, random_adapter(m, 1), good, 0, 3))
+    agg.handle("update", bad, encode_update(m, nan, bad, 0, 3))  # rejected: bad will not send round 0 again
+    assert agg.online == {"a", "b", "c"}  # ... though it stays online
+    clock.t += 30
+    agg._tick()
+    ann = agg.announcements()[-1]
+    assert ann.round == 0 and ann.clients == sorted([good, bad, spare]) and ann.deadline == clock.t + 30
+    assert agg.current.extensions == 1
+    agg.handle("update", spare, encode_update(m, random_adapter(m, 3), spare, 0, 1))
+    agg._tick()  # every asked client sent its update (bad's was refused): complete, a grace for metrics
+    assert agg.current is not None
+    clock.t += 1
+    agg._tick()  # closed long before the new deadline
+    row = agg.checkpoint.history()[-1]
+    assert row["reported"] == {good: 3, spare: 1} and row["rejection_counts"] == {"non-finite": 1}
+    assert row["wall_time_s"] == 31.0
+
+
+def test_an_asked_client_in_error_since_is_replaced_at_the_extension(tmp_path):
+    clock = FakeClock()
+    agg, (good, stuck), spare = _open_with_spare(tmp_path, clock)
+    agg.handle("update", good, encode_update(agg.manifest, random_adapter(agg.manifest, 1), good, 0, 3))
+    agg.handle("status", stuck, status(stuck, "error"))  # e.g. it refused the global: it will not train
+    assert stuck in agg.online and stuck not in agg.available
+    clock.t += 30
+    agg._tick()
+    assert agg.announcements()[-1].clients == sorted([good, stuck, spare])
+    agg.handle("status", stuck, status(stuck, "training"))  # it recovered: available again
+    assert stuck in agg.available
+
+
+def test_after_max_extensions_the_aggregator_stops_with_the_round_kept_open(tmp_path):
+    clock = FakeClock()
+    kw = dict(rounds=1, round_timeout_s=30, max_extensions=1, sampling=Sampling(min_clients=2))
+    agg = offline_aggregator(tmp_path, clock, **kw)
+    agg._resume_or_start()
+    agg.handle("status", "a", status("a"))
+    agg.handle("status", "b", status("b"))
+    agg._open_round()
+    update = encode_update(agg.manifest, random_adapter(agg.manifest, 1), "a", 0, 3)
+    agg.handle("update", "a", update)
+    agg.handle("status", "b", status("b", "offline"))
+    clock.t += 30
+    agg._tick()  # extension 1: nobody else to ask
+    assert agg.current.extensions == 1 and len(agg.announcements()) == 2
+    clock.t += 30
+    with pytest.raises(QuorumError, match=r"round 0: 1 of 2 needed update\(s\) after 1 extension\(s\)"):
+        agg._tick()
+    assert agg.checkpoint.history() == []  # nothing committed, nothing published
+    again = offline_aggregator(tmp_path, clock, **kw)
+    again._resume_or_start()
+    assert again.current.reported == {"a": 3} and again.current.extensions == 1

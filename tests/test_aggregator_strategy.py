@@ -130,3 +130,28 @@ def test_a_strategy_is_one_class_in_the_registry(monkeypatch):
     assert s.count == 1 and s.finalize()["x"].tolist() == [1.0, 1.0]
     with pytest.raises(ValueError, match=r"unknown aggregation strategy 'median'; known: \['fedavg', 'latest'\]"):
         make_strategy("median")
+
+
+def test_a_weight_float64_cannot_hold_is_refused_before_any_sum_changes():
+    specs = [TensorSpec("x", (3,))]
+    s = FedAvg()
+    s.begin_round(specs, {})
+    s.accumulate({"x": np.ones(3, np.float32)}, 3)
+    for bad in (10 ** 400, True, 2.5, -1, 0):  # float(10**400) raises OverflowError: that was a crash
+        with pytest.raises(ValueError, match="num_samples"):
+            s.accumulate({"x": np.full(3, 5.0, np.float32)}, bad)
+    assert s.count == 1 and s.total_samples == 3
+    np.testing.assert_array_equal(s.finalize()["x"], np.ones(3, np.float32))
+    s.accumulate({"x": np.ones(3, np.float32)}, np.int64(2))  # numpy integers are fine
+
+
+def test_an_overflowing_round_is_reported_not_raised_as_overflow():
+    s = FedAvg()
+    s.begin_round([TensorSpec("x", (2,))], {})
+    for _ in range(2):
+        s.accumulate({"x": np.full(2, 1e4, np.float32)}, 10 ** 305)  # 2e309: inf in float64, no warning raised
+    assert not np.isfinite(s.finalize()["x"]).any()  # the aggregator refuses to commit this (test_checkpoint)
+    s.accumulate({"x": np.ones(2, np.float32)}, 10 ** 308)
+    s.accumulate({"x": np.ones(2, np.float32)}, 10 ** 308)  # each weight fits a float64, their total does not
+    with pytest.raises(ValueError, match="too large for float64"):
+        s.finalize()

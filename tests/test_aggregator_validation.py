@@ -10,7 +10,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as safetensors_load
 
-from broker.validation import REASONS, Rejected, RoundView, validate_update
+from broker.strategies import FedAvg
+from broker.validation import (
+    DEFAULT_MAX_NUM_SAMPLES,
+    NO_ROUND,
+    REASONS,
+    VALIDATION_REASONS,
+    Rejected,
+    RoundView,
+    validate_update,
+)
 from edge import adapter
 
 from .factories import encode_update, random_adapter, synthetic_manifest
@@ -50,6 +59,42 @@ def test_good_updates_pass_in_fp32_and_fp16_as_zero_copy_read_only_views():
             np.testing.assert_array_equal(arr, expected[name])
             assert arr.dtype == np.dtype(dtype) and not arr.flags.writeable
             assert np.shares_memory(arr, np.frombuffer(blob, np.uint8))
+
+
+def _reordered(blob: bytes) -> bytes:
+    """The same tensors in another valid layout (reverse name order), as another safetensors writer may
+    lay them out."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    data = blob[8 + n:]
+    new_header, chunks, position = {"__metadata__": header.pop("__metadata__")}, [], 0
+    for name in sorted(header, reverse=True):
+        begin, end = header[name]["data_offsets"]
+        chunks.append(data[begin:end])
+        new_header[name] = dict(header[name], data_offsets=[position, position + end - begin])
+        position += end - begin
+    text = json.dumps(new_header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + b"".join(chunks)
+
+
+def test_agents_blobs_are_one_flat_view_and_other_layouts_are_read_tensor_by_tensor():
+    blob = update(seed=4)
+    flat = check(blob)
+    assert isinstance(flat.tensors, adapter.FlatTensors)
+    assert np.shares_memory(flat.tensors.flat, np.frombuffer(blob, np.uint8))
+    other = check(_reordered(update(seed=5)))
+    assert not isinstance(other.tensors, adapter.FlatTensors)
+    np.testing.assert_array_equal(check(_reordered(blob)).tensors[M.trainable[0].name],
+                                  flat.tensors[M.trainable[0].name])
+    fedavg = FedAvg()  # folds both kinds into the same float64 sums
+    fedavg.begin_round(M.trainable, {})
+    fedavg.accumulate(flat.tensors, 3)
+    fedavg.accumulate(other.tensors, 1)
+    out = fedavg.finalize()
+    a, b = random_adapter(M, 4), random_adapter(M, 5)
+    for name in a:
+        np.testing.assert_allclose(out[name], (3 * a[name].astype(np.float64) + b[name]) / 4, rtol=0, atol=1e-7)
 
 
 def _forged_meta(**changes: str) -> bytes:
@@ -107,7 +152,13 @@ def cases() -> Dict[str, list]:
                       adapter.encode(good, model_id=M.model_id, round=3, kind="global")],
         "bad-dtype": [_forged_meta(dtype="float64"), _forged_meta(dtype="int8"), _mixed_dtype()],
         "bad-num-samples": [_forged_meta(num_samples="0"), _forged_meta(num_samples="-4"),
-                            _forged_meta(num_samples="many"), _forged_meta(num_samples=None)],
+                            _forged_meta(num_samples="many"), _forged_meta(num_samples=None),
+                            # implausible: a float64 weighted sum would overflow, or float() would raise
+                            update(n=DEFAULT_MAX_NUM_SAMPLES + 1), update(n=10 ** 308), update(n=10 ** 400),
+                            _forged_meta(num_samples="9" * 5000),  # longer than int() parses by default
+                            # not the canonical decimal an agent writes (int() would accept each of these)
+                            _forged_meta(num_samples="+5"), _forged_meta(num_samples=" 5"),
+                            _forged_meta(num_samples="1_000"), _forged_meta(num_samples="05")],
         "client-mismatch": [update(client="c2")],
         "foreign-model": [update(model_id="e" * 64)],
         "late": [update(rnd=2), update(rnd=0)],
@@ -124,7 +175,7 @@ def cases() -> Dict[str, list]:
 
 def test_every_rejection_reason_is_detected_with_a_readable_detail():
     all_cases = cases()
-    assert set(all_cases) == set(REASONS)
+    assert set(all_cases) == set(VALIDATION_REASONS) and set(REASONS) == {*VALIDATION_REASONS, NO_ROUND}
     for reason, blobs in all_cases.items():
         for i, item in enumerate(blobs):
             blob, client = item if isinstance(item, tuple) else (item, "c1")
@@ -132,6 +183,17 @@ def test_every_rejection_reason_is_detected_with_a_readable_detail():
                 check(blob, client=client)
             assert err.value.reason == reason, (reason, i, str(err.value))
             assert str(err.value).startswith(f"{reason}: ") and len(err.value.detail) > 5
+            assert len(err.value.detail) < 400, (reason, i)  # a forged header never floods the log or the record
+
+
+def test_the_num_samples_cap_is_inclusive_and_configurable():
+    assert check(update(n=DEFAULT_MAX_NUM_SAMPLES)).meta.num_samples == DEFAULT_MAX_NUM_SAMPLES
+    assert validate_update(update(n=100), "c1", M, ROUND, LIMIT, max_num_samples=100).meta.num_samples == 100
+    with pytest.raises(Rejected, match=r"^bad-num-samples: num_samples='101' is above the cap of 100"):
+        validate_update(update(n=101), "c1", M, ROUND, LIMIT, max_num_samples=100)
+    with pytest.raises(Rejected, match=r"above the cap of 1000000000 \(--max-num-samples\)") as err:
+        check(update(n=10 ** 400))
+    assert err.value.detail.startswith("num_samples='1" + "0" * 30 + "…(403 chars) is above")  # not 401 digits
 
 
 def test_cheap_checks_come_first():

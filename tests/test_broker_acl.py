@@ -64,3 +64,19 @@ def test_tls_with_passwords_from_the_environment(mosquitto_binary, tiny_text_bun
         assert f"OK    broker     mqtts://dev-1@127.0.0.1:{broker.port} accepted an MQTT 5 connection" in out
     finally:
         broker.stop()
+
+
+def test_an_interrupt_while_mosquitto_starts_up_stops_it(mosquitto_binary, tmp_path, monkeypatch):
+    import broker.mosquitto as mosquitto_module
+
+    started = []
+
+    def interrupted(broker, timeout):
+        started.append(broker.process)
+        raise KeyboardInterrupt  # Ctrl-C during the wait for the listener
+
+    monkeypatch.setattr(mosquitto_module, "_wait_listening", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        start_mosquitto(tmp_path / "mosquitto")
+    (process,) = started
+    assert process.poll() is not None  # stopped, not left running

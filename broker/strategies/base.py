@@ -26,11 +26,12 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def accumulate(self, tensors: Mapping[str, np.ndarray], num_samples: int) -> None:
-        """Fold in one validated update."""
+        """Fold in one validated update; ValueError (with no state changed) if it cannot be weighted."""
 
     @abc.abstractmethod
     def finalize(self) -> Optional[Dict[str, np.ndarray]]:
-        """The next global adapter (float32), or None if nothing was accumulated."""
+        """The next global adapter (float32), or None if nothing was accumulated; ValueError if it cannot
+        be computed. The aggregator checks it is finite before it commits or publishes it."""
 
     @property
     @abc.abstractmethod

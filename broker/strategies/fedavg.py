@@ -6,48 +6,76 @@ plays no part: FLORA's server replaces it by the weighted mean of the clients' a
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from edge.adapter import FlatTensors, Layout, layout_of
 from edge.bundle import TensorSpec
 
 from .base import Strategy
 
+#: elements of the float64 scratch buffer (256 KiB): small enough to stay in cache between the multiply
+#: and the add, which makes the fold about a quarter faster than one pass through a full-size buffer
+CHUNK = 32768
+
 
 class FedAvg(Strategy):
-    """Running weighted sums in float64 (one buffer per tensor), divided once at the end."""
+    """Running weighted sums in float64, in one flat buffer in the adapter blob's own layout, divided
+    once at the end. An update in that layout (every agent's) is folded in as one flat array; any
+    other is folded in tensor by tensor into the same buffer."""
 
     name = "fedavg"
 
     def __init__(self) -> None:
-        self._sums: Dict[str, np.ndarray] = {}
-        self._scratch: Dict[str, np.ndarray] = {}
+        self._layout: Optional[Layout] = None
+        self._sum = np.zeros(0, np.float64)
+        self._by_name: Dict[str, np.ndarray] = {}  # flat views of _sum, by tensor name
+        self._scratch = np.full(CHUNK, 0.0)
         self._weight = 0
         self._count = 0
 
     def begin_round(self, specs: Sequence[TensorSpec], current_global: Mapping[str, np.ndarray]) -> None:
-        self._sums = {s.name: np.zeros(s.shape, np.float64) for s in specs}
-        self._scratch = {s.name: np.empty(s.shape, np.float64) for s in specs}
+        self._layout = layout_of(tuple(specs))
+        self._sum = np.full(self._layout.numel, 0.0)  # np.full writes every page now, not on the first update
+        self._by_name = {name: self._sum[a:b] for name, _, a, b in self._layout.entries}
         self._weight = 0
         self._count = 0
 
     def accumulate(self, tensors: Mapping[str, np.ndarray], num_samples: int) -> None:
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        if not self._sums:
+        weight = _as_weight(num_samples)  # checked before any sum is touched
+        if self._layout is None:
             raise RuntimeError("accumulate() before begin_round()")
-        for name, total in self._sums.items():
-            scratch = self._scratch[name]
-            np.multiply(tensors[name], float(num_samples), out=scratch, dtype=np.float64)
-            total += scratch
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow shows as inf: the caller checks
+            if isinstance(tensors, FlatTensors) and tensors.layout is self._layout:
+                self._fold(tensors.flat, self._sum, weight)
+            else:
+                for name, total in self._by_name.items():
+                    self._fold(np.ravel(tensors[name]), total, weight)
         self._weight += num_samples
         self._count += 1
+
+    def _fold(self, values: np.ndarray, total: np.ndarray, weight: float) -> None:
+        """total += weight * values in float64, one cache-sized chunk at a time."""
+        for start in range(0, len(values), CHUNK):
+            part = self._scratch[: min(CHUNK, len(values) - start)]
+            np.multiply(values[start : start + CHUNK], weight, out=part, dtype=np.float64)
+            target = total[start : start + CHUNK]
+            target += part
 
     def finalize(self) -> Optional[Dict[str, np.ndarray]]:
         if self._count == 0:
             return None
-        return {name: (total / self._weight).astype(np.float32) for name, total in self._sums.items()}
+        try:
+            weight = float(self._weight)  # exact below 2**53
+        except OverflowError:
+            raise ValueError(f"the round's total weight ({len(str(self._weight))} digits) is too large for float64"
+                             ) from None
+        assert self._layout is not None
+        with np.errstate(over="ignore", invalid="ignore"):  # the caller checks that the result is finite
+            mean = (self._sum / weight).astype(np.float32)
+        return self._layout.split(mean)
 
     @property
     def count(self) -> int:
@@ -56,3 +84,16 @@ class FedAvg(Strategy):
     @property
     def total_samples(self) -> int:
         return self._weight
+
+
+def _as_weight(num_samples: int) -> float:
+    """num_samples as a float64 weight; ValueError unless it is a positive integer a float64 holds."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    try:
+        weight = float(num_samples)
+    except OverflowError:
+        raise ValueError(f"num_samples {str(num_samples)[:12]}… is too large for a float64 weight") from None
+    if not math.isfinite(weight):  # pragma: no cover - float() of an int raises rather than return inf
+        raise ValueError(f"num_samples {num_samples} is not a finite weight")
+    return weight
