@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .config import ConfigError, load_toml, merge_config
+from .config import ConfigError, explicit_options, load_toml, merge_config
 
 RUN_KEYS = (
     "bundle", "data", "broker", "client_id", "federation", "state_dir", "backend", "providers", "threads",
@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="trainer backend (default: ort-training where it is installed, else step)")
     run.add_argument("--providers", type=_providers, help="execution providers for step, e.g. cuda,cpu")
     run.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
-    run.add_argument("--shots", type=int, help="keep K images per class (few-shot, seeded)")
+    run.add_argument("--shots", type=int, metavar="K",
+                     help="few-shot: train on K images per class (seeded), picked after the --val-fraction "
+                          "validation split is taken from all images, so training gets K per class")
     run.add_argument("--val-fraction", type=float, default=0.1, help="local validation split (default %(default)s)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--fp16-updates", action="store_true", help="send updates as float16 (half the bytes)")
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", type=Path, help="agent TOML config (bundle, broker, credentials are read)")
     doctor.add_argument("--bundle", type=Path)
     add_connection_options(doctor)
+    doctor.add_argument("--federation", help="federation whose retained round gives the batch size "
+                                             "(default: the config file's, else 'default')")
     doctor.add_argument("--backend", default="auto", choices=["auto", "ort-training", "step"])
     doctor.add_argument("--providers", type=_providers)
     doctor.add_argument("--threads", type=int)
@@ -80,18 +84,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    given = explicit_options(sub, argv[1:])  # these win over the config file, whatever their value
     try:
         config = load_toml(args.config)
         if args.command == "doctor":
             config = {k: v for k, v in config.items() if hasattr(args, k)}
-            args = merge_config(args, sub, config, vars(args))
+            args = merge_config(args, sub, config, vars(args), given)
             if isinstance(args.providers, str):
                 args.providers = _providers(args.providers)
             _setup_logging(args.log_level)
             from .doctor import run_doctor
 
             return run_doctor(args)
-        args = merge_config(args, sub, config, RUN_KEYS)
+        args = merge_config(args, sub, config, RUN_KEYS, given)
     except ConfigError as exc:
         print(f"flora-agent: error: {exc}", file=sys.stderr)
         return 2

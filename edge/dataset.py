@@ -2,6 +2,7 @@
 
 Labels are indices into the bundle's class list (`Manifest.classes`). Helpers pick K images per
 class (few-shot) and split off a stratified validation set; both are seeded and keep the input order.
+`split_local` does both in the agent's order: the validation split first, then K per class.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
 from .fileio import PathLike
 
@@ -204,3 +206,45 @@ def train_val_split(samples: Sequence[Sample], fraction: float, seed: int) -> Tu
     labels = np.array([s.label for s in samples], dtype=np.int64)
     train_idx, val_idx = stratified_split(labels, fraction, seed)
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+
+
+def split_local(samples: Sequence[Sample], val_fraction: float, shots: Optional[int],
+                seed: int) -> Tuple[List[Sample], List[Sample]]:
+    """A device's (training, validation) lists: the stratified validation split is taken from all
+    images first, then `shots` training images per class are kept (seeded; None keeps them all),
+    so few-shot training gets K per class wherever a class has K left after the split."""
+    train, val = train_val_split(samples, val_fraction, seed)
+    if shots:
+        train = few_shot(train, shots, seed)
+    return train, val
+
+
+def unreadable_images(paths: Sequence[PathLike],
+                      progress: Optional[Callable[[int, int], None]] = None) -> Dict[int, str]:
+    """{index: reason} of the files Pillow cannot decode (a full decode; JPEGs at reduced scale).
+
+    `progress(done, total)` is called after every image.
+    """
+    bad: Dict[int, str] = {}
+    for i, path in enumerate(paths):
+        if progress is not None and i:
+            progress(i, len(paths))
+        try:
+            with Image.open(path) as img:
+                img.draft(img.mode, (1, 1))  # JPEG: decode at 1/8 scale; the whole stream is still read
+                img.load()
+        except Exception as exc:  # Pillow raises many types for a broken file
+            bad[i] = f"{type(exc).__name__}: {exc}"
+    if progress is not None and paths:
+        progress(len(paths), len(paths))
+    return bad
+
+
+def report_unreadable(paths: Sequence[PathLike], bad: Mapping[int, str], first: int = 5) -> None:
+    """One warning naming the unreadable images: how many, the first few paths, the first reason."""
+    if not bad:
+        return
+    idx = sorted(bad)
+    names = ", ".join(str(paths[i]) for i in idx[:first]) + (", ..." if len(idx) > first else "")
+    log.warning("%d of %d images cannot be read and are left out: %s (first reason: %s)",
+                len(idx), len(paths), names, bad[idx[0]])

@@ -12,14 +12,14 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .bundle import IMAGE_ENCODER, Bundle
+from .bundle import IMAGE_ENCODER, Bundle, Manifest, Preprocess
 from .fileio import PathLike
 from .ort import inference_session
-from .preprocess import preprocess_batch
+from .preprocess import ImageError, preprocess, preprocess_batch
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,27 @@ class ImageEncoder:
         return self._session.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]
 
 
+class ProgressMeter:
+    """Periodic progress lines for a long phase: done/total, percent, items per second, time left."""
+
+    def __init__(self, what: str, total: int, every_s: float = 5.0,
+                 callback: Optional[Callable[[int, int], None]] = None) -> None:
+        self.what, self.total, self.every_s, self.callback = what, total, every_s, callback
+        self.t0 = self._last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        if self.callback is not None:
+            self.callback(done, self.total)
+        now = time.perf_counter()
+        if now - self._last < self.every_s and done < self.total:
+            return
+        self._last = now
+        rate = done / max(now - self.t0, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        log.info("%s: %d/%d images (%.0f%%), %.1f img/s, %.0f s left", self.what, done, self.total,
+                 100.0 * done / max(self.total, 1), rate, left)
+
+
 def image_features(
     bundle: Bundle,
     paths: Sequence[PathLike],
@@ -104,42 +125,123 @@ def image_features(
     batch_size: int = 32,
     encoder: Optional[ImageEncoder] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    progress_every_s: float = 5.0,
     threads: Optional[int] = None,
     providers: Optional[List[str]] = None,
 ) -> np.ndarray:
     """Features (N, D) of the images, from the cache where present, else computed (and cached).
 
     The image encoder session is only created (with `threads` and `providers`) if an image misses.
+    While computing, a progress line (images done/total, img/s) is logged every `progress_every_s`
+    seconds and at the end; `progress(done, total)` is called after every batch. An unreadable
+    image raises ImageError naming it (see `readable_image_features` to skip those instead).
     """
+    feats, _ = _features(bundle, paths, cache, skip=False, batch_size=batch_size, encoder=encoder,
+                         progress=progress, progress_every_s=progress_every_s, threads=threads,
+                         providers=providers)
+    return feats
+
+
+def readable_image_features(
+    bundle: Bundle,
+    paths: Sequence[PathLike],
+    cache: Optional[FeatureCache] = None,
+    **options,
+) -> Tuple[np.ndarray, Dict[int, str]]:
+    """As `image_features`, but an image that cannot be read or decoded is skipped: returns the
+    features of the readable images (in order) and {index into paths: reason} of the others."""
+    return _features(bundle, paths, cache, skip=True, **options)
+
+
+def _features(
+    bundle: Bundle,
+    paths: Sequence[PathLike],
+    cache: Optional[FeatureCache],
+    *,
+    skip: bool,
+    batch_size: int = 32,
+    encoder: Optional[ImageEncoder] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    progress_every_s: float = 5.0,
+    threads: Optional[int] = None,
+    providers: Optional[List[str]] = None,
+) -> Tuple[np.ndarray, Dict[int, str]]:
     manifest = bundle.manifest
     if not manifest.needs_image_encoder:
         raise ValueError("this bundle trains the image tower; it takes pixels, not cached features")
-    hashes = [file_sha256(p) for p in paths]
-    cached = cache.get_many(manifest.model_id, hashes) if cache is not None else {}
-    todo = [i for i, h in enumerate(hashes) if h not in cached]
-    first_of = {}
-    for i in todo:
-        first_of.setdefault(hashes[i], i)
+    bad: Dict[int, str] = {}
+    hashes = _hashes(paths, bad if skip else None)
+    cached = cache.get_many(manifest.model_id, [h for h in hashes if h]) if cache is not None else {}
+    first_of: Dict[str, int] = {}
+    for i, h in enumerate(hashes):
+        if h and h not in cached:
+            first_of.setdefault(h, i)
     missing = list(first_of.values())
     if missing:
+        hits = sum(1 for h in hashes if h in cached)
         encoder = encoder or ImageEncoder(bundle, threads, providers)
         t0 = time.perf_counter()
-        computed: Dict[str, np.ndarray] = {}
-        for start in range(0, len(missing), batch_size):
-            idx = missing[start : start + batch_size]
-            feats = encoder(preprocess_batch([paths[i] for i in idx], manifest.preprocess))
-            for i, f in zip(idx, feats):
+        computed = _encode(encoder, paths, hashes, missing, manifest, cache, batch_size, bad if skip else None,
+                           ProgressMeter("image features", len(missing), progress_every_s, progress))
+        dt = time.perf_counter() - t0
+        log.info("computed features of %d images in %.1f s (%.1f ms/image); %d from the cache",
+                 len(computed), dt, 1e3 * dt / len(missing), hits)
+        cached.update(computed)
+    else:
+        log.info("all %d image features came from the cache", len(paths))
+    broken = {h for i, h in enumerate(hashes) if i in bad and h}
+    for i, h in enumerate(hashes):  # a copy of an undecodable file is undecodable too
+        if h in broken and i not in bad:
+            bad[i] = bad[first_of[h]]
+    rows = [cached[h] for i, h in enumerate(hashes) if i not in bad]
+    if not rows:
+        return np.zeros((0, manifest.feature_dim), np.float32), bad
+    return np.stack(rows), bad
+
+
+def _hashes(paths: Sequence[PathLike], bad: Optional[Dict[int, str]]) -> List[str]:
+    """Content hashes; "" for a file that cannot be read when skipping (`bad` collects why)."""
+    hashes: List[str] = []
+    for i, path in enumerate(paths):
+        try:
+            hashes.append(file_sha256(path))
+        except OSError as exc:
+            if bad is None:
+                raise
+            bad[i] = f"cannot read it: {exc}"
+            hashes.append("")
+    return hashes
+
+
+def _encode(encoder: ImageEncoder, paths: Sequence[PathLike], hashes: Sequence[str], missing: Sequence[int],
+            manifest: Manifest, cache: Optional[FeatureCache], batch_size: int, bad: Optional[Dict[int, str]],
+            meter: ProgressMeter) -> Dict[str, np.ndarray]:
+    """Features of the images at `missing` (one per distinct hash), cached batch by batch."""
+    computed: Dict[str, np.ndarray] = {}
+    for start in range(0, len(missing), batch_size):
+        pixels, idx = _decode(paths, missing[start : start + batch_size], manifest.preprocess, bad)
+        if idx:
+            for i, f in zip(idx, encoder(pixels)):
                 computed[hashes[i]] = f.astype(np.float32)
             if cache is not None:
                 cache.put_many(manifest.model_id, {hashes[i]: computed[hashes[i]] for i in idx})
-            if progress:
-                progress(min(start + batch_size, len(missing)), len(missing))
-        cached.update(computed)
-        dt = time.perf_counter() - t0
-        log.info("computed features of %d images in %.1f s (%.1f ms/image); %d from the cache",
-                 len(missing), dt, 1e3 * dt / len(missing), len(paths) - len(todo))
-    else:
-        log.info("all %d image features came from the cache", len(paths))
-    if not paths:
-        return np.zeros((0, manifest.feature_dim), np.float32)
-    return np.stack([cached[h] for h in hashes])
+        meter.update(min(start + batch_size, len(missing)))
+    return computed
+
+
+def _decode(paths: Sequence[PathLike], idx: Sequence[int], pre: Preprocess,
+            bad: Optional[Dict[int, str]]) -> Tuple[np.ndarray, List[int]]:
+    """Pixels of the images at `idx`; with `bad`, undecodable ones are left out (and recorded there)."""
+    try:
+        return preprocess_batch([paths[i] for i in idx], pre), list(idx)
+    except ImageError:
+        if bad is None:
+            raise
+    arrays, ok = [], []
+    for i in idx:
+        try:
+            arrays.append(preprocess(paths[i], pre))
+            ok.append(i)
+        except ImageError as exc:
+            bad[i] = str(exc)
+    return (np.stack(arrays) if arrays else np.zeros((0,), np.float32)), ok

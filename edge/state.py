@@ -2,12 +2,16 @@
 
 Everything is written with write-then-rename, so a crash leaves either the old or the new file.
 A round's update is stored (the outbox) before it is published and marked sent once the broker
-acknowledged it: after a crash in between, the same bytes are sent again (the aggregator drops a
-duplicate), and a round is never trained or submitted a second time.
+acknowledged it: after a crash in between, the same bytes are sent again by the restarted agent
+(the aggregator drops a duplicate), and a round is never trained or submitted a second time.
+
+The record of submitted rounds holds for one federation run: one federation name and the
+aggregator's `run_id`. Another federation, or another run_id, starts a fresh record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +32,8 @@ class StateError(RuntimeError):
 class AgentState:
     client_id: Optional[str] = None
     model_id: Optional[str] = None
+    federation: Optional[str] = None  # the federation the record of submitted rounds is for
+    run_id: str = ""  # the aggregator's run the record is for ("" before the first run_id seen)
     last_submitted_round: Optional[int] = None  # trained and stored in the outbox
     outbox_round: Optional[int] = None  # round of the update in the outbox
     outbox_sent: bool = True  # the broker acknowledged the outbox update
@@ -36,6 +42,17 @@ class AgentState:
 
     def submitted(self, round_: int) -> bool:
         return self.last_submitted_round is not None and round_ <= self.last_submitted_round
+
+    @property
+    def outbox_pending(self) -> bool:
+        """An update is stored that the broker has not acknowledged."""
+        return self.outbox_round is not None and not self.outbox_sent
+
+    def forget_submissions(self) -> None:
+        """Start a fresh record of submitted rounds (another federation or run); drops the outbox."""
+        self.last_submitted_round = None
+        self.outbox_round = None
+        self.outbox_sent = True
 
 
 class StateStore:
@@ -65,6 +82,12 @@ class StateStore:
     def save_global(self, blob: bytes) -> None:
         atomic_write_bytes(self.dir / GLOBAL_FILE, blob)
 
+    def record_global(self, state: AgentState, blob: bytes, round_: int, sha256: str) -> None:
+        """Persist the global adapter just applied: the file, then its round and hash in the state."""
+        self.save_global(blob)
+        state.global_round, state.global_sha256 = round_, sha256
+        self.save(state)
+
     def load_global(self) -> Optional[bytes]:
         path = self.dir / GLOBAL_FILE
         return path.read_bytes() if path.exists() else None
@@ -84,3 +107,11 @@ class StateStore:
     def mark_sent(self, state: AgentState) -> None:
         state.outbox_sent = True
         self.save(state)
+
+    def start_run(self, state: AgentState, federation: Optional[str], run_id: str) -> None:
+        """A fresh record of submitted rounds for (federation, run_id); the old outbox is deleted."""
+        state.forget_submissions()
+        state.federation, state.run_id = federation, run_id
+        self.save(state)
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / OUTBOX_FILE).unlink()

@@ -13,7 +13,7 @@ import numpy as np
 
 from .fileio import PathLike
 from .preprocess import preprocess_batch
-from .trainers.base import Trainer
+from .trainers.base import Trainer, TrainerError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,17 @@ class Evaluation:
     samples: int
 
 
-def evaluate(model, data: LocalData, batch_size: int = 256) -> Optional[Evaluation]:
+#: validation batch for cached features (cheap: the class prompts go through the text tower once a batch)
+FEATURE_EVAL_BATCH = 256
+
+
+def eval_batch_size(input_kind: str, train_batch: int) -> int:
+    """Validate features in large batches, pixels at the training batch (a pixel batch's memory grows
+    with its size, and the step backend evaluates through its training graph)."""
+    return FEATURE_EVAL_BATCH if input_kind == "features" else train_batch
+
+
+def evaluate(model, data: LocalData, batch_size: int = FEATURE_EVAL_BATCH) -> Optional[Evaluation]:
     """Mean cross-entropy and accuracy of `model`'s current adapter (a Trainer, or anything with
     `evaluate_batch(inputs, labels)`); None for no data."""
     if len(data) == 0:
@@ -109,7 +119,10 @@ def train_round(
     progress_every_s: float = 5.0,
     should_stop: Optional[Callable[[], bool]] = None,
 ) -> RoundResult:
-    """Run `epochs` shuffled passes of AdamW steps over `data` (the trainer holds lr and weights)."""
+    """Run `epochs` shuffled passes of AdamW steps over `data` (the trainer holds lr and weights).
+
+    Raises TrainerError on a non-finite loss, ImageError for an image that cannot be decoded.
+    """
     if len(data) == 0:
         raise ValueError("no training samples")
     rng = np.random.default_rng(seed)
@@ -125,6 +138,8 @@ def train_round(
             t0 = time.perf_counter()
             result = trainer.train_step(x, data.labels[idx])
             step_time += time.perf_counter() - t0
+            if not np.isfinite(result.loss):  # the step backend checks this itself; ort-training does not
+                raise TrainerError(f"epoch {epoch + 1} step {k + 1} produced a non-finite loss ({result.loss})")
             steps += 1
             loss_sum += result.loss * result.count
             correct += result.correct

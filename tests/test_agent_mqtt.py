@@ -14,12 +14,15 @@ from typing import Callable, List, Tuple
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from edge import adapter
 from edge.bundle import ADAPTER
+from edge.dataset import load_dataset, split_local
 from edge.fileio import sha256_bytes
 from edge.mqtt import BrokerConfig, Connection, make_client
 from edge.protocol import RoundAnnouncement, Status, Topics, TrainConfig
+from edge.state import AgentState, StateStore
 from sim.datasets import write_digits
 
 pytestmark = pytest.mark.mqtt
@@ -51,9 +54,10 @@ class ScriptedAggregator:
         self.client.publish(self.topics.global_, blob, qos=1, retain=True).wait_for_publish(5)
         return blob
 
-    def publish_round(self, round_: int, blob: bytes, epochs: int = 1, state: str = "training") -> None:
+    def publish_round(self, round_: int, blob: bytes, epochs: int = 1, state: str = "training",
+                      run_id: str = "") -> None:
         ann = RoundAnnouncement(round_, self.manifest.model_id, state, TrainConfig(epochs=epochs, lr=5e-3,
-                                batch_size=32), "all", time.time() + 600, sha256_bytes(blob), 5)
+                                batch_size=32), "all", time.time() + 600, sha256_bytes(blob), 5, run_id=run_id)
         self.client.publish(self.topics.round, ann.to_json(), qos=1, retain=True).wait_for_publish(5)
 
     def of(self, kind: str) -> List[bytes]:
@@ -109,10 +113,14 @@ def test_agent_trains_submits_refuses_foreign_globals_and_never_submits_twice(
         agg.publish_round(0, g0)
         agg.wait(lambda: agg.updates(0), 60, "the round-0 update")
         (update,) = agg.updates(0)
-        n_train = n_images - round(0.2 * n_images)
+        n_train = len(split_local(load_dataset(csv_path, list(m.classes)), 0.2, None, 0)[0])
         assert update.meta.kind == "update" and update.meta.client_id == "dev-1"
         assert update.meta.model_id == m.model_id and update.meta.dtype == "float16"
-        assert abs(update.meta.num_samples - n_train) <= 10  # stratified 80 % of the device's images
+        assert update.meta.num_samples == n_train  # the stratified split is deterministic
+        assert n_train == n_images - round(0.2 * n_images)
+        text = log.read_text()  # progress lines a journalctl reader can follow
+        assert f"image features: {n_images}/{n_images} images (100%)" in text and " img/s" in text
+        assert "round 0: epoch 1/1 step" in text
         moved = max(float(np.abs(update.tensors[k].astype(np.float32) - initial[k]).max()) for k in initial)
         assert moved > 1e-3
         agg.wait(lambda: agg.of("metrics"), 10, "metrics")
@@ -156,6 +164,43 @@ def test_agent_trains_submits_refuses_foreign_globals_and_never_submits_twice(
         assert agent.wait(30) == 0
         assert agg.statuses()[-1].state == "offline"
         assert log.read_text().count("sent update") == 2
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        agg.conn.stop()
+
+
+def test_restarted_agent_sends_its_unacknowledged_update_once_and_never_retrains(
+        mosquitto, tiny_text_bundle, tmp_path):
+    """A crash between storing an update and the broker's ack: the restart sends those bytes, once."""
+    m = tiny_text_bundle.manifest
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for name in ("zero", "one"):
+        (data / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(data / name / f"{i}.png")
+    initial = adapter.load_file(tiny_text_bundle.path(ADAPTER)).tensors
+    stored = adapter.encode({k: v + 0.5 for k, v in initial.items()}, model_id=m.model_id, round=0, kind="update",
+                            client_id="dev-1", num_samples=7)
+    state_dir, log = tmp_path / "state", tmp_path / "agent.log"
+    store = StateStore(state_dir)
+    store.stash_update(AgentState(client_id="dev-1", model_id=m.model_id, federation=FED, run_id="run-1"), 0, stored)
+    agg = ScriptedAggregator(mosquitto.url, m)
+    g0 = agg.publish_global(initial, 0)
+    agg.publish_round(0, g0, run_id="run-1")
+    agent = start_agent(tiny_text_bundle, data, mosquitto.url, state_dir, log)
+    try:
+        agg.wait(lambda: agg.of("update"), 60, "the stored update")
+        agg.wait(lambda: store.load().outbox_sent, 10, "the outbox marked sent")
+        agg.publish_round(0, g0, run_id="run-1")  # the round again, as a re-announcing aggregator does
+        time.sleep(2.0)
+        assert agg.of("update") == [stored]  # those exact bytes, once
+        text = log.read_text()
+        assert "re-sending the stored update of round 0" in text and "round 0: training" not in text
+        assert "round 0 was already submitted" in text
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(15) == 0
     finally:
         if agent.poll() is None:
             agent.kill()

@@ -17,8 +17,11 @@ from edge.dataset import (
     load_csv,
     load_dataset,
     load_image_folder,
+    report_unreadable,
+    split_local,
     stratified_split,
     train_val_split,
+    unreadable_images,
 )
 
 CLASSES = ["cat", "dog", "fox"]
@@ -224,3 +227,38 @@ def test_small_classes_still_give_the_requested_validation_size():
     np.testing.assert_array_equal(np.sort(np.concatenate([keep, split])), np.arange(40))
     other = stratified_split(labels, 0.1, seed=3)[1]
     assert not np.array_equal(split, other)  # which classes give the extra one is seeded
+
+
+# -- the agent's local split: validation first, then K shots ------------------------------------
+
+def test_shots_are_taken_after_the_validation_split():
+    samples = samples_of([20, 20, 20])
+    train, val = split_local(samples, 0.2, shots=16, seed=0)
+    assert Counter(s.label for s in train) == {0: 16, 1: 16, 2: 16}  # K per class for training
+    assert Counter(s.label for s in val) == {0: 4, 1: 4, 2: 4}  # the split comes from all 60 images
+    assert not set(train) & set(val)
+    assert (train, val) == split_local(samples, 0.2, shots=16, seed=0)
+    assert split_local(samples, 0.2, shots=4, seed=1)[0] != split_local(samples, 0.2, shots=4, seed=2)[0]
+    assert split_local(samples, 0.2, shots=None, seed=0) == train_val_split(samples, 0.2, seed=0)
+    short_train, _ = split_local(samples_of([20, 6]), 0.5, shots=4, seed=0)
+    assert Counter(s.label for s in short_train) == {0: 4, 1: 3}  # 6 - 3 held out: fewer than K left
+
+
+def test_unreadable_images_are_found_and_reported_once(tmp_path, caplog):
+    root = make_folder(tmp_path / "data", {"cat": 3})
+    good = sorted((root / "cat").iterdir())
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(root / "cat" / "photo.jpg", quality=90)
+    data = (root / "cat" / "photo.jpg").read_bytes()
+    (root / "cat" / "cut.jpg").write_bytes(data[: len(data) // 2])  # a truncated JPEG
+    (root / "cat" / "text.png").write_text("not an image")
+    paths = [*good, root / "cat" / "photo.jpg", root / "cat" / "cut.jpg", root / "cat" / "text.png",
+             root / "cat" / "gone.png"]
+    done = []
+    bad = unreadable_images(paths, progress=lambda d, t: done.append((d, t)))
+    assert sorted(bad) == [4, 5, 6] and "truncated" in bad[4].lower() and done[-1] == (7, 7)
+    with caplog.at_level(logging.WARNING, logger="edge.dataset"):
+        report_unreadable(paths, bad, first=2)
+        report_unreadable(paths, {})
+    (record,) = caplog.records
+    assert record.getMessage().startswith(f"3 of 7 images cannot be read and are left out: {paths[4]}, {paths[5]}, ...")
+    assert "first reason: OSError" in record.getMessage()
