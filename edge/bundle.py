@@ -111,6 +111,8 @@ class Manifest:
     backends: Tuple[str, ...]
     optimizer: OptimizerConfig
     files: Dict[str, str]  # file name -> sha256
+    #: ONNX file -> the external data files its weights live in (graphs over protobuf's 2 GB limit)
+    external_data: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     onnx: Dict[str, Any] = field(default_factory=dict)
     created: Dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
@@ -232,9 +234,23 @@ def _manifest_from_dict(d: Dict[str, Any]) -> Manifest:
         backends=backends,
         optimizer=opt,
         files={str(k): str(v) for k, v in d["files"].items()},
+        external_data=_external_data_from(d.get("external_data", {})),
         onnx=dict(d.get("onnx", {})),
         created=dict(d.get("created", {})),
     )
+
+
+def _plain_file_name(name: str) -> str:
+    """`name` if it names a file directly inside the bundle folder, else BundleError."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise BundleError(f"manifest names {name!r}, which is not a file name inside the bundle folder")
+    return name
+
+
+def _external_data_from(d: Dict[str, Any]) -> Dict[str, Tuple[str, ...]]:
+    if not isinstance(d, dict):
+        raise BundleError("manifest external_data must map ONNX file names to lists of data files")
+    return {_plain_file_name(str(k)): tuple(_plain_file_name(str(f)) for f in v) for k, v in d.items()}
 
 
 def required_files(input_kind: str, backends: Sequence[str]) -> List[str]:
@@ -261,6 +277,23 @@ class Bundle:
         return backend in self.manifest.backends
 
 
+def is_bundle(path: PathLike) -> bool:
+    """Whether `path` is a folder with a manifest.json whose `format` is flora-bundle (nothing else is read)."""
+    manifest = Path(path) / MANIFEST
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def files_to_check(manifest: Manifest, backends: Optional[Sequence[str]] = None) -> List[str]:
+    """The files `load_bundle` checks for `backends` (default: all the bundle's): the always-present
+    ones, the image encoder in `features` mode, each backend's files, and their external data files."""
+    needed = required_files(manifest.input_kind, backends if backends is not None else manifest.backends)
+    return needed + [data for name in needed for data in manifest.external_data.get(name, ())]
+
+
 def load_manifest(path: PathLike) -> Manifest:
     """Parse a manifest.json file (or the manifest of a bundle folder)."""
     p = Path(path)
@@ -278,14 +311,16 @@ def load_manifest(path: PathLike) -> Manifest:
 
 
 def load_bundle(root: PathLike, verify: bool = True, backends: Optional[Sequence[str]] = None) -> Bundle:
-    """Load a bundle folder; with `verify`, check every listed file exists and matches its sha256.
+    """Load a bundle folder and check the files of `backends` (default: every backend it holds).
 
-    `backends` limits the check to the files those backends need (a device that runs `step`
-    need not hold the ORT training artifacts).
+    The files are those of `files_to_check`; each must be listed in the manifest's `files`, and with
+    `verify` exist as a regular file whose sha256 matches. A device that runs `step` need not hold
+    the ORT training artifacts. Files of other backends, and files the manifest does not list, are
+    not looked at.
     """
     root_p = Path(root)
     manifest = load_manifest(root_p)
-    needed = required_files(manifest.input_kind, backends if backends is not None else manifest.backends)
+    needed = files_to_check(manifest, backends)
     missing = [name for name in needed if name not in manifest.files]
     if missing:
         raise BundleError(f"manifest of {root_p} does not list required files {missing}")

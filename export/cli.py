@@ -84,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             force=args.force,
         )
         export_bundle(opts, say)
-    except (ExportError, WeightsError, UnknownPresetError, ValueError) as exc:
+    except (ExportError, WeightsError, UnknownPresetError, ValueError, OSError) as exc:
         print(f"flora-export: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

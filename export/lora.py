@@ -95,7 +95,10 @@ class LoraSpec:
             raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
         bad = [t for t in self.targets if t not in ALL_TARGETS]
         if bad or not self.targets:
-            raise ValueError(f"LoRA targets {list(self.targets)} must be a non-empty subset of {list(ALL_TARGETS)}")
+            unknown = f" (unknown: {', '.join(map(repr, bad))})" if bad else ""
+            raise ValueError(
+                f"LoRA targets {list(self.targets)}{unknown} must be a non-empty subset of {list(ALL_TARGETS)}"
+            )
         if len(set(self.targets)) != len(self.targets):
             raise ValueError(f"LoRA targets {list(self.targets)} repeat an entry")
 

@@ -5,19 +5,25 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-#: ONNX opset of every bundle graph: LayerNormalization is a single op from 17 on, and
-#: onnxruntime-training 1.17-1.19 and every onnxruntime >= 1.14 run it.
+#: ONNX opset of every bundle graph except train_step.onnx: LayerNormalization is a single op
+#: from 17 on.
 OPSET = 17
 #: IR version stamped on every bundle graph. Newer `onnx` packages stamp IR 10+, which older
-#: runtimes refuse (onnxruntime 1.19, onnxruntime-training's last release, reads up to 10; the
-#: 1.15-1.16 builds on JetPack 5 up to 9); our graphs use nothing newer than IR 8 (opset 17/18).
+#: runtimes refuse (onnxruntime-training 1.19, its last release, reads up to 10); our graphs use
+#: nothing newer than IR 8 (opset 17/18).
 MAX_IR_VERSION = 8
+#: The onnxruntime builds the project's tests run the bundle graphs on (Python 3.11): onnxruntime-training
+#: 1.19.2, its last release, for every graph (tests/test_export.py, tests/test_step_backend.py), and for
+#: the `step` backend without torch the plain onnxruntime that `pip install onnxruntime` gave, 1.32.0
+#: (also under aarch64 emulation, tests/test_arm64.py), and the oldest the `edge` extra admits, 1.16.3.
+TESTED_ONNXRUNTIME = {"onnxruntime-training": "1.19.2", "onnxruntime": "1.32.0", "onnxruntime-oldest": "1.16.3"}
 #: protobuf's limit; larger models keep their weights in an external data file.
 _PROTO_LIMIT = 2_000_000_000
 
@@ -44,7 +50,7 @@ def export_graph(
         # grad. Only the top-level flag is set: every submodule stays in eval mode.
         module.training = True
     try:
-        with warnings.catch_warnings(), mha_fastpath_disabled():
+        with warnings.catch_warnings(), mha_fastpath_disabled(), packed_projection_as_split():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
@@ -76,6 +82,34 @@ def mha_fastpath_disabled() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(previous)
+
+
+@contextlib.contextmanager
+def packed_projection_as_split() -> Iterator[None]:
+    """Project self-attention's q, k and v with three slices of the packed weight, not by indexing.
+
+    torch projects once with the packed (3E, E) weight, stacks the result to (3, ..., E) and takes
+    [0], [1] and [2]: three Gathers, whose training gradient (onnxruntime's GatherGrad, a scatter-add)
+    took 39 % of a ViT-B/32 vision-tower step. Three linears with the weight's row blocks give the same
+    q, k, v (rows are packed in q, k, v order); their gradients meet at the weight (small) instead of at
+    a (3, tokens, E) activation: measured on the vision tower at batch 32, 3.8 s a step and 1792 MiB
+    instead of 9.2 s and 1725 MiB (Gather) or 5.1 s and 2043 MiB (chunking the projection).
+    `multi_head_attention_forward` looks `_in_projection_packed` up at call time, so swapping it for
+    the trace is enough.
+    """
+    original = F._in_projection_packed
+
+    def as_split(q, k, v, w, b=None):
+        if q is k and k is v:
+            biases = b.chunk(3) if b is not None else (None, None, None)
+            return [F.linear(q, w_part, b_part) for w_part, b_part in zip(w.chunk(3), biases)]
+        return original(q, k, v, w, b)
+
+    F._in_projection_packed = as_split
+    try:
+        yield
+    finally:
+        F._in_projection_packed = original
 
 
 class _BytesSink:
@@ -136,6 +170,33 @@ def cap_ir_version(model: onnx.ModelProto) -> onnx.ModelProto:
     if model.ir_version > MAX_IR_VERSION:
         model.ir_version = MAX_IR_VERSION
     return model
+
+
+def external_data_files(path: Path) -> List[str]:
+    """The external data files (names beside `path`) that the saved ONNX model at `path` reads."""
+    model = onnx.load(str(path), load_external_data=False)
+    locations = set()
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if not location or Path(location).name != location or location in (".", ".."):
+                raise RuntimeError(f"{path.name} keeps tensor {tensor.name} in {location!r}, outside its folder")
+            locations.add(location)
+    return sorted(locations)
+
+
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor of a graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

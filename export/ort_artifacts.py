@@ -19,6 +19,8 @@ from .onnx_export import MAX_IR_VERSION, cap_ir_version, initializer_names
 log = logging.getLogger(__name__)
 
 LOGITS = "logits"
+#: name of the training and eval models' first output (onnxblock would call it `onnx::loss::<n>`)
+LOSS = "loss"
 
 
 @contextlib.contextmanager
@@ -49,7 +51,7 @@ def generate(
 
     `forward` maps (input, ) -> logits; the artifacts add cross-entropy against a `labels` input,
     the gradient graph for exactly the `trainable` initializers (every other initializer frozen),
-    and an AdamW optimizer graph. Training and eval models output (loss, logits).
+    and an AdamW optimizer graph. Training and eval models output (`loss`, `logits`).
     """
     from onnxruntime.training import artifacts
 
@@ -70,7 +72,7 @@ def generate(
                 forward,
                 requires_grad=list(trainable),
                 frozen_params=frozen,
-                loss=artifacts.LossType.CrossEntropyLoss,
+                loss=_cross_entropy_named(LOSS),
                 optimizer=adamw,
                 artifact_directory=str(out_dir),
                 additional_output_names=[LOGITS],
@@ -78,10 +80,7 @@ def generate(
     finally:
         logging.getLogger().setLevel(previous)
     for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL):
-        path = out_dir / name
-        model = onnx.load(str(path))
-        if model.ir_version > MAX_IR_VERSION:
-            onnx.save_model(cap_ir_version(model), str(path))
+        _cap_saved_ir_version(out_dir / name)
     for name in (TRAINING_MODEL, EVAL_MODEL, OPTIMIZER_MODEL, CHECKPOINT):
         if not (out_dir / name).is_file():
             raise RuntimeError(f"onnxruntime-training did not write {name}")
@@ -94,6 +93,31 @@ def generate(
     ]
     if modes != [PYTORCH_ADAMW_MODE]:
         raise RuntimeError(f"optimizer graph has AdamW modes {modes}, expected [{PYTORCH_ADAMW_MODE}]")
+
+
+def _cap_saved_ir_version(path: Path) -> None:
+    """Re-stamp a saved model's IR version; external data files (if any) are left as they are."""
+    model = onnx.load(str(path), load_external_data=False)
+    if model.ir_version > MAX_IR_VERSION:
+        onnx.save_model(cap_ir_version(model), str(path))
+
+
+def _cross_entropy_named(output_name: str):
+    """onnxblock's CrossEntropyLoss block, with its loss output named `output_name`."""
+    from onnxruntime.training.onnxblock import loss
+
+    class _NamedCrossEntropyLoss(loss.CrossEntropyLoss):
+        def build(self, scores_input_name: str, labels_name: str = "labels") -> str:
+            generated = super().build(scores_input_name, labels_name)
+            if any(output_name in (*n.input, *n.output) for n in self.base.graph.node):
+                raise RuntimeError(f"the forward graph already has a tensor named {output_name!r}")
+            for node in self.base.graph.node:
+                for i, name in enumerate(node.output):
+                    if name == generated:
+                        node.output[i] = output_name
+            return output_name
+
+    return _NamedCrossEntropyLoss()
 
 
 #: ORT's AdamWOptimizer op: mode 0 is torch.optim.AdamW's update (decoupled decay first, eps added

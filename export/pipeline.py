@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import string
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -64,24 +65,33 @@ class ExportResult:
 
 
 def read_classes(path: Path) -> List[str]:
-    """One class name per line; blank lines and lines starting with '#' are skipped."""
+    """One class name per line; blank lines and lines starting with '#' are skipped.
+
+    The list is checked as by `check_classes`, and errors name the file's own line numbers.
+    """
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ExportError(f"cannot read class list {path}: {exc}") from exc
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    entries = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    kept = [(n, name) for n, name in entries if name and not name.startswith("#")]
+    return check_classes([name for _, name in kept], lines=[n for n, _ in kept])
 
 
-def check_classes(classes: Sequence[str]) -> List[str]:
+def check_classes(classes: Sequence[str], lines: Optional[Sequence[int]] = None) -> List[str]:
+    """The stripped class names, or ExportError if the list is empty, repeats a name or has a name
+    that cannot be a folder name. `lines` are the names' line numbers in a file (default: positions)."""
     names = [c.strip() for c in classes]
     if not names:
         raise ExportError("the class list is empty: give one class name per line")
-    seen: Dict[str, int] = {}
+    where = "lines" if lines is not None else "entries"
+    numbers = list(lines) if lines is not None else list(range(1, len(names) + 1))
+    first: Dict[str, int] = {}
     dupes = []
-    for i, name in enumerate(names):
-        if name in seen:
-            dupes.append(f"{name!r} (lines {seen[name] + 1} and {i + 1})")
-        seen.setdefault(name, i)
+    for number, name in zip(numbers, names):
+        if name in first:
+            dupes.append(f"{name!r} ({where} {first[name]} and {number})")
+        first.setdefault(name, number)
     if dupes:
         raise ExportError(f"the class list repeats {', '.join(dupes)}")
     bad = [n for n in names if "/" in n or n in (".", "..")]
@@ -90,24 +100,49 @@ def check_classes(classes: Sequence[str]) -> List[str]:
     return names
 
 
+_SAMPLE_CLASS = "golden retriever"
+
+
 def check_template(template: str) -> str:
-    if template.count("{}") != 1:
-        raise ExportError(f"prompt template {template!r} must contain exactly one '{{}}' for the class name")
+    """`template` if it has exactly one plain `{}` (other braces doubled) and formats a sample name."""
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+        ok = fields == [("", "", None)] and _SAMPLE_CLASS in template.format(_SAMPLE_CLASS)
+    except (ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise ExportError(
+            f"prompt template {template!r} is not a valid template ({exc}); it must contain exactly one "
+            "'{}' for the class name, and write a literal brace as '{{' or '}}'"
+        ) from exc
+    if not ok:
+        raise ExportError(
+            f"prompt template {template!r} must contain exactly one '{{}}' for the class name and no other "
+            "'{...}' field; write a literal brace as '{{' or '}}'"
+        )
     return template
 
 
 def check_output(out: Path, force: bool) -> None:
-    """Fail before any heavy work if the bundle cannot be written."""
+    """Fail before any heavy work if the bundle cannot be written (or must not be replaced)."""
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder")
-    parent = out.parent
-    probe = parent
+    if out.exists():
+        check_replaceable(out)
+    probe = out.parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write the bundle: {probe} is not a writable folder")
+
+
+def check_replaceable(folder: Path) -> None:
+    """--force replaces an empty folder or a FLORA bundle, never any other folder."""
+    if any(folder.iterdir()) and not B.is_bundle(folder):
+        raise ExportError(
+            f"{folder} is not a FLORA bundle (no {B.MANIFEST} with format {B.FORMAT!r}) and not empty; "
+            "--force replaces only bundles: choose another --out or remove the folder yourself"
+        )
 
 
 def model_id_of(base_sha: str, architecture: str, spec: lora.LoraSpec, classes: Sequence[str],
@@ -173,29 +208,73 @@ def export_bundle(opts: ExportOptions, say: Callable[[str], None] = print) -> Ex
         quick_gelu=opts.quick_gelu,
         seed=opts.seed,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a bundle is for other users too
+    created: List[Path] = []
     try:
-        with torch.no_grad():
-            result = _export_into(tmp, preset, weights, classes, template, spec, backends, opts, say)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        make_folders(out.parent, created)
+        result = _write_atomically(out, lambda tmp: _export_into(
+            tmp, preset, weights, classes, template, spec, backends, opts, say))
+    except BaseException as exc:
+        remove_empty_folders(created)
+        if isinstance(exc, OSError):
+            raise ExportError(f"export failed, nothing was written to {out}: {exc}") from exc
         raise
     result.path = out
     say(f"bundle written to {out} (model_id {result.manifest.model_id[:16]})")
     return result
 
 
+def make_folders(folder: Path, created: List[Path]) -> None:
+    """mkdir -p `folder`, appending each folder this call made to `created` (outermost first)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    for path in reversed(missing):
+        path.mkdir()
+        created.append(path)
+
+
+def remove_empty_folders(created: Sequence[Path]) -> None:
+    """Remove the folders `make_folders` made, innermost first, stopping at one that is not empty."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:
+            return
+
+
+def _write_atomically(out: Path, write: Callable[[Path], ExportResult]) -> ExportResult:
+    """Run `write` into a temp folder beside `out`, then move it to `out`; on failure remove it."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; a bundle is for other users too
+        with torch.no_grad():
+            result = write(tmp)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
 def _replace_dir(new: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
+    """Move folder `new` to `target`; an existing bundle there is replaced, and restored if that fails."""
+    if not target.exists():
         os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    check_replaceable(target)  # again: the folder may have changed during the export
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    try:
         os.replace(new, target)
+    except BaseException:
+        try:
+            os.replace(old, target)
+        except OSError as restore_exc:
+            raise ExportError(f"could not put the old bundle back at {target}: {restore_exc}; "
+                              f"it is at {old}") from restore_exc
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_into(
@@ -250,7 +329,7 @@ def _export_into(
 
     optimizer = B.OptimizerConfig(weight_decay=opts.weight_decay)
     onnx_facts = {"opset": onnx_export.OPSET, "ir_version": onnx_export.MAX_IR_VERSION,
-                  "onnxruntime_training": ">=1.17,<1.20", "onnxruntime": ">=1.17"}
+                  "tested_onnxruntime": dict(onnx_export.TESTED_ONNXRUNTIME)}
     if "ort-training" in backends:
         def ort_training():
             forward = onnx_export.export_graph(
@@ -290,6 +369,8 @@ def _export_into(
         tensors = {name: p.detach().cpu().numpy().astype(np.float32) for name, p in lora_params.items()}
         blob = adapter_blob.encode(tensors, model_id=model_id, round=0, kind="initial")
         atomic_write_bytes(tmp / B.ADAPTER, blob)
+        external = external_data_of(tmp, files)
+        all_files = sorted({*files, *(data for names in external.values() for data in names)})
         manifest = B.Manifest(
             model_id=model_id,
             preset=preset.name,
@@ -313,7 +394,8 @@ def _export_into(
             logit_scale=float(model.logit_scale.exp()),
             backends=backends,
             optimizer=optimizer,
-            files={name: sha256_file(tmp / name) for name in sorted(files)},
+            files={name: sha256_file(tmp / name) for name in all_files},
+            external_data=external,
             onnx=onnx_facts,
             created=_provenance(opts),
         )
@@ -323,6 +405,12 @@ def _export_into(
 
     manifest = stages.run("writing adapter.safetensors and manifest.json", finish)
     return ExportResult(tmp, manifest, stages.seconds)
+
+
+def external_data_of(folder: Path, files: Sequence[str]) -> Dict[str, Tuple[str, ...]]:
+    """{ONNX file: the external data files it reads} for those of `files` that have any."""
+    found = {name: tuple(onnx_export.external_data_files(folder / name)) for name in files if name.endswith(".onnx")}
+    return {name: data for name, data in sorted(found.items()) if data}
 
 
 def _example_input(input_kind: str, model, image_size: int) -> torch.Tensor:

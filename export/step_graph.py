@@ -24,9 +24,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from edge.bundle import OptimizerConfig
 from edge.step_io import STEP_INPUTS, STEP_OUTPUTS, moment_names, new_names
 
-from .onnx_export import cap_ir_version, mha_fastpath_disabled, save_model
+from .onnx_export import cap_ir_version, mha_fastpath_disabled, packed_projection_as_split, save_model
 
-#: the lowest opset the dynamo exporter writes; onnxruntime >= 1.14 runs it.
+#: the lowest opset the dynamo exporter writes (17 fails on a non-constant axes input); tested on
+#: onnxruntime-training 1.19.2 and plain onnxruntime 1.16.3 and 1.32.0 (tests/test_step_backend.py).
 STEP_OPSET = 18
 
 
@@ -128,7 +129,8 @@ def trace_step(classifier: nn.Module, module_names: List[str], optimizer: Optimi
     """make_fx trace of the step with symbolic shapes (the batch size stays dynamic)."""
     fn = _StepFunction(classifier, module_names, optimizer)
     # The fused CPU scaled-dot-product-attention backward has no ONNX translation; the math one does.
-    with sdpa_kernel([SDPBackend.MATH]), mha_fastpath_disabled(), _symbolic_friendly_linear(), torch.enable_grad():
+    with sdpa_kernel([SDPBackend.MATH]), mha_fastpath_disabled(), packed_projection_as_split(), \
+            _symbolic_friendly_linear(), torch.enable_grad():
         gm = make_fx(
             fn, decomposition_table=torch._decomp.core_aten_decompositions(), tracing_mode="symbolic",
             _allow_non_fake_inputs=True,  # the frozen weights are real tensors captured as constants

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -94,7 +96,19 @@ def test_truncated_context_equals_full_77_token_embeddings():
         torch.testing.assert_close(truncated(), full_context_embeddings(model, tokens), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("bad", [dict(rank=0), dict(alpha=0.0), dict(targets=("q", "x")), dict(targets=())])
-def test_bad_lora_config_is_refused(bad):
-    with pytest.raises(ValueError):
-        LoraSpec("text", **bad)
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (dict(rank=0), "LoRA rank must be >= 1, got 0"),
+        (dict(rank=-3), "LoRA rank must be >= 1, got -3"),
+        (dict(alpha=0.0), "LoRA alpha must be > 0, got 0.0"),
+        (dict(alpha=float("nan")), "LoRA alpha must be > 0, got nan"),
+        (dict(targets=("q", "x")), "LoRA targets ['q', 'x'] (unknown: 'x') must be a non-empty subset"),
+        (dict(targets=()), "LoRA targets [] must be a non-empty subset"),
+        (dict(targets=("q", "q")), "LoRA targets ['q', 'q'] repeat an entry"),
+        (dict(tower="audio"), "LoRA tower must be text, vision or both, not 'audio'"),
+    ],
+)
+def test_bad_lora_config_is_refused_naming_the_bad_value(bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LoraSpec(**{"tower": "text", **bad})

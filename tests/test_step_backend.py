@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import textwrap
 import venv
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -21,6 +21,7 @@ from edge.trainers.base import TrainerError
 from export.graphs import FeatureClassifier, tokenize_prompts
 from export.loading import WeightsSource, build_model
 from export.lora import LoraSpec, attach_lora, load_lora_
+from export.onnx_export import TESTED_ONNXRUNTIME
 from export.presets import get_preset
 
 from .conftest import DIGITS, export_tiny
@@ -141,6 +142,18 @@ def test_batch_size_is_dynamic_and_state_carries_over(tiny_all_bundle):
         trainer.train_step(np.ones((2, 63), np.float32), np.zeros(2, np.int64))
 
 
+def test_every_session_of_a_process_allocates_from_one_shared_arena(tiny_all_bundle):
+    from edge.ort import import_onnxruntime, share_cpu_arena
+
+    ort = import_onnxruntime()
+    first, second = ort.SessionOptions(), ort.SessionOptions()
+    assert share_cpu_arena(first) and share_cpu_arena(second)  # registered once, used by both
+    assert first.get_session_config_entry("session.use_env_allocators") == "1"
+    data = batches(64, steps=3)
+    first_losses, again = (run_backend(tiny_all_bundle, "step", data)[1] for _ in range(2))
+    np.testing.assert_array_equal(first_losses, again)  # one arena for all, the same arithmetic
+
+
 def test_auto_backend_prefers_ort_training_and_a_step_only_bundle_uses_step(tiny_all_bundle, tmp_path):
     assert available_backends(tiny_all_bundle) == ["ort-training", "step"]
     assert open_trainer(tiny_all_bundle).name == "ort-training"
@@ -175,29 +188,42 @@ PLAIN_SCRIPT = textwrap.dedent(
 )
 
 
-def plain_onnxruntime_python(cache: Path) -> Path:
-    """A venv with numpy, onnxruntime and the edge extra's other packages, and neither torch nor
-    onnxruntime-training (built once, then reused from the pytest cache)."""
+#: The plain onnxruntime builds the step backend is tested on: the newest release (what a Raspberry Pi
+#: gets from `pip install onnxruntime`), and the floor the edge extra admits, which is as old as the
+#: onnxruntime-gpu wheels NVIDIA builds for JetPack 5 (built against numpy 1.x).
+PLAIN_RUNTIMES = {
+    "newest": [f"onnxruntime=={TESTED_ONNXRUNTIME['onnxruntime']}", "numpy"],
+    "floor": [f"onnxruntime=={TESTED_ONNXRUNTIME['onnxruntime-oldest']}", "numpy<2"],
+}
+UNREACHABLE = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
+               "Connection refused", "ConnectTimeoutError")
+
+
+def plain_onnxruntime_python(cache: Path, packages: Sequence[str]) -> Path:
+    """A venv with `packages` (an onnxruntime and numpy) and the edge extra's other packages, and
+    neither torch nor onnxruntime-training (built once, then reused from the pytest cache)."""
     python = cache / "bin" / "python"
     marker = cache / ".complete"
-    if marker.exists():
+    if marker.exists() and marker.read_text() == " ".join(packages):
         return python
     venv.EnvBuilder(with_pip=True, clear=True).create(cache)
-    packages = os.environ.get("FLORA_PLAIN_ORT_SPEC", "onnxruntime")
-    cmd = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", packages,
-           "numpy", "safetensors", "pillow", "paho-mqtt>=2,<3"]
+    cmd = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *packages,
+           "safetensors", "pillow", "paho-mqtt>=2,<3"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
-        if "Could not find a version" in proc.stderr or "NewConnectionError" in proc.stderr:
-            reason = "the package registry cannot be reached to build a plain-onnxruntime venv"
-            pytest.skip(f"{reason}:\n{proc.stderr[-800:]}")
+        if any(sign in proc.stderr for sign in UNREACHABLE):
+            pytest.skip(f"the package registry cannot be reached to build a plain-onnxruntime venv:\n"
+                        f"{proc.stderr[-800:]}")
         raise AssertionError(f"pip failed:\n{proc.stderr[-2000:]}")
-    marker.write_text("ok")
+    marker.write_text(" ".join(packages))
     return python
 
 
-def test_step_backend_runs_with_plain_onnxruntime_and_no_torch(tiny_all_bundle, tmp_path, request):
-    python = plain_onnxruntime_python(Path(request.config.cache.mkdir("flora-plain-onnxruntime-venv")))
+@pytest.mark.parametrize("runtime", sorted(PLAIN_RUNTIMES))
+def test_step_backend_runs_with_plain_onnxruntime_and_no_torch(runtime, tiny_all_bundle, tmp_path, request):
+    packages = PLAIN_RUNTIMES[runtime]
+    python = plain_onnxruntime_python(Path(request.config.cache.mkdir(f"flora-plain-onnxruntime-{runtime}")),
+                                      packages)
     data = batches(64)
     npz = tmp_path / "batches.npz"
     np.savez(npz, n=len(data), **{f"x{i}": x for i, (x, _) in enumerate(data)},
@@ -209,6 +235,7 @@ def test_step_backend_runs_with_plain_onnxruntime_and_no_torch(tiny_all_bundle, 
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["onnxruntime"] == packages[0].split("==")[1]
     assert report["backends"] == ["step"] and report["trainer"] == "step"
     got = dict(np.load(out))
     ort_adapter, ort_losses = run_backend(tiny_all_bundle, "ort-training", data)

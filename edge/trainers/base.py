@@ -130,8 +130,8 @@ def open_trainer(
         if not usable:
             raise TrainerError(
                 f"no trainer backend can run bundle {bundle.root} here: it holds {list(bundle.manifest.backends)}; "
-                "ort-training needs onnxruntime-training (x86-64, Python <= 3.11), step needs onnxruntime "
-                "and a bundle exported with --backend step or all"
+                "ort-training needs onnxruntime-training (x86-64 Linux, Windows or macOS, Python 3.8-3.12), "
+                "step needs onnxruntime and a bundle exported with --backend step or all"
             )
         backend = usable[0]
     if backend not in ("ort-training", "step"):

@@ -8,7 +8,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ..bundle import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, Bundle
-from ..ort import import_onnxruntime, import_training_api
+from ..ort import import_onnxruntime, import_training_api, share_cpu_arena
 from .base import StepResult, Trainer, TrainerError
 
 
@@ -30,6 +30,7 @@ class OrtTrainingTrainer(Trainer):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        share_cpu_arena(options)
         self._state = CheckpointState.load_checkpoint(os.fspath(bundle.path(CHECKPOINT)))
         self._module = Module(
             os.fspath(bundle.path(TRAINING_MODEL)),
