@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from .signals import signals_deferred
+
 
 @dataclass
 class Child:
@@ -41,13 +43,13 @@ class ProcessGroup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        with open(log_path, "wb") as log:
+        with signals_deferred(), open(log_path, "wb") as log:  # known to stop() before any signal unwinds
             proc = subprocess.Popen(
                 [sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
                 start_new_session=True,  # Ctrl-C in the terminal reaches us; we stop the children ourselves
             )
-        child = Child(name, proc, log_path)
-        self.children.append(child)
+            child = Child(name, proc, log_path)
+            self.children.append(child)
         return child
 
     def failed(self) -> List[Child]:

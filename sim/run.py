@@ -3,29 +3,46 @@ processes, a live table of every round, optional baselines, and report.json / re
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from broker.checkpoint import STATE, Checkpoint
-from broker.mosquitto import start_mosquitto
+from broker.mosquitto import Mosquitto, start_mosquitto
 from edge.bundle import Bundle, BundleError, load_bundle
 from edge.dataset import Sample
 from edge.features import FeatureCache, image_features
+from edge.trainers import available_backends
 from edge.training import LocalData
 
+from .baselines import client_seed, training_splits
 from .datasets import SplitDataset, load_folder_dataset, write_digits
 from .partition import histogram_skew, parse_scheme, partition
-from .processes import ProcessGroup, describe_failure
+from .processes import Child, ProcessGroup, describe_failure
+from .signals import signals_deferred
 
 log = logging.getLogger("flora.sim")
 FEDERATION = "sim"
+Say = Callable[[str], None]
+
+METHODS = {
+    "zero_shot": "the bundle's initial adapter (round 0, before any training) on the held-out test split",
+    "federated": "FedAvg of the agents' LoRA updates, weighted by sample count; each agent trains on its shard "
+                 "less the validation images it holds out (--val-fraction, edge.dataset.train_val_split with its "
+                 "client seed); the global adapter is tested on the held-out test split after every round",
+    "centralised": "one LoRA adapter trained on the union of the agents' training splits (exactly the images the "
+                   "agents train on), --epochs epochs per round from the initial adapter, tested after every round",
+    "local_only": "each client trains its own LoRA adapter on its training split alone, never aggregated, "
+                  "--epochs epochs per round; the value per round is the unweighted mean over clients of each "
+                  "local model's accuracy on the shared held-out test split (per client: local_only_per_client)",
+}
 
 
 @dataclass
@@ -38,7 +55,7 @@ class SimConfig:
     out: Path = Path("runs/sim")
     shots: Optional[int] = None
     epochs: int = 5
-    lr: float = 3e-3
+    lr: float = 1e-3
     batch_size: int = 32
     seed: int = 0
     compare: bool = False
@@ -55,6 +72,7 @@ class SimError(RuntimeError):
     pass
 
 
+# -- data ----------------------------------------------------------------------------------------
 def prepare_data(cfg: SimConfig) -> SplitDataset:
     if cfg.dataset == "digits":
         return write_digits(cfg.out / "data" / "digits", seed=cfg.seed)
@@ -64,32 +82,13 @@ def prepare_data(cfg: SimConfig) -> SplitDataset:
     return load_folder_dataset(path, seed=cfg.seed)
 
 
-def prepare_bundle(cfg: SimConfig, classes: List[str], say: Callable[[str], None]) -> Bundle:
-    """The given bundle, the one a previous run exported for these classes, or a fresh export."""
-    if cfg.bundle is not None:
-        bundle = load_bundle(cfg.bundle)
-        if list(bundle.manifest.classes) != classes:
-            raise SimError(f"bundle {cfg.bundle} has classes {list(bundle.manifest.classes)}, the data has {classes}")
-        return bundle
-    target = cfg.out / "bundle"
-    try:
-        bundle = load_bundle(target)
-        if list(bundle.manifest.classes) == classes and bundle.manifest.preset == cfg.model:
-            say(f"reusing the bundle in {target}")
-            return bundle
-    except BundleError:
-        pass
-    from export.pipeline import ExportOptions, export_bundle
-
-    say(f"exporting {cfg.model} for {len(classes)} classes into {target}")
-    export_bundle(ExportOptions(preset=cfg.model, classes=classes, out=target, force=True,
-                                random_init=cfg.random_init, seed=cfg.seed), say=lambda m: say(f"  {m}"))
-    return load_bundle(target)
-
-
-def write_csv(path: Path, samples: List[Sample], classes: List[str]) -> None:
+def write_csv(path: Path, samples: Sequence[Sample], classes: Sequence[str]) -> None:
+    """`path,label` rows (absolute image path, class name), quoted where needed (commas, quotes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("path,label\n" + "".join(f"{s.path.resolve()},{classes[s.label]}\n" for s in samples))
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label"])
+        writer.writerows([str(s.path.resolve()), classes[s.label]] for s in samples)
 
 
 def shard(cfg: SimConfig, data: SplitDataset) -> List[List[Sample]]:
@@ -103,11 +102,93 @@ def shard(cfg: SimConfig, data: SplitDataset) -> List[List[Sample]]:
     return shards
 
 
+# -- the bundle ----------------------------------------------------------------------------------
+def needed_backends(backend: str) -> Tuple[str, ...]:
+    """The trainer backends a bundle exported for this run holds: the one asked for; for auto, what runs here."""
+    if backend != "auto":
+        return (backend,)
+    from edge.ort import has_training_api
+
+    return ("ort-training",) if has_training_api() else ("step",)
+
+
+def backend_mismatch(bundle: Bundle, backend: str) -> Optional[str]:
+    """Why `bundle` cannot train with `backend` on this machine, or None."""
+    usable = available_backends(bundle)
+    if backend == "auto" and not usable:
+        return f"it holds backends {list(bundle.manifest.backends)}, none of which runs here"
+    if backend != "auto" and not bundle.has(backend):
+        return f"it holds backends {list(bundle.manifest.backends)}, not {backend}"
+    return None
+
+
+def export_mismatch(bundle: Bundle, cfg: SimConfig, classes: Sequence[str]) -> Optional[str]:
+    """Why the sim's own earlier export does not fit this run (model, classes, backend, weights, seed), or None."""
+    from export.presets import get_preset
+
+    m = bundle.manifest
+    want_random = cfg.random_init or get_preset(cfg.model).default_pretrained is None
+    is_random = m.pretrained.get("source") == "random-init"
+    checks = [
+        (m.preset == cfg.model, f"it is {m.preset}, not {cfg.model}"),
+        (list(m.classes) == list(classes), "its classes differ from the data's"),
+        (is_random == want_random, "its weights are " + ("random" if is_random else "pretrained")),
+        (m.created.get("lora_init_seed") == cfg.seed and (not is_random or m.pretrained.get("seed") == cfg.seed),
+         f"it was exported with another seed than {cfg.seed}"),
+    ]
+    reasons = [why for ok, why in checks if not ok]
+    return "; ".join(reasons) or backend_mismatch(bundle, cfg.backend)
+
+
+def given_bundle(cfg: SimConfig, classes: Sequence[str]) -> Bundle:
+    """--bundle: used as it is, after checking it fits the data and the backend."""
+    assert cfg.bundle is not None
+    bundle = load_bundle(cfg.bundle)
+    if list(bundle.manifest.classes) != list(classes):
+        raise SimError(f"bundle {cfg.bundle} has classes {list(bundle.manifest.classes)}, the data has {classes}")
+    why = backend_mismatch(bundle, cfg.backend)
+    if why:
+        raise SimError(f"bundle {cfg.bundle} cannot train with --backend {cfg.backend}: {why}; export it with "
+                       f"flora-export --backend {'step' if cfg.backend == 'step' else 'all'}, or leave out --bundle")
+    return bundle
+
+
+def prepare_bundle(cfg: SimConfig, classes: List[str], say: Say) -> Bundle:
+    """The given bundle, the one a previous run exported for this run's settings, or a fresh export."""
+    if cfg.bundle is not None:
+        return given_bundle(cfg, classes)
+    target = cfg.out / "bundle"
+    try:
+        why = export_mismatch(load_bundle(target), cfg, classes)
+        if why is None:
+            say(f"reusing the bundle in {target}")
+            return load_bundle(target)
+        say(f"the bundle in {target} does not fit this run ({why}): exporting again")
+    except BundleError:
+        pass
+    return export(cfg, classes, target, say)
+
+
+def export(cfg: SimConfig, classes: List[str], target: Path, say: Say) -> Bundle:
+    from export.loading import WeightsError
+    from export.pipeline import ExportError, ExportOptions, export_bundle
+
+    backends = needed_backends(cfg.backend)
+    say(f"exporting {cfg.model} for {len(classes)} classes ({', '.join(backends)}) into {target}")
+    try:
+        export_bundle(ExportOptions(preset=cfg.model, classes=classes, out=target, force=True, backends=backends,
+                                    random_init=cfg.random_init, seed=cfg.seed), say=lambda m: say(f"  {m}"))
+    except (ExportError, WeightsError) as exc:
+        raise SimError(f"cannot export {cfg.model}: {exc}") from exc
+    return load_bundle(target)
+
+
+# -- the live table ------------------------------------------------------------------------------
 class Table:
     HEADER = (f"{'round':>5} {'clients':>8} {'test acc':>9} {'test loss':>10} {'MB up':>8} {'MB down':>8} "
               f"{'round s':>8} {'elapsed s':>10}")
 
-    def __init__(self, say: Callable[[str], None]) -> None:
+    def __init__(self, say: Say) -> None:
         self.say = say
         self.say(self.HEADER)
         self.say("-" * len(self.HEADER))
@@ -125,82 +206,91 @@ def _f(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def run(cfg: SimConfig, say: Callable[[str], None] = print) -> Dict:
+# -- the run -------------------------------------------------------------------------------------
+def run(cfg: SimConfig, say: Say = print) -> Dict:
+    """Federate, report, then (with --compare) add the baselines to the report already written."""
     t_start = time.monotonic()
     cfg.out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg)
     bundle = prepare_bundle(cfg, data.classes, say)
     shards = shard(cfg, data)
     hist = np.stack([np.bincount([s.label for s in sh], minlength=len(data.classes)) for sh in shards])
-    skew = histogram_skew(hist)
     for i, sh in enumerate(shards):
-        write_csv(cfg.out / "clients" / f"client-{i}" / "data.csv", sh, data.classes)
+        write_csv(client_dir(cfg, i) / "data.csv", sh, data.classes)
     write_csv(cfg.out / "test.csv", data.test, data.classes)
     say(f"{data.name}: {len(data.train)} training images in {cfg.clients} shards ({cfg.partition}, label skew "
-        f"{skew:.3f}; sizes {[len(s) for s in shards]}), {len(data.test)} held-out test images")
-
-    state_dir = cfg.out / "aggregator"
-    for stale in (state_dir, *(cfg.out / "clients" / f"client-{i}" / "state" for i in range(cfg.clients))):
-        if stale.exists():
-            shutil.rmtree(stale)  # a new run, not a resume
-    broker = start_mosquitto(cfg.out / "mosquitto")
-    group = ProcessGroup(cfg.out / "logs")
-    say(f"mosquitto on {broker.url}; logs in {cfg.out / 'logs'}")
-    try:
-        group.start("aggregator", "broker.cli", [
-            "--bundle", str(bundle.root), "--broker", broker.url, "--federation", FEDERATION,
-            "--rounds", str(cfg.rounds), "--state-dir", str(state_dir), "--wait-for-clients", str(cfg.clients),
-            "--min-clients", str(cfg.clients), "--round-timeout", str(cfg.round_timeout),
-            "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--batch-size", str(cfg.batch_size),
-            "--seed", str(cfg.seed), "--eval-data", str(cfg.out / "test.csv"), "--wait-timeout", "300"])
-        agents = []
-        for i in range(cfg.clients):
-            args = ["--bundle", str(bundle.root), "--data", str(cfg.out / "clients" / f"client-{i}" / "data.csv"),
-                    "--broker", broker.url, "--client-id", f"client-{i}", "--federation", FEDERATION,
-                    "--state-dir", str(cfg.out / "clients" / f"client-{i}" / "state"), "--exit-when-done",
-                    "--val-fraction", str(cfg.val_fraction), "--seed", str(cfg.seed + i), "--backend", cfg.backend,
-                    "--threads", "1"]
-            if cfg.fp16_updates:
-                args.append("--fp16-updates")
-            agents.append(group.start(f"client-{i}", "edge.cli", args))
-        rows = watch(cfg, state_dir, group, t_start, say)
-        if not group.wait(agents, timeout=60):
-            raise SimError("the agents did not exit after the federation finished")
-    finally:
-        group.stop()
-        broker.stop()
-    state = json.loads((state_dir / STATE).read_text())
-    initial = state.get("extra", {}).get("initial_eval", {})
-    federated = [initial.get("test_accuracy")] + [r.get("test_accuracy") for r in rows]
-    report: Dict = {
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "dataset": {"name": data.name, "classes": data.classes, "train": len(data.train), "test": len(data.test)},
-        "partition": {"scheme": cfg.partition, "label_skew": skew, "client_sizes": [len(s) for s in shards],
-                      "label_histogram": hist.tolist(), "non_iid": cfg.partition != "iid"},
-        "bundle": {"path": str(bundle.root), "model_id": bundle.manifest.model_id, "preset": bundle.manifest.preset,
-                   "lora": asdict(bundle.manifest.lora)},
-        "accuracy": {"federated": federated, "zero_shot": initial.get("test_accuracy")},
-        "rounds": [{k: r.get(k) for k in ("round", "num_asked", "num_reported", "samples", "test_accuracy",
-                                          "test_loss", "mean_client_accuracy", "bytes_received", "bytes_sent",
-                                          "global_bytes", "wall_time_s", "rejection_counts")} for r in rows],
-        "bytes": {"up_per_round": [r["bytes_received"] for r in rows],
-                  "down_per_round": [r["bytes_sent"] for r in rows]},
-        "federated_seconds": round(time.monotonic() - t_start, 1),
-        "out": str(cfg.out),
-    }
-    if cfg.compare:
-        report["accuracy"].update(compare(cfg, bundle, shards, data, say))
+        f"{histogram_skew(hist):.3f}; sizes {[len(s) for s in shards]}), {len(data.test)} held-out test images")
+    rows, initial = federate(cfg, bundle, t_start, say)
+    report = build_report(cfg, data, bundle, shards, hist, rows, initial)
+    report["federated_seconds"] = round(time.monotonic() - t_start, 1)
     write_report(cfg.out, report, say)
+    if cfg.compare:
+        add_baselines(cfg, bundle, shards, data, report, say)
     say(summary(report))
     return report
 
 
-def watch(cfg: SimConfig, state_dir: Path, group: ProcessGroup, t_start: float, say) -> List[Dict]:
+def client_dir(cfg: SimConfig, i: int) -> Path:
+    return cfg.out / "clients" / f"client-{i}"
+
+
+def federate(cfg: SimConfig, bundle: Bundle, t_start: float, say: Say) -> Tuple[List[Dict], Dict]:
+    """Run the broker, the aggregator and the agents to the end; every one is stopped on every way out."""
+    state_dir = cfg.out / "aggregator"
+    for stale in (state_dir, *(client_dir(cfg, i) / "state" for i in range(cfg.clients))):
+        if stale.exists():
+            shutil.rmtree(stale)  # a new run, not a resume
+    group = ProcessGroup(cfg.out / "logs")
+    broker: Optional[Mosquitto] = None
+    try:
+        with signals_deferred():  # a Ctrl-C while mosquitto starts up is held until `broker` is set
+            broker = start_mosquitto(cfg.out / "mosquitto")
+        say(f"mosquitto on {broker.url}; logs in {cfg.out / 'logs'}")
+        group.start("aggregator", "broker.cli", aggregator_args(cfg, bundle, broker.url))
+        agents = [group.start(f"client-{i}", "edge.cli", agent_args(cfg, bundle, broker.url, i))
+                  for i in range(cfg.clients)]
+        rows = watch(cfg, state_dir, group, t_start, say)
+        if not group.wait(agents, timeout=60):
+            raise SimError("the agents did not exit after the federation finished")
+    finally:
+        teardown(group, broker)
+    state = json.loads((state_dir / STATE).read_text())
+    return rows, state.get("extra", {}).get("initial_eval", {})
+
+
+def teardown(group: ProcessGroup, broker: Optional[Mosquitto]) -> None:
+    """Stop the children, then the broker; signals wait until both are done."""
+    with signals_deferred():
+        try:
+            group.stop()
+        finally:
+            if broker is not None:
+                broker.stop()
+
+
+def aggregator_args(cfg: SimConfig, bundle: Bundle, url: str) -> List[str]:
+    return ["--bundle", str(bundle.root), "--broker", url, "--federation", FEDERATION,
+            "--rounds", str(cfg.rounds), "--state-dir", str(cfg.out / "aggregator"),
+            "--wait-for-clients", str(cfg.clients), "--min-clients", str(cfg.clients),
+            "--round-timeout", str(cfg.round_timeout), "--epochs", str(cfg.epochs), "--lr", str(cfg.lr),
+            "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--eval-data", str(cfg.out / "test.csv"),
+            "--wait-timeout", "300"]
+
+
+def agent_args(cfg: SimConfig, bundle: Bundle, url: str, i: int) -> List[str]:
+    args = ["--bundle", str(bundle.root), "--data", str(client_dir(cfg, i) / "data.csv"), "--broker", url,
+            "--client-id", f"client-{i}", "--federation", FEDERATION, "--state-dir", str(client_dir(cfg, i) / "state"),
+            "--exit-when-done", "--val-fraction", str(cfg.val_fraction), "--seed", str(client_seed(cfg.seed, i)),
+            "--backend", cfg.backend, "--threads", "1"]
+    return args + (["--fp16-updates"] if cfg.fp16_updates else [])
+
+
+def watch(cfg: SimConfig, state_dir: Path, group: ProcessGroup, t_start: float, say: Say) -> List[Dict]:
     """Print a table row for every round the aggregator completes; return the history rows."""
     table = Table(say)
     shown_zero, rows = False, []
     deadline = time.monotonic() + cfg.timeout
-    aggregator = group.children[0]
+    aggregator: Child = group.children[0]
     while True:
         failed = [describe_failure(c) for c in group.failed()]
         if failed:
@@ -221,31 +311,93 @@ def watch(cfg: SimConfig, state_dir: Path, group: ProcessGroup, t_start: float, 
         time.sleep(0.2)
 
 
-def compare(cfg: SimConfig, bundle: Bundle, shards: List[List[Sample]], data: SplitDataset, say) -> Dict:
-    from . import baselines
+# -- the report ----------------------------------------------------------------------------------
+ROW_KEYS = ("round", "num_asked", "num_reported", "reported", "samples", "test_accuracy", "test_loss",
+            "mean_client_accuracy", "bytes_received", "bytes_sent", "global_bytes", "wall_time_s", "rejection_counts")
 
-    if not bundle.manifest.needs_image_encoder:
-        raise SimError("--compare needs a text-tower bundle (features computed once)")
+
+def build_report(cfg: SimConfig, data: SplitDataset, bundle: Bundle, shards: List[List[Sample]], hist: np.ndarray,
+                 rows: List[Dict], initial: Dict) -> Dict:
+    """The federated run's report; `accuracy[m][0]` is round 0 (before training), `[r]` after round r."""
+    kind, _ = parse_scheme(cfg.partition)
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "dataset": {"name": data.name, "classes": data.classes, "train": len(data.train), "test": len(data.test)},
+        "partition": {"scheme": cfg.partition, "kind": kind, "non_iid": kind != "iid",
+                      "few_shot": cfg.shots is not None, "shots": cfg.shots, "label_skew": histogram_skew(hist),
+                      "client_sizes": [len(s) for s in shards], "label_histogram": hist.tolist()},
+        "bundle": {"path": str(bundle.root), "model_id": bundle.manifest.model_id, "preset": bundle.manifest.preset,
+                   "backends": list(bundle.manifest.backends), "lora": asdict(bundle.manifest.lora)},
+        "methods": {k: METHODS[k] for k in ("zero_shot", "federated")},
+        "accuracy": {"federated": [initial.get("test_accuracy")] + [r.get("test_accuracy") for r in rows],
+                     "zero_shot": initial.get("test_accuracy")},
+        "rounds": [{k: r.get(k) for k in ROW_KEYS} for r in rows],
+        "bytes": {"up_per_round": [r["bytes_received"] for r in rows],
+                  "down_per_round": [r["bytes_sent"] for r in rows]},
+        "out": str(cfg.out),
+    }
+
+
+def add_baselines(cfg: SimConfig, bundle: Bundle, shards: List[List[Sample]], data: SplitDataset, report: Dict,
+                  say: Say) -> None:
+    """Train the baselines and rewrite the report with them; if they fail the federated report stays."""
+    t0 = time.monotonic()
+    try:
+        accuracy, info = compare(cfg, bundle, shards, data, say)
+    except Exception as exc:  # any failure here must leave the federated report in place
+        report["baselines_error"] = f"{type(exc).__name__}: {exc}"
+        write_report(cfg.out, report, say)
+        raise SimError(f"the baselines failed ({exc}); the federated report is in {cfg.out / 'report.json'}") from exc
+    report["accuracy"].update(accuracy)
+    report["methods"] = dict(METHODS)
+    report["baselines"] = {**info, "seconds": round(time.monotonic() - t0, 1)}
+    write_report(cfg.out, report, say)
+
+
+def baseline_inputs(cfg: SimConfig, bundle: Bundle, splits: List[List[Sample]],
+                    test: List[Sample]) -> Tuple[List[LocalData], LocalData]:
+    """LocalData for each client's training split and the test split: cached features, or image paths."""
+    parts = [*splits, test]
+    if not bundle.manifest.needs_image_encoder:  # LoRA in the image tower: pixels decoded per batch
+        local = [LocalData(_labels(p), paths=[s.path for s in p], preprocess=bundle.manifest.preprocess)
+                 for p in parts]
+        return local[:-1], local[-1]
     cache = FeatureCache(cfg.out / "features.sqlite")
     try:
-        def local(samples: List[Sample]) -> LocalData:
-            labels = np.array([s.label for s in samples], dtype=np.int64)
-            return LocalData(labels, features=image_features(bundle, [s.path for s in samples], cache))
-
-        train_shards = [local(s) for s in shards]
-        test = local(data.test)
+        feats = image_features(bundle, [s.path for p in parts for s in p], cache)
     finally:
         cache.close()
+    ends = np.cumsum([len(p) for p in parts])[:-1]
+    local = [LocalData(_labels(p), features=f) for p, f in zip(parts, np.split(feats, ends))]
+    return local[:-1], local[-1]
+
+
+def _labels(samples: Sequence[Sample]) -> np.ndarray:
+    return np.array([s.label for s in samples], dtype=np.int64)
+
+
+def compare(cfg: SimConfig, bundle: Bundle, shards: List[List[Sample]], data: SplitDataset,
+            say: Say) -> Tuple[Dict, Dict]:
+    """Centralised and local-only accuracy curves on the agents' training splits, and which data they used."""
+    from . import baselines
+
+    splits = training_splits(shards, cfg.val_fraction, cfg.seed)
+    train, test = baseline_inputs(cfg, bundle, splits, data.test)
     kw = dict(rounds=cfg.rounds, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
               backend=cfg.backend)
-    say("baselines: centralised LoRA on the union of the shards, local-only LoRA on each shard")
-    central = baselines.centralised(bundle, train_shards, test, **kw)
-    local_curves = baselines.local_only(bundle, train_shards, test, **kw)
-    return {"centralised": [None, *central], "local_only": [None, *local_curves["mean"]],
-            "local_only_per_client": local_curves}
+    say(f"baselines: centralised LoRA on the union of the agents' training splits ({sum(map(len, splits))} "
+        f"images), local-only LoRA on each split ({[len(s) for s in splits]})")
+    central = baselines.centralised(bundle, train, test, **kw)
+    per_client = baselines.local_only(bundle, train, test, **kw)
+    accuracy = {"centralised": [None, *central], "local_only": [None, *baselines.mean_curve(per_client)],
+                "local_only_per_client": {c: [None, *v] for c, v in per_client.items()}}
+    info = {"train_images": {"centralised": sum(map(len, splits)),
+                             "local_only": {f"client-{i}": len(s) for i, s in enumerate(splits)}},
+            "val_fraction": cfg.val_fraction}
+    return accuracy, info
 
 
-def write_report(out: Path, report: Dict, say) -> None:
+def write_report(out: Path, report: Dict, say: Say) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     try:
         import matplotlib
@@ -255,8 +407,18 @@ def write_report(out: Path, report: Dict, say) -> None:
     except ImportError:
         say("matplotlib is not installed: wrote report.json only (pip install 'flora-edge[plot]')")
         return
-    acc = report["accuracy"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    plot_accuracy(ax, report)
+    plot_bytes(bx, report)
+    bx.set_xlim(ax.get_xlim())  # the same x for a round in both panels
+    fig.tight_layout()
+    fig.savefig(out / "report.png", dpi=110)
+    plt.close(fig)
+
+
+def plot_accuracy(ax, report: Dict) -> None:
+    """Accuracy per method at x = 0 (before training) .. R (after round R)."""
+    acc = report["accuracy"]
     xs = list(range(len(acc["federated"])))
     ax.plot(xs, acc["federated"], marker="o", label="federated LoRA (FedAvg)")
     if "centralised" in acc:
@@ -264,21 +426,22 @@ def write_report(out: Path, report: Dict, say) -> None:
         ax.plot(xs[1:], acc["local_only"][1:], marker="^", label="local-only LoRA (mean)")
     if acc.get("zero_shot") is not None:
         ax.axhline(acc["zero_shot"], color="grey", linestyle="--", label="zero-shot")
-    ax.set_xlabel("rounds")
+    ax.set_xlabel("round")
     ax.set_ylabel("held-out test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(f"{report['dataset']['name']}, {report['config']['clients']} clients, {report['partition']['scheme']}")
-    rounds = [r["round"] for r in report["rounds"]]
-    bx.bar([r - 0.2 for r in rounds], [b / 1e6 for b in report["bytes"]["up_per_round"]], width=0.4, label="up")
-    bx.bar([r + 0.2 for r in rounds], [b / 1e6 for b in report["bytes"]["down_per_round"]], width=0.4, label="down")
+
+
+def plot_bytes(bx, report: Dict) -> None:
+    """Bytes of round r at x = r + 1, the x at which the accuracy after that round is plotted."""
+    xs = [r["round"] + 1 for r in report["rounds"]]
+    bx.bar([x - 0.2 for x in xs], [b / 1e6 for b in report["bytes"]["up_per_round"]], width=0.4, label="up")
+    bx.bar([x + 0.2 for x in xs], [b / 1e6 for b in report["bytes"]["down_per_round"]], width=0.4, label="down")
     bx.set_xlabel("round")
     bx.set_ylabel("MB")
-    bx.legend()
-    fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=110)
-    plt.close(fig)
+    bx.legend(loc="lower right")
 
 
 def summary(report: Dict) -> str:

@@ -144,3 +144,18 @@ def test_load_folder_dataset_with_only_a_train_folder_and_errors(tmp_path):
     (tmp_path / "hollow" / "a").mkdir(parents=True)
     with pytest.raises(DatasetError, match="has no training images"):
         load_folder_dataset(tmp_path / "hollow")
+
+
+def test_client_csvs_quote_paths_with_commas_and_read_back(tmp_path):
+    from edge.dataset import Sample, load_csv
+    from sim.run import write_csv
+
+    folder = tmp_path / 'a,b "quoted"' / "digits"
+    folder.mkdir(parents=True)
+    classes = ["zero", "one, or two"]
+    samples = []
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 60 * i, dtype=np.uint8)).save(folder / f"{i},x.png")
+        samples.append(Sample(folder / f"{i},x.png", i % 2))
+    write_csv(tmp_path / "data.csv", samples, classes)
+    assert load_csv(tmp_path / "data.csv", classes) == samples
