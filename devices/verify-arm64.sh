@@ -7,6 +7,11 @@
 # the rootfs is just Debian's arm64 .debs unpacked with dpkg-deb. See devices/ARM64-NOTES.md.
 #
 #   devices/verify-arm64.sh                      default verification (prints verdict lines)
+#   devices/verify-arm64.sh --bundle DIR [--out DIR]
+#                                                the agent on a bundle exported with the step graph:
+#                                                `flora-agent doctor --backend step` and a short step-backend
+#                                                training on PNGs made on the spot (saved with the inputs, the
+#                                                losses and the adapter to --out, default CACHE/bundle-check)
 #   devices/verify-arm64.sh -- ARGS...           run `python3 ARGS...` under emulation, e.g.
 #   devices/verify-arm64.sh -- -m edge.cli doctor --bundle bundles/clip-tiny
 #   devices/verify-arm64.sh --setup-only         build / refresh the cache, run nothing
@@ -43,7 +48,7 @@ DEB_PACKAGES=(python3.11-minimal libpython3.11-stdlib libstdc++6 libgcc-s1)
 # The `edge` extra of pyproject.toml evaluated for aarch64 + CPython 3.11. pip evaluates environment
 # markers for the host even with --platform, so they are resolved here by hand;
 # tests/test_arm64.py::test_requirements_match_pyproject keeps this list in sync.
-EDGE_REQUIREMENTS=("numpy>=1.21" "pillow>=9.0" "paho-mqtt>=2.0,<3" "safetensors>=0.4" "onnxruntime>=1.17")
+EDGE_REQUIREMENTS=("numpy>=1.21" "pillow>=9.0" "paho-mqtt>=2.0,<3" "safetensors>=0.4" "onnxruntime>=1.16.3")
 # Bumped whenever the layout of the cache changes, so old caches are rebuilt.
 readonly LAYOUT=1
 
@@ -81,16 +86,28 @@ usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0
 
 SETUP_ONLY=0
 REFRESH=0
+BUNDLE=
+OUT=
 CMD=()
 while (($#)); do
     case $1 in
         -h | --help) usage; exit 0 ;;
         --setup-only) SETUP_ONLY=1; shift ;;
         --refresh) REFRESH=1; shift ;;
+        --bundle | --out)
+            (($# >= 2)) || { log "$1 needs a folder"; exit "$EXIT_USAGE"; }
+            if [[ $1 == --bundle ]]; then BUNDLE=$2; else OUT=$2; fi
+            shift 2 ;;
         --) shift; CMD=("$@"); break ;;
         *) log "unknown argument: $1 (python arguments go after --)"; usage >&2; exit "$EXIT_USAGE" ;;
     esac
 done
+
+if [[ -n $BUNDLE ]]; then
+    [[ -f $BUNDLE/manifest.json ]] || { log "--bundle $BUNDLE: no manifest.json there"; exit "$EXIT_USAGE"; }
+    BUNDLE=$(cd -- "$BUNDLE" && pwd)
+    ((${#CMD[@]} == 0)) || { log "--bundle and -- ARGS are exclusive"; exit "$EXIT_USAGE"; }
+fi
 
 case $CPU in
     cortex-a72) CPU_PART=0xd08; CPU_FEATURES="fp asimd evtstrm crc32 cpuid"; CPU_VARIANT=0x0; CPU_REV=3 ;;
@@ -367,7 +384,124 @@ if ((${#CMD[@]})); then
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 5b. The default verification.
+# 5b. --bundle: the agent's doctor and a short step-backend training on the bundle, emulated.
+# ---------------------------------------------------------------------------------------------
+TRAIN_PY=$CACHE/train_check.py
+write_train_check() {
+    write_if_changed "$TRAIN_PY" "$(
+        cat <<'PYEOF'
+"""Short step-backend training of devices/verify-arm64.sh --bundle; runs under qemu-aarch64."""
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edge.bundle import load_bundle
+from edge.features import image_features
+from edge.preprocess import preprocess_batch
+from edge.trainers import available_backends, open_trainer
+from edge.training import LocalData, evaluate
+
+BATCH, EPOCHS, LR, PER_CLASS = 8, 3, 5e-3, 2
+
+
+def make_images(folder, num_classes):
+    """PER_CLASS small PNGs per class with deterministic patterns (no RNG, so any numpy agrees)."""
+    paths, labels = [], []
+    for c in range(num_classes):
+        for k in range(PER_CLASS):
+            a = ((np.arange(40 * 48 * 3).reshape(40, 48, 3) * (7 * c + 3 * k + 1)) % 251).astype(np.uint8)
+            path = folder / f"class{c:03d}-{k}.png"
+            Image.fromarray(a).save(path)
+            paths.append(path)
+            labels.append(c)
+    return paths, np.array(labels, dtype=np.int64)
+
+
+def main(bundle_dir, out):
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = load_bundle(bundle_dir)
+    m = bundle.manifest
+    paths, labels = make_images(out, m.num_classes)
+    if m.needs_image_encoder:
+        inputs = image_features(bundle, paths, None, batch_size=BATCH, providers=["cpu"])
+    else:
+        inputs = preprocess_batch(paths, m.preprocess)
+    trainer = open_trainer(bundle, "step")
+    trainer.set_lr(LR)
+    data = LocalData(labels, features=inputs)
+    before = evaluate(trainer, data).loss
+    losses = []
+    for _ in range(EPOCHS):
+        for start in range(0, len(labels), BATCH):
+            losses.append(trainer.train_step(inputs[start:start + BATCH], labels[start:start + BATCH]).loss)
+    after = evaluate(trainer, data).loss
+    adapter = {f"adapter/{k}": v for k, v in trainer.get_adapter().items()}
+    np.savez(out / "train.npz", inputs=inputs, labels=labels, losses=np.array(losses), **adapter)
+    result = {"machine": platform.machine(), "python": platform.python_version(), "trainer": trainer.name,
+              "backends": available_backends(bundle), "input_kind": m.input_kind, "batch": BATCH,
+              "epochs": EPOCHS, "lr": LR, "images": len(paths), "steps": len(losses), "losses": losses,
+              "loss_before": before, "loss_after": after, "seconds": time.perf_counter() - t0,
+              "npz": str(out / "train.npz")}
+    print("FLORA_ARM64_TRAIN " + json.dumps(result), flush=True)
+    problems = []
+    if result["machine"] != "aarch64":
+        problems.append(f"machine is {result['machine']!r}, not aarch64")
+    if trainer.name != "step":
+        problems.append(f"trainer is {trainer.name}, not step")
+    if not all(math.isfinite(x) for x in losses + [before, after]):
+        problems.append("a loss is not finite")
+    elif not after < before:
+        problems.append(f"the loss on the training images did not fall ({before:.4f} -> {after:.4f})")
+    detail = (f"{len(losses)} step-backend steps at batch {BATCH} on {len(paths)} {m.input_kind} inputs "
+              f"from PNGs: loss {before:.4f} -> {after:.4f} ({result['seconds']:.1f} s)")
+    print(f"{'FAIL' if problems else 'PASS'} train: {'; '.join(problems) or detail}", flush=True)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], Path(sys.argv[2])))
+PYEOF
+    )"
+}
+
+bundle_checks() {
+    local t0 rc failed=()
+    OUT=${OUT:-$CACHE/bundle-check/$(basename "$BUNDLE")}
+    mkdir -p "$OUT"
+    rm -f "$OUT"/doctor.txt "$OUT"/train.npz "$OUT"/class[0-9]*-[0-9]*.png # ours only: --out may hold more
+    OUT=$(cd -- "$OUT" && pwd)
+    write_train_check
+    t0=$(now)
+    guest -m edge.cli doctor --bundle "$BUNDLE" --backend step --batch-size 8 >"$OUT/doctor.txt" 2>&1 && rc=0 || rc=$?
+    sed 's/^/  doctor| /' "$OUT/doctor.txt"
+    if ((rc == 0)) && grep -q '^VERDICT: ready' "$OUT/doctor.txt"; then
+        printf 'PASS doctor: %s (%s s)\n' "$(grep '^VERDICT' "$OUT/doctor.txt")" "$(since "$t0")"
+    else
+        printf 'FAIL doctor: exit status %s: %s\n' "$rc" "$(grep '^VERDICT' "$OUT/doctor.txt" || tail -n 1 "$OUT/doctor.txt")"
+        failed+=(doctor)
+    fi
+    guest "$TRAIN_PY" "$BUNDLE" "$OUT" && rc=0 || rc=$?
+    if ((rc != 0)); then failed+=(train); fi
+    log "bundle checks on $BUNDLE: $(since "$t0") s under emulation (setup ${SETUP_S} s); files in $OUT"
+    if ((${#failed[@]})); then
+        printf 'VERDICT: FAIL (aarch64 under qemu, %s: %s failed)\n' "$(basename "$BUNDLE")" "${failed[*]}"
+        exit "$EXIT_FAIL"
+    fi
+    printf 'VERDICT: PASS (aarch64 under qemu, %s: doctor ready, step training lowers the loss)\n' "$(basename "$BUNDLE")"
+    exit 0
+}
+
+if [[ -n $BUNDLE ]]; then bundle_checks; fi
+
+# ---------------------------------------------------------------------------------------------
+# 5c. The default verification.
 # ---------------------------------------------------------------------------------------------
 MQTT_PID=
 # shellcheck disable=SC2317  # invoked by the EXIT trap

@@ -153,25 +153,11 @@ def test_requirements_match_pyproject():
     )
 
 
-TRAIN_SCRIPT = """
-import json, sys, platform
-import numpy as np
-from edge.bundle import load_bundle
-from edge.trainers import available_backends, open_trainer
-bundle = load_bundle(sys.argv[1])
-trainer = open_trainer(bundle)
-trainer.set_lr(5e-3)
-data = np.load(sys.argv[2])
-losses = [trainer.train_step(data["x%d" % i], data["y%d" % i]).loss for i in range(int(data["n"]))]
-np.savez(sys.argv[3], **trainer.get_adapter())
-print("FLORA_ARM64_TRAIN " + json.dumps({"machine": platform.machine(), "backends": available_backends(bundle),
-                                         "trainer": trainer.name, "losses": losses}))
-"""
-
-
 @pytest.mark.arm64
 def test_agent_doctor_and_step_training_on_aarch64(arm64_run, arm64_cache, tmp_path):
-    """The agent's self-test and a short `step`-backend training of clip-tiny, emulated, equal the host's."""
+    """`verify-arm64.sh --bundle`: the agent's self-test and a short `step`-backend training of clip-tiny,
+    emulated; the host replays the same batches and must get the same losses and adapter."""
+    from edge.features import image_features
     from edge.trainers import open_trainer
 
     from .conftest import export_tiny
@@ -179,33 +165,32 @@ def test_agent_doctor_and_step_training_on_aarch64(arm64_run, arm64_cache, tmp_p
     proc, _ = arm64_run
     if proc.returncode != 0:
         pytest.fail("the default aarch64 verification failed first:\n" + _report(proc), pytrace=False)
-    env = {**os.environ, "FLORA_ARM64_CACHE": arm64_cache}
     bundle = export_tiny(tmp_path / "tiny-step", backends=("step",))
-    doctor = subprocess.run(["bash", str(SCRIPT), "--", "-m", "edge.cli", "doctor", "--bundle", str(bundle.root),
-                             "--batch-size", "8"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800)
-    assert doctor.returncode == 0, doctor.stdout[-3000:] + doctor.stderr[-3000:]
-    assert "aarch64" in doctor.stdout and "OK    trainer    step" in doctor.stdout
-    assert "VERDICT: ready" in doctor.stdout
-
-    rng = np.random.default_rng(0)
-    batches = {}
-    for i in range(10):
-        batches[f"x{i}"] = rng.standard_normal((8, 64)).astype(np.float32)
-        batches[f"y{i}"] = rng.integers(0, 10, 8)
-    np.savez(tmp_path / "batches.npz", n=10, **batches)
-    out = tmp_path / "arm-adapter.npz"
-    train = subprocess.run(["bash", str(SCRIPT), "--", "-c", TRAIN_SCRIPT, str(bundle.root),
-                            str(tmp_path / "batches.npz"), str(out)], env=env, cwd=ROOT, capture_output=True,
-                           text=True, timeout=1800)
-    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    line = next(ln for ln in train.stdout.splitlines() if ln.startswith("FLORA_ARM64_TRAIN "))
+    out = tmp_path / "arm-out"
+    run = subprocess.run(["bash", str(SCRIPT), "--bundle", str(bundle.root), "--out", str(out)],
+                         env={**os.environ, "FLORA_ARM64_CACHE": arm64_cache}, cwd=ROOT, capture_output=True,
+                         text=True, timeout=1800)
+    report = _report(run)
+    assert run.returncode == 0 and "VERDICT: PASS" in run.stdout, report
+    doctor = [ln for ln in run.stdout.splitlines() if ln.startswith("  doctor| ")]
+    assert any("aarch64" in ln for ln in doctor) and "  doctor| OK    trainer    step" in doctor, report
+    assert any("trainer + image encoder" in ln for ln in doctor) and "  doctor| VERDICT: ready" in doctor, report
+    assert "PASS doctor:" in run.stdout and "PASS train:" in run.stdout, report
+    line = next(ln for ln in run.stdout.splitlines() if ln.startswith("FLORA_ARM64_TRAIN "))
     result = json.loads(line.split(" ", 1)[1])
     assert result["machine"] == "aarch64" and result["trainer"] == "step" and result["backends"] == ["step"]
+    assert result["loss_after"] < result["loss_before"]
 
+    saved = np.load(out / "train.npz")
+    pngs = sorted(out.glob("class*-*.png"))
+    assert len(pngs) == result["images"] == len(saved["labels"])
+    host_features = image_features(bundle, pngs, None, batch_size=8)  # the image encoder, on the host
+    np.testing.assert_allclose(saved["inputs"], host_features, rtol=1e-4, atol=1e-5)
     host = open_trainer(bundle, "step")
-    host.set_lr(5e-3)
-    host_losses = [host.train_step(batches[f"x{i}"], batches[f"y{i}"]).loss for i in range(10)]
+    host.set_lr(result["lr"])
+    x, y, batch = saved["inputs"], saved["labels"], result["batch"]
+    host_losses = [host.train_step(x[i : i + batch], y[i : i + batch]).loss
+                   for _ in range(result["epochs"]) for i in range(0, len(y), batch)]
     np.testing.assert_allclose(result["losses"], host_losses, rtol=1e-4)
-    arm = dict(np.load(out))
     for name, value in host.get_adapter().items():
-        np.testing.assert_allclose(arm[name], value, rtol=1e-3, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(saved[f"adapter/{name}"], value, rtol=1e-3, atol=1e-5, err_msg=name)
