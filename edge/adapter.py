@@ -254,6 +254,11 @@ class Layout:
     numel: int
     headers: Mapping[str, Mapping[str, Mapping[str, Any]]]  # dtype -> the header entries of such a blob
 
+    @functools.cached_property
+    def index(self) -> Dict[str, Tuple[Tuple[int, ...], int, int]]:
+        """name -> (shape, first element, end element)."""
+        return {name: (shape, a, b) for name, shape, a, b in self.entries}
+
     def split(self, flat: np.ndarray) -> Dict[str, np.ndarray]:
         """Views of a flat array in this layout, by tensor name."""
         return {name: flat[a:b].reshape(shape) for name, shape, a, b in self.entries}
@@ -279,16 +284,16 @@ class FlatTensors(Mapping[str, np.ndarray]):
     def __init__(self, flat: np.ndarray, layout: Layout) -> None:
         self.flat = flat
         self.layout = layout
-        self._views = layout.split(flat)
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self._views[name]
+    def __getitem__(self, name: str) -> np.ndarray:  # a view made on demand: the fold uses `flat` alone
+        shape, begin, end = self.layout.index[name]
+        return self.flat[begin:end].reshape(shape)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._views)
+        return iter(self.layout.index)
 
     def __len__(self) -> int:
-        return len(self._views)
+        return len(self.layout.index)
 
 
 def canonical_tensors(blob: Buffer, entries: Mapping[str, Any], dtype: str,

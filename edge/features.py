@@ -12,7 +12,7 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -121,24 +121,17 @@ def image_features(
     bundle: Bundle,
     paths: Sequence[PathLike],
     cache: Optional[FeatureCache] = None,
-    *,
-    batch_size: int = 32,
-    encoder: Optional[ImageEncoder] = None,
-    progress: Optional[Callable[[int, int], None]] = None,
-    progress_every_s: float = 5.0,
-    threads: Optional[int] = None,
-    providers: Optional[List[str]] = None,
+    **options: Any,
 ) -> np.ndarray:
     """Features (N, D) of the images, from the cache where present, else computed (and cached).
 
+    Options (see `_features`): batch_size, encoder, progress, progress_every_s, threads, providers.
     The image encoder session is only created (with `threads` and `providers`) if an image misses.
     While computing, a progress line (images done/total, img/s) is logged every `progress_every_s`
     seconds and at the end; `progress(done, total)` is called after every batch. An unreadable
     image raises ImageError naming it (see `readable_image_features` to skip those instead).
     """
-    feats, _ = _features(bundle, paths, cache, skip=False, batch_size=batch_size, encoder=encoder,
-                         progress=progress, progress_every_s=progress_every_s, threads=threads,
-                         providers=providers)
+    feats, _ = _features(bundle, paths, cache, skip=False, **options)
     return feats
 
 
