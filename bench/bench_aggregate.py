@@ -75,10 +75,10 @@ def derive_vitb32_layout() -> Dict[str, Any]:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from export import lora
-    from export.loading import build_model, resolve_weights
-    from export.pipeline import ExportOptions
-    from export.presets import get_preset
+    from flora.export import lora
+    from flora.export.loading import build_model, resolve_weights
+    from flora.export.pipeline import ExportOptions
+    from flora.export.presets import get_preset
 
     opts = ExportOptions(preset="clip-vitb32", classes=["a", "b"], out=Path("unused"), random_init=True)
     preset = get_preset(opts.preset)
@@ -94,7 +94,7 @@ def derive_vitb32_layout() -> Dict[str, Any]:
 
 def layout_manifest(layout: Dict[str, Any]):
     """A manifest with exactly the derived tensors (the rest synthetic: the aggregator reads only these)."""
-    from edge.bundle import FORMAT, FORMAT_VERSION, Manifest
+    from flora.edge.bundle import FORMAT, FORMAT_VERSION, Manifest
 
     model_id = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()
     return Manifest.from_dict({
@@ -108,7 +108,7 @@ def layout_manifest(layout: Dict[str, Any]):
 
 def describe_layout(layout: Dict[str, Any]) -> Dict[str, Any]:
     sys.path.insert(0, str(ROOT))
-    from tests.factories import vitb32_manifest
+    from flora.edge.synthetic import vitb32_manifest
 
     floats = sum(int(t["shape"][0]) * int(t["shape"][1]) for t in layout["trainable"])
     ours = [(t["name"], tuple(t["shape"])) for t in layout["trainable"]]
@@ -116,16 +116,16 @@ def describe_layout(layout: Dict[str, Any]) -> Dict[str, Any]:
     shapes = sorted({f"{tuple(t['shape'])}" for t in layout["trainable"]})
     return {"architecture": layout["architecture"], "lora": layout["lora"], "tensors": len(ours), "floats": floats,
             "shapes": shapes, "first": ours[0][0], "last": ours[-1][0],
-            "same_as_tests_factories_vitb32_manifest": ours == factory,
-            "derived_with": "export.loading.build_model (random init) + export.lora.attach_lora, ExportOptions "
-                            "defaults"}
+            "same_as_synthetic_vitb32_manifest": ours == factory,
+            "derived_with": "flora.export.loading.build_model (random init) + flora.export.lora.attach_lora, "
+                            "ExportOptions defaults"}
 
 
 # --- workers (one fresh process per path and N) ---------------------------------------------------------------
 
 
 def _templates(manifest, dtype: str) -> List[Tuple[bytes, int]]:
-    from tests.factories import encode_update, random_adapter
+    from flora.edge.synthetic import encode_update, random_adapter
 
     out = []
     for seed in range(4):
@@ -141,9 +141,9 @@ def _blob(templates: Sequence[Tuple[bytes, int]], i: int, client: str) -> bytes:
 
 
 def _aggregator(manifest, state_dir: Path, broker: str = "mqtt://127.0.0.1:1"):
-    from broker.aggregator import Aggregator, AggregatorConfig
-    from broker.rounds import Sampling
-    from tests.factories import random_adapter
+    from flora.broker.aggregator import Aggregator, AggregatorConfig
+    from flora.broker.rounds import Sampling
+    from flora.edge.synthetic import random_adapter
 
     return Aggregator(AggregatorConfig(manifest=manifest, initial_adapter=random_adapter(manifest, 99),
                                        broker=broker, state_dir=state_dir, rounds=1, federation=FED,
@@ -198,7 +198,7 @@ def run_durable(agg, templates, clients: List[str]) -> Tuple[float, int]:
 
 def run_mqtt(agg_factory, manifest, dtype: str, clients: List[str], workdir: Path) -> Tuple[float, int, float]:
     """(seconds, payload bytes, RSS before connecting): drain a backlog of len(clients) updates from mosquitto."""
-    from broker.mosquitto import start_mosquitto
+    from flora.broker.mosquitto import start_mosquitto
 
     broker = start_mosquitto(workdir / "mosquitto", extra_config=["max_queued_messages 0"])
     try:
@@ -250,8 +250,8 @@ def _wait_subscribed(agg, timeout: float = 10.0) -> None:
 
 def publish(n: int, dtype: str, url: str, manifest) -> int:
     """The publisher process: n updates from n devices into the aggregator's session; total payload bytes."""
-    from edge.mqtt import BrokerConfig, Connection, make_client
-    from edge.protocol import Topics
+    from flora.edge.mqtt import BrokerConfig, Connection, make_client
+    from flora.edge.protocol import Topics
 
     cfg = BrokerConfig.from_url(url)
     client = make_client(cfg, "bench-publisher")
@@ -277,8 +277,8 @@ def profile_steps(manifest, dtype: str, repeat: int) -> Dict[str, float]:
     number of values, the memory-bound floor of the accumulation)."""
     import numpy as np
 
-    from broker.strategies import FedAvg
-    from edge import adapter
+    from flora.broker.strategies import FedAvg
+    from flora.edge import adapter
 
     blob = _blob(_templates(manifest, dtype), 0, "device-00000")
     entries, strings = adapter.read_header(blob)
@@ -353,7 +353,7 @@ def markdown(result: Dict[str, Any]) -> str:
         f"Adapter: {layout['architecture']} {layout['lora']['tower']} tower, LoRA rank {layout['lora']['rank']} on "
         f"{', '.join(layout['lora']['targets'])}: {layout['tensors']} tensors of shapes {', '.join(layout['shapes'])}, "
         f"{layout['floats']:,} floats; derived with {layout['derived_with']} (same as "
-        f"tests/factories.vitb32_manifest: {'yes' if layout['same_as_tests_factories_vitb32_manifest'] else 'NO'}).",
+        f"flora.edge.synthetic.vitb32_manifest: {'yes' if layout['same_as_synthetic_vitb32_manifest'] else 'NO'}).",
         f"Each row is the fastest of {result['repeat']} fresh processes (all throughputs in the JSON, `runs_mb_per_s`; "
         f"the peak RSS is the highest of them). Command: `{result['command']}`.",
         f"Machine: {result['machine']}. Load: {result['load']}.",

@@ -81,8 +81,8 @@ def _epoch_1000_cached(trainer, manifest, batch: int) -> float:
 
 
 def measure_onnx(backend: str, bundle_dir: str, batch: int, warmup: int, steps: int, threads: int) -> Dict:
-    from edge.bundle import load_bundle
-    from edge.trainers import open_trainer
+    from flora.edge.bundle import load_bundle
+    from flora.edge.trainers import open_trainer
 
     bundle = load_bundle(bundle_dir, verify=False)
     t0 = time.perf_counter()
@@ -100,11 +100,11 @@ def measure_onnx(backend: str, bundle_dir: str, batch: int, warmup: int, steps: 
 def measure_torch(bundle_dir: str, batch: int, warmup: int, steps: int, threads: int) -> Dict:
     import torch
 
-    from edge.bundle import load_bundle
-    from export.graphs import build_classifier, tokenize_prompts
-    from export.loading import WeightsSource, build_model
-    from export.lora import LoraSpec, attach_lora
-    from export.presets import get_preset
+    from flora.edge.bundle import load_bundle
+    from flora.export.graphs import build_classifier, tokenize_prompts
+    from flora.export.loading import WeightsSource, build_model
+    from flora.export.lora import LoraSpec, attach_lora
+    from flora.export.presets import get_preset
 
     torch.set_num_threads(threads)
     m = load_bundle(bundle_dir, verify=False).manifest
@@ -128,8 +128,8 @@ def measure_torch(bundle_dir: str, batch: int, warmup: int, steps: int, threads:
 
 
 def measure_features(bundle_dir: str, batch: int, warmup: int, steps: int, threads: int) -> Dict:
-    from edge.bundle import load_bundle
-    from edge.features import ImageEncoder
+    from flora.edge.bundle import load_bundle
+    from flora.edge.features import ImageEncoder
 
     bundle = load_bundle(bundle_dir, verify=False)
     encoder = ImageEncoder(bundle, threads=threads)
@@ -144,9 +144,9 @@ def measure_features(bundle_dir: str, batch: int, warmup: int, steps: int, threa
 def measure_agent(backend: str, bundle_dir: str, batch: int, threads: int, images: int = 256) -> Dict:
     """Text mode as flora-agent holds it: the trainer opened first, then the image encoder computes
     the features of `images` images at batch 32, then one epoch of training over them."""
-    from edge.bundle import load_bundle
-    from edge.features import ImageEncoder
-    from edge.trainers import open_trainer
+    from flora.edge.bundle import load_bundle
+    from flora.edge.features import ImageEncoder
+    from flora.edge.trainers import open_trainer
 
     bundle = load_bundle(bundle_dir, verify=False)
     manifest = bundle.manifest

@@ -39,7 +39,7 @@ def run_json(cmd: List[str], timeout: int = 3600) -> Dict:
 EXPORT_SNIPPET = """
 import json, sys, time
 from pathlib import Path
-from export.pipeline import ExportOptions, export_bundle
+from flora.export.pipeline import ExportOptions, export_bundle
 from bench.step_worker import vm_hwm_mb
 t0 = time.perf_counter()
 r = export_bundle(ExportOptions(preset=sys.argv[1], classes=sys.argv[4].split(","), out=Path(sys.argv[2]),
@@ -49,8 +49,8 @@ print(json.dumps({"export_s": time.perf_counter() - t0, "peak_rss_mb": vm_hwm_mb
 
 COUNT_SNIPPET = """
 import json, sys
-from export.loading import WeightsSource, build_model
-from export.presets import get_preset
+from flora.export.loading import WeightsSource, build_model
+from flora.export.presets import get_preset
 m = build_model(get_preset(sys.argv[1]), WeightsSource("random-init", None, None, False, 0))
 print(json.dumps({"params": sum(p.numel() for p in m.parameters())}))
 """
@@ -74,8 +74,8 @@ def export(model: str, tower: str, backend: str, out: Path) -> Dict:
 
 def adapter_sizes(bundle: Path) -> Dict:
     sys.path.insert(0, str(ROOT))
-    from edge import adapter
-    from edge.bundle import ADAPTER, load_manifest
+    from flora.edge import adapter
+    from flora.edge.bundle import ADAPTER, load_manifest
 
     manifest = load_manifest(bundle)
     tensors = adapter.load_file(bundle / ADAPTER).tensors

@@ -23,11 +23,11 @@ from typing import Any, Callable, Dict, Optional, Set, Tuple
 
 import numpy as np
 
-from edge import adapter
-from edge.bundle import Manifest
-from edge.fileio import sha256_bytes
-from edge.mqtt import BrokerConfig, Connection, make_client
-from edge.protocol import (
+from flora.edge import adapter
+from flora.edge.bundle import Manifest
+from flora.edge.fileio import sha256_bytes
+from flora.edge.mqtt import BrokerConfig, Connection, make_client
+from flora.edge.protocol import (
     QOS,
     ROUND_DONE,
     ROUND_TRAINING,

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from edge.fileio import PathLike, append_line, atomic_write_bytes, atomic_write_json, sha256_bytes
+from flora.edge.fileio import PathLike, append_line, atomic_write_bytes, atomic_write_json, sha256_bytes
 
 STATE = "state.json"
 HISTORY = "history.jsonl"

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from edge.config import ConfigError, explicit_options, load_toml, merge_config
+from flora.edge.config import ConfigError, explicit_options, load_toml, merge_config
 
 from .validation import DEFAULT_MAX_NUM_SAMPLES
 
@@ -129,8 +129,8 @@ def _error(message: str, code: int) -> int:
 
 def _load_inputs(args: argparse.Namespace):
     """(bundle or None, manifest, initial adapter tensors) from --bundle or --manifest."""
-    from edge import adapter
-    from edge.bundle import ADAPTER, load_bundle, load_manifest
+    from flora.edge import adapter
+    from flora.edge.bundle import ADAPTER, load_bundle, load_manifest
 
     if bool(args.bundle) == bool(args.manifest):
         raise ValueError("give exactly one of --bundle and --manifest")
@@ -159,10 +159,10 @@ def _hooks(bundle, eval_data: Optional[Path]) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edge.adapter import AdapterError
-    from edge.bundle import BundleError
-    from edge.mqtt import BrokerConfigError
-    from edge.protocol import ProtocolError, TrainConfig
+    from flora.edge.adapter import AdapterError
+    from flora.edge.bundle import BundleError
+    from flora.edge.mqtt import BrokerConfigError
+    from flora.edge.protocol import ProtocolError, TrainConfig
 
     from .aggregator import Aggregator, AggregatorConfig
     from .checkpoint import CheckpointError

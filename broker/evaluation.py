@@ -8,11 +8,11 @@ from typing import Dict
 
 import numpy as np
 
-from edge.bundle import Bundle
-from edge.dataset import load_dataset
-from edge.evaluate import AdapterEvaluator
-from edge.features import image_features
-from edge.training import LocalData
+from flora.edge.bundle import Bundle
+from flora.edge.dataset import load_dataset
+from flora.edge.evaluate import AdapterEvaluator
+from flora.edge.features import image_features
+from flora.edge.training import LocalData
 
 log = logging.getLogger("flora.aggregator")
 

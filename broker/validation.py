@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import AbstractSet, Mapping, Optional
 
-from edge import adapter
-from edge.bundle import Manifest
+from flora.edge import adapter
+from flora.edge.bundle import Manifest
 
 #: Every reason `validate_update` rejects an update for (the history rows count them by these codes).
 VALIDATION_REASONS = (

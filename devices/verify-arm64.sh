@@ -13,7 +13,7 @@
 #                                                training on PNGs made on the spot (saved with the inputs, the
 #                                                losses and the adapter to --out, default CACHE/bundle-check)
 #   devices/verify-arm64.sh -- ARGS...           run `python3 ARGS...` under emulation, e.g.
-#   devices/verify-arm64.sh -- -m edge.cli doctor --bundle bundles/clip-tiny
+#   devices/verify-arm64.sh -- -m flora.edge.cli doctor --bundle bundles/clip-tiny
 #   devices/verify-arm64.sh --setup-only         build / refresh the cache, run nothing
 #   devices/verify-arm64.sh --refresh [...]      re-download packages and wheels (security updates)
 #
@@ -281,11 +281,17 @@ write_if_changed "$PYTHON" "#!/bin/sh
 exec $(shquote "$QEMU") -L $(shquote "$ROOTFS") -cpu $CPU -0 \"\$0\" $(shquote "$ROOTFS/usr/bin/python$PYVER") \"\$@\""
 chmod 0755 "$PYTHON"
 
+# The project as installed: flora.edge and flora.broker are the repo's edge/ and broker/ folders
+# (pyproject's package-dir mapping), laid out here as links so the guest imports this checkout.
+PKGROOT=$CACHE/pkgroot
+mkdir -p "$PKGROOT/flora"
+for pkg in edge broker; do ln -sfn "$REPO_ROOT/$pkg" "$PKGROOT/flora/$pkg"; done
+
 # The environment the emulated python sees: the caller's, minus what points at host binaries.
 guest() {
     env -u LD_LIBRARY_PATH -u LD_PRELOAD -u PYTHONHOME -u PYTHONSTARTUP -u PYTHONEXECUTABLE \
         -u VIRTUAL_ENV -u PYTHONSAFEPATH -u QEMU_LD_PREFIX -u QEMU_CPU \
-        PYTHONNOUSERSITE=1 PYTHONPATH="$SITE:$REPO_ROOT" "$PYTHON" "$@"
+        PYTHONNOUSERSITE=1 PYTHONPATH="$SITE:$PKGROOT" "$PYTHON" "$@"
 }
 
 # Can this machine run aarch64 code at all? (qemu refused by seccomp, a broken qemu, ...)
@@ -401,11 +407,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from edge.bundle import load_bundle
-from edge.features import image_features
-from edge.preprocess import preprocess_batch
-from edge.trainers import available_backends, open_trainer
-from edge.training import LocalData, evaluate
+from flora.edge.bundle import load_bundle
+from flora.edge.features import image_features
+from flora.edge.preprocess import preprocess_batch
+from flora.edge.trainers import available_backends, open_trainer
+from flora.edge.training import LocalData, evaluate
 
 BATCH, EPOCHS, LR, PER_CLASS = 8, 3, 5e-3, 2
 
@@ -479,7 +485,7 @@ bundle_checks() {
     OUT=$(cd -- "$OUT" && pwd)
     write_train_check
     t0=$(now)
-    guest -m edge.cli doctor --bundle "$BUNDLE" --backend step --batch-size 8 >"$OUT/doctor.txt" 2>&1 && rc=0 || rc=$?
+    guest -m flora.edge.cli doctor --bundle "$BUNDLE" --backend step --batch-size 8 >"$OUT/doctor.txt" 2>&1 && rc=0 || rc=$?
     sed 's/^/  doctor| /' "$OUT/doctor.txt"
     if ((rc == 0)) && grep -q '^VERDICT: ready' "$OUT/doctor.txt"; then
         printf 'PASS doctor: %s (%s s)\n' "$(grep '^VERDICT' "$OUT/doctor.txt")" "$(since "$t0")"
@@ -752,10 +758,10 @@ def _():
 
 @check("edge")
 def _():
-    import edge
+    import flora.edge as edge
 
-    names, bad = ["edge"], []
-    for info in pkgutil.walk_packages(edge.__path__, "edge."):
+    names, bad = ["flora.edge"], []
+    for info in pkgutil.walk_packages(edge.__path__, "flora.edge."):
         try:
             importlib.import_module(info.name)
             names.append(info.name)
@@ -763,7 +769,7 @@ def _():
             bad.append(f"{info.name}: {type(exc).__name__}: {exc}")
     results["edge_modules"] = names
     if "torch" in sys.modules:
-        bad.append("importing edge pulled in torch")
+        bad.append("importing flora.edge pulled in torch")
     if bad:
         raise AssertionError("; ".join(bad))
     return f"{len(names)} modules import under aarch64 from {os.path.dirname(edge.__file__)}"

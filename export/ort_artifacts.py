@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 
 import onnx
 
-from edge.bundle import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, OptimizerConfig
+from flora.edge.bundle import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, OptimizerConfig
 
 from .onnx_export import MAX_IR_VERSION, cap_ir_version, initializer_names
 

@@ -18,10 +18,10 @@ import numpy as np
 import onnx
 import torch
 
-from edge import __version__
-from edge import adapter as adapter_blob
-from edge import bundle as B
-from edge.fileio import atomic_write_bytes, current_umask, sha256_file
+from flora.edge import __version__
+from flora.edge import adapter as adapter_blob
+from flora.edge import bundle as B
+from flora.edge.fileio import atomic_write_bytes, current_umask, sha256_file
 
 from . import graphs, lora, onnx_export, ort_artifacts
 from .loading import WeightsSource, build_model, preprocess_config, resolve_weights, state_sha256

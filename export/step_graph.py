@@ -21,8 +21,8 @@ from torch.func import functional_call, grad_and_value
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from edge.bundle import OptimizerConfig
-from edge.step_io import STEP_INPUTS, STEP_OUTPUTS, moment_names, new_names
+from flora.edge.bundle import OptimizerConfig
+from flora.edge.step_io import STEP_INPUTS, STEP_OUTPUTS, moment_names, new_names
 
 from .onnx_export import cap_ir_version, mha_fastpath_disabled, packed_projection_as_split, save_model
 

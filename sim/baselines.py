@@ -14,10 +14,10 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from edge.bundle import Bundle
-from edge.dataset import Sample, train_val_split
-from edge.trainers import open_trainer
-from edge.training import LocalData, evaluate, train_round
+from flora.edge.bundle import Bundle
+from flora.edge.dataset import Sample, train_val_split
+from flora.edge.trainers import open_trainer
+from flora.edge.training import LocalData, evaluate, train_round
 
 log = logging.getLogger("flora.sim")
 

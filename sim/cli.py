@@ -89,9 +89,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("onnxscript").setLevel(logging.ERROR)
-    from broker.mosquitto import MosquittoError
-    from edge.bundle import BundleError
-    from edge.trainers import TrainerError
+    from flora.broker.mosquitto import MosquittoError
+    from flora.edge.bundle import BundleError
+    from flora.edge.trainers import TrainerError
 
     from .partition import PartitionError
     from .run import SimError, run

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from edge.dataset import DatasetError, Sample, load_image_folder, stratified_split
-from edge.fileio import PathLike, atomic_write_json
+from flora.edge.dataset import DatasetError, Sample, load_image_folder, stratified_split
+from flora.edge.fileio import PathLike, atomic_write_json
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 MARKER = "flora-digits.json"

@@ -14,13 +14,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from broker.checkpoint import STATE, Checkpoint
-from broker.mosquitto import Mosquitto, start_mosquitto
-from edge.bundle import Bundle, BundleError, load_bundle
-from edge.dataset import Sample
-from edge.features import FeatureCache, image_features
-from edge.trainers import available_backends
-from edge.training import LocalData
+from flora.broker.checkpoint import STATE, Checkpoint
+from flora.broker.mosquitto import Mosquitto, start_mosquitto
+from flora.edge.bundle import Bundle, BundleError, load_bundle
+from flora.edge.dataset import Sample
+from flora.edge.features import FeatureCache, image_features
+from flora.edge.trainers import available_backends
+from flora.edge.training import LocalData
 
 from .baselines import client_seed, training_splits
 from .datasets import SplitDataset, load_folder_dataset, write_digits
@@ -96,7 +96,7 @@ def shard(cfg: SimConfig, data: SplitDataset) -> List[List[Sample]]:
     parts = partition(data.train_labels, cfg.clients, cfg.partition, cfg.seed)
     shards = [[data.train[i] for i in p] for p in parts]
     if cfg.shots:
-        from edge.dataset import few_shot
+        from flora.edge.dataset import few_shot
 
         shards = [few_shot(s, cfg.shots, cfg.seed + i) for i, s in enumerate(shards)]
     return shards
@@ -107,7 +107,7 @@ def needed_backends(backend: str) -> Tuple[str, ...]:
     """The trainer backends a bundle exported for this run holds: the one asked for; for auto, what runs here."""
     if backend != "auto":
         return (backend,)
-    from edge.ort import has_training_api
+    from flora.edge.ort import has_training_api
 
     return ("ort-training",) if has_training_api() else ("step",)
 
@@ -124,7 +124,7 @@ def backend_mismatch(bundle: Bundle, backend: str) -> Optional[str]:
 
 def export_mismatch(bundle: Bundle, cfg: SimConfig, classes: Sequence[str]) -> Optional[str]:
     """Why the sim's own earlier export does not fit this run (model, classes, backend, weights, seed), or None."""
-    from export.presets import get_preset
+    from flora.export.presets import get_preset
 
     m = bundle.manifest
     want_random = cfg.random_init or get_preset(cfg.model).default_pretrained is None
@@ -170,8 +170,8 @@ def prepare_bundle(cfg: SimConfig, classes: List[str], say: Say) -> Bundle:
 
 
 def export(cfg: SimConfig, classes: List[str], target: Path, say: Say) -> Bundle:
-    from export.loading import WeightsError
-    from export.pipeline import ExportError, ExportOptions, export_bundle
+    from flora.export.loading import WeightsError
+    from flora.export.pipeline import ExportError, ExportOptions, export_bundle
 
     backends = needed_backends(cfg.backend)
     say(f"exporting {cfg.model} for {len(classes)} classes ({', '.join(backends)}) into {target}")
@@ -246,8 +246,8 @@ def federate(cfg: SimConfig, bundle: Bundle, t_start: float, say: Say) -> Tuple[
         with signals_deferred():  # a Ctrl-C while mosquitto starts up is held until `broker` is set
             broker = start_mosquitto(cfg.out / "mosquitto")
         say(f"mosquitto on {broker.url}; logs in {cfg.out / 'logs'}")
-        group.start("aggregator", "broker.cli", aggregator_args(cfg, bundle, broker.url))
-        agents = [group.start(f"client-{i}", "edge.cli", agent_args(cfg, bundle, broker.url, i))
+        group.start("aggregator", "flora.broker.cli", aggregator_args(cfg, bundle, broker.url))
+        agents = [group.start(f"client-{i}", "flora.edge.cli", agent_args(cfg, bundle, broker.url, i))
                   for i in range(cfg.clients)]
         rows = watch(cfg, state_dir, group, t_start, say)
         if not group.wait(agents, timeout=60):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from broker.mosquitto import MosquittoError, find_mosquitto, start_mosquitto
+from flora.broker.mosquitto import MosquittoError, find_mosquitto, start_mosquitto
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,8 +38,8 @@ DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 
 def export_tiny(out, tower: str = "text", backends=("ort-training",), **overrides):
     """Export a clip-tiny bundle (random-init, seed 0) into `out` and return the loaded Bundle."""
-    from edge.bundle import load_bundle
-    from export.pipeline import ExportOptions, export_bundle
+    from flora.edge.bundle import load_bundle
+    from flora.export.pipeline import ExportOptions, export_bundle
 
     opts = ExportOptions(preset="clip-tiny", classes=list(DIGITS), out=out, tower=tower,
                          backends=tuple(backends), **overrides)
@@ -66,3 +68,22 @@ def tiny_both_bundle(tmp_path_factory):
 def tiny_all_bundle(tmp_path_factory):
     """clip-tiny, text tower, both backends (ort-training artifacts and train_step.onnx)."""
     return export_tiny(tmp_path_factory.mktemp("bundles") / "tiny-all", backends=("ort-training", "step"))
+
+
+@pytest.fixture(scope="session")
+def flora_wheel(tmp_path_factory) -> Path:
+    """The project built as a wheel (`pip wheel --no-deps`, setuptools from the registry), once per session."""
+    out = tmp_path_factory.mktemp("wheel")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--disable-pip-version-check",
+                           "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = out.glob("flora_edge-*.whl")
+    return wheel
+
+
+def install_wheel(wheel: Path, site: Path) -> None:
+    """Install the project's wheel alone (no dependencies) into the folder `site`."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--upgrade",
+                           "--disable-pip-version-check", "--target", str(site), str(wheel)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge import adapter
-from edge.bundle import ADAPTER
-from edge.dataset import load_dataset, split_local
-from edge.fileio import sha256_bytes
-from edge.mqtt import BrokerConfig, Connection, make_client
-from edge.protocol import RoundAnnouncement, Status, Topics, TrainConfig
-from edge.state import AgentState, StateStore
-from sim.datasets import write_digits
+from flora.edge import adapter
+from flora.edge.bundle import ADAPTER
+from flora.edge.dataset import load_dataset, split_local
+from flora.edge.fileio import sha256_bytes
+from flora.edge.mqtt import BrokerConfig, Connection, make_client
+from flora.edge.protocol import RoundAnnouncement, Status, Topics, TrainConfig
+from flora.edge.state import AgentState, StateStore
+from flora.sim.datasets import write_digits
 
 pytestmark = pytest.mark.mqtt
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ class ScriptedAggregator:
 
 
 def start_agent(bundle, data: Path, url: str, state_dir: Path, log: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "edge.cli", "--bundle", str(bundle.root), "--data", str(data), "--broker", url,
+    cmd = [sys.executable, "-m", "flora.edge.cli", "--bundle", str(bundle.root), "--data", str(data), "--broker", url,
            "--client-id", "dev-1", "--federation", FED, "--state-dir", str(state_dir), "--val-fraction", "0.2",
            "--progress-every-s", "0.5", *extra]
     with open(log, "ab") as fh:

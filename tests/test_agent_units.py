@@ -17,18 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge import adapter
-from edge.agent import Agent, AgentConfig
-from edge.bundle import ADAPTER
-from edge.dataset import DatasetError
-from edge.features import FeatureCache, ImageEncoder, image_features, readable_image_features
-from edge.fileio import sha256_bytes
-from edge.preprocess import ImageError, preprocess_batch
-from edge.protocol import RoundAnnouncement, Status, TrainConfig
-from edge.state import AgentState, StateError, StateStore
-from edge.trainers import TrainerError
-
-REPO = Path(__file__).resolve().parents[1]
+from flora.edge import adapter
+from flora.edge.agent import Agent, AgentConfig
+from flora.edge.bundle import ADAPTER
+from flora.edge.dataset import DatasetError
+from flora.edge.features import FeatureCache, ImageEncoder, image_features, readable_image_features
+from flora.edge.fileio import sha256_bytes
+from flora.edge.preprocess import ImageError, preprocess_batch
+from flora.edge.protocol import RoundAnnouncement, Status, TrainConfig
+from flora.edge.state import AgentState, StateError, StateStore
+from flora.edge.trainers import TrainerError
 
 
 def test_state_survives_a_restart_and_tracks_the_outbox(tmp_path):
@@ -124,26 +122,26 @@ NO_TORCH = textwrap.dedent(
     """
     import sys
     sys.modules["torch"] = None  # any `import torch` now fails
-    sys.path.insert(0, sys.argv[1])
     import numpy as np
-    import edge.agent, edge.cli, edge.doctor, edge.evaluate
-    from edge.bundle import load_bundle
-    from edge.trainers import open_trainer
-    bundle = load_bundle(sys.argv[2])
-    for backend in sys.argv[3:]:
+    import flora.edge.agent, flora.edge.cli, flora.edge.doctor, flora.edge.evaluate
+    from flora.edge.bundle import load_bundle
+    from flora.edge.trainers import open_trainer
+    bundle = load_bundle(sys.argv[1])
+    for backend in sys.argv[2:]:
         t = open_trainer(bundle, backend)
         r = t.train_step(np.ones((2, 64), np.float32), np.array([0, 1]))
         print(backend, round(r.loss, 4))
-    heavy = ("torch", "open_clip", "torchvision", "export")
-    loaded = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in heavy)
+    heavy = ("torch", "open_clip", "torchvision", "flora.export")
+    loaded = sorted(m for m, mod in sys.modules.items()
+                    if mod is not None and (m.split(".")[0] in heavy or m.startswith("flora.export")))
     print("loaded", loaded)
     """
 )
 
 
 def test_the_agent_runs_where_import_torch_fails(tiny_all_bundle):
-    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(REPO), str(tiny_all_bundle.root), "ort-training",
-                           "step"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(tiny_all_bundle.root), "ort-training", "step"],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("ort-training ") and lines[1].startswith("step ")
@@ -287,8 +285,8 @@ def test_a_failing_round_is_reported_once_and_the_next_round_trains(tiny_text_bu
 
 
 def test_non_finite_loss_from_a_backend_that_does_not_check_is_an_error(tiny_text_bundle):
-    from edge.trainers import open_trainer
-    from edge.training import LocalData, train_round
+    from flora.edge.trainers import open_trainer
+    from flora.edge.training import LocalData, train_round
 
     trainer = open_trainer(tiny_text_bundle, "ort-training")
     real = trainer.train_step
@@ -445,7 +443,7 @@ def test_vision_mode_image_broken_during_a_round_is_a_round_error(tiny_vision_bu
 def test_feature_extraction_logs_progress_lines(tiny_text_bundle, tmp_path, caplog):
     paths = _digit_pngs(tmp_path / "img", 5)
     calls = []
-    with caplog.at_level(logging.INFO, logger="edge.features"):
+    with caplog.at_level(logging.INFO, logger="flora.edge.features"):
         image_features(tiny_text_bundle, paths, batch_size=2, progress_every_s=0.0,
                        progress=lambda done, total: calls.append((done, total)))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("image features: ")]
@@ -453,7 +451,7 @@ def test_feature_extraction_logs_progress_lines(tiny_text_bundle, tmp_path, capl
                                                              "image features: 5/5"]
     assert all("img/s" in line for line in lines) and calls == [(2, 5), (4, 5), (5, 5)]
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="edge.features"):
+    with caplog.at_level(logging.INFO, logger="flora.edge.features"):
         image_features(tiny_text_bundle, _digit_pngs(tmp_path / "more", 5), batch_size=2, progress_every_s=3600)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("image features: ")]
     assert [line.split(" images")[0] for line in lines] == ["image features: 5/5"]  # only the last, when slow
@@ -476,7 +474,7 @@ def test_readable_image_features_skip_broken_files(tiny_text_bundle, tmp_path):
 # -- config precedence ------------------------------------------------------------------------------
 
 def test_explicit_command_line_values_win_over_the_config_file(tmp_path, monkeypatch):
-    from edge import cli
+    from flora.edge import cli
 
     config = tmp_path / "agent.toml"
     config.write_text('bundle = "/b"\ndata = "/d"\nbroker = "mqtt://toml:1883"\nclient_id = "from-toml"\n'
@@ -498,8 +496,8 @@ def test_explicit_command_line_values_win_over_the_config_file(tmp_path, monkeyp
 
 
 def test_explicit_options_sees_given_values_equal_to_defaults():
-    from edge import cli
-    from edge.config import explicit_options
+    from flora.edge import cli
+    from flora.edge.config import explicit_options
 
     parser = cli.build_parser()
     run = parser._subparsers._group_actions[0].choices["run"]

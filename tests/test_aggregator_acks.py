@@ -11,12 +11,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 
-from broker.aggregator import Aggregator, AggregatorConfig
-from broker.rounds import Sampling
-from edge.mqtt import BrokerConfig, Connection, make_client
-from edge.protocol import Status, Topics
+from flora.broker.aggregator import Aggregator, AggregatorConfig
+from flora.broker.rounds import Sampling
+from flora.edge.mqtt import BrokerConfig, Connection, make_client
+from flora.edge.protocol import Status, Topics
+from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
 
-from .factories import encode_update, random_adapter, synthetic_manifest
 from .test_aggregator_rounds import FakeClock, metrics, offline_aggregator, status
 
 M = synthetic_manifest()

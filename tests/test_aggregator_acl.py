@@ -14,12 +14,11 @@ from typing import Dict, List, Optional, Tuple
 
 import pytest
 
-from broker.mosquitto import free_port, launch_mosquitto, run_as_invoking_user, start_mosquitto
-from edge import adapter
-from edge.mqtt import BrokerConfig, Connection, make_client
-from edge.protocol import RoundAnnouncement, Status
-
-from .factories import encode_update, random_adapter, synthetic_manifest, write_bundle
+from flora.broker.mosquitto import free_port, launch_mosquitto, run_as_invoking_user, start_mosquitto
+from flora.edge import adapter
+from flora.edge.mqtt import BrokerConfig, Connection, make_client
+from flora.edge.protocol import RoundAnnouncement, Status
+from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest, write_bundle
 
 pytestmark = pytest.mark.mqtt
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +145,7 @@ def test_a_federation_round_runs_through_the_acl(secured_broker, tmp_path):
     device = Peer(secured_broker.url, "dev-1", subscribe=[f"flora/{fed}/global", f"flora/{fed}/round"])
     env = {**os.environ, "FLORA_MQTT_USERNAME": "flora-aggregator", "FLORA_MQTT_PASSWORD": USERS["flora-aggregator"],
            "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "broker.cli", "--bundle", str(bundle), "--broker",
+    proc = subprocess.Popen([sys.executable, "-m", "flora.broker.cli", "--bundle", str(bundle), "--broker",
                              secured_broker.url, "--federation", fed, "--rounds", "1", "--state-dir",
                              str(tmp_path / "agg"), "--wait-for-clients", "1", "--metrics-grace", "0"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -8,8 +8,7 @@ import json
 import pytest
 
 from bench import bench_aggregate as bench
-
-from .factories import synthetic_manifest, vitb32_manifest
+from flora.edge.synthetic import synthetic_manifest, vitb32_manifest
 
 
 def _layout_of(manifest) -> dict:

@@ -9,12 +9,12 @@ import re
 import numpy as np
 import pytest
 
-from broker.checkpoint import Checkpoint, CheckpointError
-from broker.rounds import Sampling
-from edge import adapter
-from edge.fileio import sha256_bytes
+from flora.broker.checkpoint import Checkpoint, CheckpointError
+from flora.broker.rounds import Sampling
+from flora.edge import adapter
+from flora.edge.fileio import sha256_bytes
+from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
 
-from .factories import encode_update, random_adapter, synthetic_manifest
 from .test_aggregator_rounds import FakeClock, metrics, offline_aggregator, status
 
 

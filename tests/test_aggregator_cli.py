@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from broker import report
-from broker.cli import main
-from broker.rounds import Sampling
-from edge import adapter
+from flora.broker import report
+from flora.broker.cli import main
+from flora.broker.rounds import Sampling
+from flora.edge import adapter
+from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest, write_bundle
 
-from .factories import encode_update, random_adapter, synthetic_manifest, write_bundle
 from .test_aggregator_rounds import FakeClock, metrics, offline_aggregator, status
 
 M = synthetic_manifest()
@@ -112,7 +112,7 @@ def test_plot_needs_rounds_and_matplotlib_and_says_so(tmp_path, monkeypatch, cap
 
 def test_explicit_command_line_values_win_over_the_config_file(bundle, tmp_path, monkeypatch):
     """`--rounds 10` equals the parser's default, and must still beat the config file's `rounds = 3`."""
-    import broker.cli as cli
+    import flora.broker.cli as cli
 
     seen = {}
     monkeypatch.setattr(cli, "run", lambda args: seen.update(vars(args)) or 0)

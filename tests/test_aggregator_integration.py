@@ -16,14 +16,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import pytest
 
-from broker.aggregator import Aggregator, AggregatorConfig
-from broker.rounds import Sampling
-from edge import adapter
-from edge.fileio import sha256_bytes
-from edge.mqtt import BrokerConfig, Connection, make_client
-from edge.protocol import Metrics, RoundAnnouncement, Status, Topics, TrainConfig
-
-from .factories import encode_update, random_adapter, synthetic_manifest, write_bundle
+from flora.broker.aggregator import Aggregator, AggregatorConfig
+from flora.broker.rounds import Sampling
+from flora.edge import adapter
+from flora.edge.fileio import sha256_bytes
+from flora.edge.mqtt import BrokerConfig, Connection, make_client
+from flora.edge.protocol import Metrics, RoundAnnouncement, Status, Topics, TrainConfig
+from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest, write_bundle
 
 pytestmark = pytest.mark.mqtt
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +122,7 @@ def assert_global_is(g: adapter.Adapter, expected: Dict[str, np.ndarray]) -> Non
 
 def start_cli(args: Sequence[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as fh:
-        return subprocess.Popen([sys.executable, "-m", "broker.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
+        return subprocess.Popen([sys.executable, "-m", "flora.broker.cli", *args], stdout=fh, stderr=subprocess.STDOUT,
                                 cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -221,8 +220,8 @@ def test_the_cli_accepts_only_good_updates_and_counts_every_rejection(mosquitto,
     text = log.read_text()
     assert "rejected update from c9: not-asked" in text and "federation 'agg-test' done: 2 rounds" in text
 
-    status = subprocess.run([sys.executable, "-m", "broker.cli", "status", "--state-dir", str(state_dir), "--plot",
-                             str(tmp_path / "rounds.png")], capture_output=True, text=True, cwd=REPO)
+    status = subprocess.run([sys.executable, "-m", "flora.broker.cli", "status", "--state-dir", str(state_dir),
+                             "--plot", str(tmp_path / "rounds.png")], capture_output=True, text=True, cwd=REPO)
     assert status.returncode == 0, status.stderr
     assert "done; 2 of 2 rounds completed" in status.stdout and "'duplicate': 1" in status.stdout
     assert (tmp_path / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -335,14 +334,14 @@ def test_below_quorum_the_round_is_extended_and_republished_and_the_hook_fills_t
     row = agg.checkpoint.history()[0]
     assert row["extensions"] == 1 and row["reported"] == {reporter: 3, spare: 9} and row["num_asked"] == 3
     assert row["test_accuracy"] == 0.42 and row["test_norm"] > 0 and hook_rounds == [0]
-    plot = subprocess.run([sys.executable, "-m", "broker.cli", "plot", "--state-dir", str(tmp_path / "agg"), "--out",
-                           str(tmp_path / "p.png")], capture_output=True, text=True, cwd=REPO)
+    plot = subprocess.run([sys.executable, "-m", "flora.broker.cli", "plot", "--state-dir", str(tmp_path / "agg"),
+                           "--out", str(tmp_path / "p.png")], capture_output=True, text=True, cwd=REPO)
     assert plot.returncode == 0 and (tmp_path / "p.png").stat().st_size > 1000, plot.stderr
 
 
 def test_waiting_for_clients_gives_up_with_a_clear_error(mosquitto, tmp_path):
     bundle = write_bundle(tmp_path / "bundle", M)
-    proc = subprocess.run([sys.executable, "-m", "broker.cli", "--manifest", str(bundle / "manifest.json"),
+    proc = subprocess.run([sys.executable, "-m", "flora.broker.cli", "--manifest", str(bundle / "manifest.json"),
                            "--broker", mosquitto.url,
                            "--state-dir", str(tmp_path / "agg"), "--wait-for-clients", "2", "--wait-timeout", "0.3"],
                           capture_output=True, text=True, cwd=REPO, timeout=30)

@@ -10,8 +10,8 @@ from typing import List, Tuple
 import numpy as np
 import pytest
 
-from broker.aggregator import Aggregator, AggregatorConfig
-from broker.rounds import (
+from flora.broker.aggregator import Aggregator, AggregatorConfig
+from flora.broker.rounds import (
     CLOSE,
     EXTEND,
     GIVE_UP,
@@ -22,11 +22,10 @@ from broker.rounds import (
     RoundRecord,
     Sampling,
 )
-from edge import adapter
-from edge.fileio import sha256_bytes
-from edge.protocol import Metrics, RoundAnnouncement, Status
-
-from .factories import encode_update, random_adapter, synthetic_manifest
+from flora.edge import adapter
+from flora.edge.fileio import sha256_bytes
+from flora.edge.protocol import Metrics, RoundAnnouncement, Status
+from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
 
 
 class FakeClock:

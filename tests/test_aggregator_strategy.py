@@ -8,10 +8,9 @@ from typing import Dict, Mapping, Optional, Sequence
 import numpy as np
 import pytest
 
-from broker.strategies import STRATEGIES, FedAvg, Strategy, make_strategy
-from edge.bundle import TensorSpec
-
-from .factories import random_adapter, synthetic_manifest
+from flora.broker.strategies import STRATEGIES, FedAvg, Strategy, make_strategy
+from flora.edge.bundle import TensorSpec
+from flora.edge.synthetic import random_adapter, synthetic_manifest
 
 
 def test_fedavg_weights_each_tensor_by_sample_count():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as safetensors_load
 
-from broker.strategies import FedAvg
-from broker.validation import (
+from flora.broker.strategies import FedAvg
+from flora.broker.validation import (
     DEFAULT_MAX_NUM_SAMPLES,
     NO_ROUND,
     REASONS,
@@ -20,9 +20,8 @@ from broker.validation import (
     RoundView,
     validate_update,
 )
-from edge import adapter
-
-from .factories import encode_update, random_adapter, synthetic_manifest
+from flora.edge import adapter
+from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
 
 M = synthetic_manifest()
 LIMIT = adapter.max_blob_bytes(M.trainable)

@@ -157,8 +157,8 @@ def test_requirements_match_pyproject():
 def test_agent_doctor_and_step_training_on_aarch64(arm64_run, arm64_cache, tmp_path):
     """`verify-arm64.sh --bundle`: the agent's self-test and a short `step`-backend training of clip-tiny,
     emulated; the host replays the same batches and must get the same losses and adapter."""
-    from edge.features import image_features
-    from edge.trainers import open_trainer
+    from flora.edge.features import image_features
+    from flora.edge.trainers import open_trainer
 
     from .conftest import export_tiny
 

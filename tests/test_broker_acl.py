@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from broker.mosquitto import start_mosquitto
-from edge.mqtt import BrokerConfig, Connection, make_client
+from flora.broker.mosquitto import start_mosquitto
+from flora.edge.mqtt import BrokerConfig, Connection, make_client
 
 pytestmark = pytest.mark.mqtt
 
@@ -43,7 +43,7 @@ def test_tls_with_passwords_from_the_environment(mosquitto_binary, tiny_text_bun
         "allow_anonymous false", f"password_file {tmp_path / 'pw'}", f"cafile {certs / 'ca.crt'}",
         f"certfile {certs / 'server.crt'}", f"keyfile {certs / 'server.key'}", "tls_version tlsv1.2"])
     try:
-        from edge import cli
+        from flora.edge import cli
 
         monkeypatch.setenv("FLORA_MQTT_USERNAME", "dev-1")
         monkeypatch.setenv("FLORA_MQTT_PASSWORD", "one-secret")
@@ -67,7 +67,7 @@ def test_tls_with_passwords_from_the_environment(mosquitto_binary, tiny_text_bun
 
 
 def test_an_interrupt_while_mosquitto_starts_up_stops_it(mosquitto_binary, tmp_path, monkeypatch):
-    import broker.mosquitto as mosquitto_module
+    import flora.broker.mosquitto as mosquitto_module
 
     started = []
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.dataset import (
+from flora.edge.dataset import (
     DatasetError,
     Sample,
     few_shot,
@@ -55,7 +55,7 @@ def test_image_folder_labels_by_bundle_class_order_then_path_order(tmp_path, cap
     (root / "dog" / "notes.txt").write_text("not an image")
     (root / "dog" / "photo.heic").write_bytes(b"x")
     (root / ".cache").mkdir()  # hidden folders at the top are not classes either
-    with caplog.at_level(logging.INFO, logger="edge.dataset"):
+    with caplog.at_level(logging.INFO, logger="flora.edge.dataset"):
         samples = load_image_folder(root, CLASSES)
     assert Counter(s.label for s in samples) == {0: 2 + 8 + 1, 1: 3}  # cat=0, dog=1, no fox
     assert [s.path.relative_to(root).as_posix() for s in samples] == [
@@ -72,7 +72,7 @@ def test_empty_class_folders_and_stray_images_are_logged(tmp_path, caplog):
     root = make_folder(tmp_path / "data", {"cat": 1})
     (root / "fox").mkdir()
     (root / "loose.jpg").write_bytes(b"x")
-    with caplog.at_level(logging.WARNING, logger="edge.dataset"):
+    with caplog.at_level(logging.WARNING, logger="flora.edge.dataset"):
         samples = load_image_folder(root, CLASSES)
     assert [s.label for s in samples] == [0]
     assert "class 'fox' has no images" in caplog.text
@@ -176,7 +176,7 @@ def test_load_dataset_picks_folder_or_csv_and_explains_the_rest(tmp_path):
 
 def test_few_shot_keeps_k_per_class_seeded_in_input_order(caplog):
     samples = samples_of([10, 10, 2])
-    with caplog.at_level(logging.INFO, logger="edge.dataset"):
+    with caplog.at_level(logging.INFO, logger="flora.edge.dataset"):
         a = few_shot(samples, 4, seed=1)
     assert Counter(s.label for s in a) == {0: 4, 1: 4, 2: 2}
     assert "fewer than 4 images keep them all: {2: 2}" in caplog.text
@@ -256,7 +256,7 @@ def test_unreadable_images_are_found_and_reported_once(tmp_path, caplog):
     done = []
     bad = unreadable_images(paths, progress=lambda d, t: done.append((d, t)))
     assert sorted(bad) == [4, 5, 6] and "truncated" in bad[4].lower() and done[-1] == (7, 7)
-    with caplog.at_level(logging.WARNING, logger="edge.dataset"):
+    with caplog.at_level(logging.WARNING, logger="flora.edge.dataset"):
         report_unreadable(paths, bad, first=2)
         report_unreadable(paths, {})
     (record,) = caplog.records

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from edge.dataset import DatasetError
-from sim.datasets import DIGIT_NAMES, MARKER, DigitsDataset, load_folder_dataset, write_digits
+from flora.edge.dataset import DatasetError
+from flora.sim.datasets import DIGIT_NAMES, MARKER, DigitsDataset, load_folder_dataset, write_digits
 
 DIGITS = load_digits()
 PER_CLASS = np.bincount(DIGITS.target)  # 178 182 177 183 181 182 181 179 174 180
@@ -147,8 +147,8 @@ def test_load_folder_dataset_with_only_a_train_folder_and_errors(tmp_path):
 
 
 def test_client_csvs_quote_paths_with_commas_and_read_back(tmp_path):
-    from edge.dataset import Sample, load_csv
-    from sim.run import write_csv
+    from flora.edge.dataset import Sample, load_csv
+    from flora.sim.run import write_csv
 
     folder = tmp_path / 'a,b "quoted"' / "digits"
     folder.mkdir(parents=True)

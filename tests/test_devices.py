@@ -15,9 +15,9 @@ from typing import Dict, List
 
 import pytest
 
-from broker.mosquitto import free_port
-from edge import cli, doctor
-from edge.config import load_toml, merge_config
+from flora.broker.mosquitto import free_port
+from flora.edge import cli, doctor
+from flora.edge.config import load_toml, merge_config
 
 from .conftest import REPO
 
@@ -37,8 +37,8 @@ def lines_of(out: str) -> Dict[str, str]:
 
 
 def publish_round(url: str, federation: str, model_id: str, batch_size: int) -> None:
-    from edge.mqtt import BrokerConfig, Connection, make_client
-    from edge.protocol import RoundAnnouncement, Topics, TrainConfig
+    from flora.edge.mqtt import BrokerConfig, Connection, make_client
+    from flora.edge.protocol import RoundAnnouncement, Topics, TrainConfig
 
     ann = RoundAnnouncement(3, model_id, "training", TrainConfig(epochs=2, lr=5e-3, batch_size=batch_size), "all",
                             time.time() + 600, "0" * 64, 5)
@@ -206,7 +206,7 @@ def test_memory_model_and_suggestion():
 
 
 def test_doctor_constants_follow_the_agent():
-    from edge.agent import AgentConfig
+    from flora.edge.agent import AgentConfig
 
     assert AgentConfig.feature_batch_size == doctor.FEATURE_BATCH
 

@@ -13,8 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edge import adapter
-from edge.bundle import (
+from flora.edge import adapter
+from flora.edge.bundle import (
     ADAPTER,
     EVAL_MODEL,
     IMAGE_ENCODER,
@@ -25,14 +25,14 @@ from edge.bundle import (
     Manifest,
     load_bundle,
 )
-from edge.fileio import sha256_file
-from edge.trainers.ort_training import OrtTrainingTrainer
-from export import cli, pipeline
-from export.graphs import tokenize_prompts
-from export.loading import WeightsSource, build_model, resolve_weights, state_sha256
-from export.lora import LoraSpec, attach_lora, load_lora_
-from export.pipeline import ExportError, check_classes, check_output, check_template
-from export.presets import get_preset
+from flora.edge.fileio import sha256_file
+from flora.edge.trainers.ort_training import OrtTrainingTrainer
+from flora.export import cli, pipeline
+from flora.export.graphs import tokenize_prompts
+from flora.export.loading import WeightsSource, build_model, resolve_weights, state_sha256
+from flora.export.lora import LoraSpec, attach_lora, load_lora_
+from flora.export.pipeline import ExportError, check_classes, check_output, check_template
+from flora.export.presets import get_preset
 
 from .conftest import DIGITS, export_tiny
 
@@ -176,7 +176,7 @@ def test_ort_training_learns_and_leaves_every_frozen_tensor_bit_identical(tiny_t
 
 def _torch_adamw_step(start: dict, x: np.ndarray, y: np.ndarray, lr: float, weight_decay: float) -> dict:
     """The LoRA tensors after one torch.optim.AdamW step of the clip-tiny text-mode classifier."""
-    from export.graphs import FeatureClassifier
+    from flora.export.graphs import FeatureClassifier
 
     model = reference_model()
     params = attach_lora(model, LoraSpec("text", rank=8, alpha=16.0))
@@ -325,7 +325,7 @@ def test_a_failed_final_rename_puts_the_old_bundle_back(tmp_path, monkeypatch):
 
 
 def test_a_disk_error_mid_export_is_one_clear_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
-    from export import onnx_export
+    from flora.export import onnx_export
 
     def disk_full(model, path):
         Path(path).write_bytes(b"partial")
@@ -344,7 +344,7 @@ def test_a_disk_error_mid_export_is_one_clear_line_and_leaves_nothing(tmp_path, 
 
 
 def test_a_failure_keeps_parent_folders_that_existed_before(tmp_path, monkeypatch):
-    from export import onnx_export
+    from flora.export import onnx_export
 
     def disk_full(model, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -373,7 +373,7 @@ def test_existing_bundle_needs_force_and_is_replaced_whole(tmp_path, capsys):
 
 
 def test_a_failure_mid_export_leaves_no_half_written_bundle(tmp_path, monkeypatch):
-    from export import ort_artifacts
+    from flora.export import ort_artifacts
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash while writing training artifacts")
@@ -446,7 +446,7 @@ def test_bundle_verification_catches_a_modified_file(tmp_path):
 
 
 def test_external_data_files_are_listed_hashed_and_verified(tmp_path, monkeypatch):
-    from export import onnx_export
+    from flora.export import onnx_export
 
     monkeypatch.setattr(onnx_export, "_PROTO_LIMIT", 0)  # every graph saved by save_model goes external
     bundle = export_tiny(tmp_path / "b")
@@ -482,7 +482,7 @@ def test_manifest_external_data_must_name_files_inside_the_bundle(tiny_text_bund
 def _random_init_bundle_matches_zero_shot(preset_name: str, out: Path):
     """Export `preset_name --random-init` (text tower, ort-training) and check it against open_clip:
     image features and zero-B eval logits within 1e-4. Returns the bundle."""
-    from export.pipeline import ExportOptions, export_bundle
+    from flora.export.pipeline import ExportOptions, export_bundle
 
     preset = get_preset(preset_name)
     export_bundle(ExportOptions(preset=preset_name, classes=DIGITS, out=out, random_init=True), say=lambda m: None)

@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from export.graphs import ClassEmbeddings, full_context_embeddings, tokenize_prompts
-from export.loading import WeightsSource, build_model
-from export.lora import LoraSpec, attach_lora
-from export.presets import get_preset
+from flora.export.graphs import ClassEmbeddings, full_context_embeddings, tokenize_prompts
+from flora.export.loading import WeightsSource, build_model
+from flora.export.lora import LoraSpec, attach_lora
+from flora.export.presets import get_preset
 
 from .conftest import DIGITS
 

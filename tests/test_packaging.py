@@ -10,7 +10,7 @@ import pytest
 import tomllib
 from packaging.requirements import Requirement
 
-from export.onnx_export import TESTED_ONNXRUNTIME
+from flora.export.onnx_export import TESTED_ONNXRUNTIME
 
 PYPROJECT = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
 EXTRAS = PYPROJECT["project"]["optional-dependencies"]

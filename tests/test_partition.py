@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import sim.partition as partition_module
-from sim.partition import PartitionError, histogram_skew, label_histogram, label_skew, parse_scheme, partition
+import flora.sim.partition as partition_module
+from flora.sim.partition import PartitionError, histogram_skew, label_histogram, label_skew, parse_scheme, partition
 
 LABELS = np.repeat(np.arange(10), 100)  # 1000 samples, 10 balanced classes
 SCHEMES = ["iid", "dirichlet:0.5", "dirichlet:0.05", "shards:1", "shards:2", "shards:3"]

@@ -1,4 +1,4 @@
-"""edge.preprocess (PIL + numpy) equals open_clip's own eval transform on real image files.
+"""flora.edge.preprocess (PIL + numpy) equals open_clip's own eval transform on real image files.
 
 Measured with open_clip 3.3.0, torchvision 0.29.1, Pillow 13.0: the max abs difference is 0.0 for
 every file, mode, size and resize mode below (same Pillow calls; the normalisation table is
@@ -22,8 +22,8 @@ import open_clip
 import pytest
 from PIL import Image, ImageOps
 
-from edge.bundle import BundleError, Preprocess
-from edge.preprocess import ImageError, preprocess, preprocess_batch
+from flora.edge.bundle import BundleError, Preprocess
+from flora.edge.preprocess import ImageError, preprocess, preprocess_batch
 
 MEAN, STD = tuple(open_clip.OPENAI_DATASET_MEAN), tuple(open_clip.OPENAI_DATASET_STD)
 TOLERANCE = 1e-5

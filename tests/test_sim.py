@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from broker.checkpoint import STATE
-from edge import adapter
-from edge.bundle import ADAPTER, Bundle, load_bundle
-from sim import cli
-from sim import run as sim_run
-from sim import signals as sim_signals
-from sim.datasets import DIGIT_NAMES, write_digits
-from sim.run import SimConfig, SimError
-from sim.signals import Terminated, terminate_as_interrupt
+from flora.broker.checkpoint import STATE
+from flora.edge import adapter
+from flora.edge.bundle import ADAPTER, Bundle, load_bundle
+from flora.sim import cli
+from flora.sim import run as sim_run
+from flora.sim import signals as sim_signals
+from flora.sim.datasets import DIGIT_NAMES, write_digits
+from flora.sim.run import SimConfig, SimError
+from flora.sim.signals import Terminated, terminate_as_interrupt
 
 from .conftest import REPO
 
@@ -82,7 +82,7 @@ def test_a_non_iid_run_completes_and_says_so(tmp_path, mosquitto_binary):
 
 
 def test_missing_mosquitto_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    import broker.mosquitto as mq
+    import flora.broker.mosquitto as mq
 
     monkeypatch.setattr(mq.shutil, "which", lambda *a, **k: None)
     code = cli.main(["--clients", "2", "--rounds", "1", "--out", str(tmp_path / "run")])
@@ -118,8 +118,8 @@ def processes_mentioning(needle: str) -> Dict[int, str]:
 def test_sigterm_stops_mosquitto_the_aggregator_and_every_agent(tmp_path, mosquitto_binary, tiny_text_bundle):
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sim.cli", "--bundle", str(tiny_text_bundle.root), "--clients", "2", "--rounds", "50",
-         "--epochs", "1", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "flora.sim.cli", "--bundle", str(tiny_text_bundle.root), "--clients", "2", "--rounds",
+         "50", "--epochs", "1", "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -240,12 +240,12 @@ def test_compare_reports_all_four_methods_on_the_agents_training_splits(tmp_path
 
 def test_failed_baselines_keep_the_federated_report(tmp_path, mosquitto_binary, tiny_text_bundle, monkeypatch,
                                                     capsys):
-    import sim.baselines
+    import flora.sim.baselines as baselines
 
     def broken(*args, **kwargs):
         raise RuntimeError("no baseline today")
 
-    monkeypatch.setattr(sim.baselines, "centralised", broken)
+    monkeypatch.setattr(baselines, "centralised", broken)
     out = tmp_path / "run"
     code = cli.main(["--clients", "2", "--rounds", "1", "--epochs", "1", "--compare", "--out", str(out),
                      "--bundle", str(tiny_text_bundle.root)])

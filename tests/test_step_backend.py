@@ -14,19 +14,18 @@ import onnx
 import pytest
 import torch
 
-from edge.adapter import load_file
-from edge.bundle import ADAPTER, TRAIN_STEP_MODEL, load_bundle
-from edge.trainers import available_backends, open_trainer
-from edge.trainers.base import TrainerError
-from export.graphs import FeatureClassifier, tokenize_prompts
-from export.loading import WeightsSource, build_model
-from export.lora import LoraSpec, attach_lora, load_lora_
-from export.onnx_export import TESTED_ONNXRUNTIME
-from export.presets import get_preset
+from flora.edge.adapter import load_file
+from flora.edge.bundle import ADAPTER, TRAIN_STEP_MODEL, load_bundle
+from flora.edge.trainers import available_backends, open_trainer
+from flora.edge.trainers.base import TrainerError
+from flora.export.graphs import FeatureClassifier, tokenize_prompts
+from flora.export.loading import WeightsSource, build_model
+from flora.export.lora import LoraSpec, attach_lora, load_lora_
+from flora.export.onnx_export import TESTED_ONNXRUNTIME
+from flora.export.presets import get_preset
 
-from .conftest import DIGITS, export_tiny
+from .conftest import DIGITS, export_tiny, install_wheel
 
-REPO = Path(__file__).resolve().parents[1]
 LR = 5e-3
 
 
@@ -143,7 +142,7 @@ def test_batch_size_is_dynamic_and_state_carries_over(tiny_all_bundle):
 
 
 def test_every_session_of_a_process_allocates_from_one_shared_arena(tiny_all_bundle):
-    from edge.ort import import_onnxruntime, share_cpu_arena
+    from flora.edge.ort import import_onnxruntime, share_cpu_arena
 
     ort = import_onnxruntime()
     first, second = ort.SessionOptions(), ort.SessionOptions()
@@ -174,8 +173,10 @@ PLAIN_SCRIPT = textwrap.dedent(
     assert importlib.util.find_spec("torch") is None, "torch is importable"
     assert importlib.util.find_spec("onnxruntime.training") is None, "onnxruntime-training is importable"
     import numpy as np, onnxruntime
-    from edge.bundle import load_bundle
-    from edge.trainers import available_backends, open_trainer
+    import flora.edge
+    assert flora.edge.__file__.startswith(sys.argv[1]), flora.edge.__file__  # the installed wheel
+    from flora.edge.bundle import load_bundle
+    from flora.edge.trainers import available_backends, open_trainer
     bundle = load_bundle(sys.argv[2])
     data = np.load(sys.argv[3])
     trainer = open_trainer(bundle)
@@ -220,17 +221,20 @@ def plain_onnxruntime_python(cache: Path, packages: Sequence[str]) -> Path:
 
 
 @pytest.mark.parametrize("runtime", sorted(PLAIN_RUNTIMES))
-def test_step_backend_runs_with_plain_onnxruntime_and_no_torch(runtime, tiny_all_bundle, tmp_path, request):
+def test_step_backend_runs_with_plain_onnxruntime_and_no_torch(runtime, tiny_all_bundle, tmp_path, request,
+                                                               flora_wheel):
     packages = PLAIN_RUNTIMES[runtime]
     python = plain_onnxruntime_python(Path(request.config.cache.mkdir(f"flora-plain-onnxruntime-{runtime}")),
                                       packages)
+    site = tmp_path / "site"  # the project as a device installs it: the wheel, not this checkout
+    install_wheel(flora_wheel, site)
     data = batches(64)
     npz = tmp_path / "batches.npz"
     np.savez(npz, n=len(data), **{f"x{i}": x for i, (x, _) in enumerate(data)},
              **{f"y{i}": y for i, (_, y) in enumerate(data)})
     out = tmp_path / "adapter.npz"
     proc = subprocess.run(
-        [str(python), "-I", "-c", PLAIN_SCRIPT, str(REPO), str(tiny_all_bundle.root), str(npz), str(out), str(LR)],
+        [str(python), "-I", "-c", PLAIN_SCRIPT, str(site), str(tiny_all_bundle.root), str(npz), str(out), str(LR)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -254,7 +258,7 @@ def test_vitb32_twenty_steps_of_step_ort_training_and_pytorch_agree(tmp_path):
     lr 1e-4, 1 element of 393,216 past it, by 4.8e-5). So: at most 0.01 % of elements may fall outside
     rtol 1e-3 / atol 1e-5, and none by more than lr.
     """
-    from export.pipeline import ExportOptions, export_bundle
+    from flora.export.pipeline import ExportOptions, export_bundle
 
     out = tmp_path / "vitb32"
     export_bundle(ExportOptions(preset="clip-vitb32", classes=DIGITS, out=out, random_init=True,
@@ -291,7 +295,7 @@ def test_pixel_towers_step_graph_keeps_a_dynamic_batch_and_equals_ort(tmp_path, 
 
 
 def test_step_evaluation_uses_the_step_graph_at_lr_zero_and_changes_nothing(tiny_all_bundle):
-    from edge.trainers.base import score_logits
+    from flora.edge.trainers.base import score_logits
 
     trainer = open_trainer(tiny_all_bundle, "step")
     x, y = batches(64, steps=1)[0]

@@ -7,7 +7,7 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from edge.bundle import TensorSpec
+from flora.edge.bundle import TensorSpec
 
 
 class Strategy(abc.ABC):

@@ -11,8 +11,8 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from edge.adapter import FlatTensors, Layout, layout_of
-from edge.bundle import TensorSpec
+from flora.edge.adapter import FlatTensors, Layout, layout_of
+from flora.edge.bundle import TensorSpec
 
 from .base import Strategy
 

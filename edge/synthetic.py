@@ -1,4 +1,5 @@
-"""Synthetic manifests, adapters and bundle folders for tests that need no exported model (and no torch)."""
+"""Synthetic manifests, adapters and bundle folders for tests and benchmarks that need no exported model (and no
+torch). Runtime code never imports this module."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from edge import adapter
-from edge.bundle import ADAPTER, FORMAT, FORMAT_VERSION, MANIFEST, Manifest, required_files
-from edge.fileio import sha256_bytes
+from flora.edge import adapter
+from flora.edge.bundle import ADAPTER, FORMAT, FORMAT_VERSION, MANIFEST, Manifest, required_files
+from flora.edge.fileio import sha256_bytes
 
 
 def synthetic_manifest(blocks: int = 2, width: int = 16, rank: int = 4, targets: Sequence[str] = ("q", "k", "v", "out"),
