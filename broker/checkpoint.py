@@ -34,6 +34,7 @@ HISTORY = "history.jsonl"
 SPOOL = "spool"
 OPEN_ROUND = "round.json"
 NO_ROUND = "no-round.json"
+DEVICES = "devices.json"
 LOCK = ".lock"
 FORMAT = "flora-aggregator-state"
 
@@ -65,10 +66,16 @@ def new_run_id() -> str:
 class Checkpoint:
     """The files of one state dir: state.json, global-NNNNNN.safetensors, history.jsonl, spool/."""
 
-    def __init__(self, directory: PathLike) -> None:
+    def __init__(self, directory: PathLike, create: bool = True) -> None:
         self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd: Optional[int] = None
+
+    @classmethod
+    def reader(cls, directory: PathLike) -> Checkpoint:
+        """Read-only access (status, dashboard): creates nothing, takes no lock."""
+        return cls(directory, create=False)
 
     def lock(self) -> None:
         """Hold the state dir exclusively for this process (released when it exits), so that two
@@ -218,6 +225,17 @@ class Checkpoint:
         except (OSError, ValueError):
             return None
         return record if isinstance(record, dict) and record.get("number") == round_ else None
+
+    # -- devices (what the operator views show; not needed to resume) --------------------------------
+    def save_devices(self, registry: Dict[str, Any]) -> None:
+        atomic_write_json(self.dir / DEVICES, registry)
+
+    def load_devices(self) -> Optional[Dict[str, Any]]:
+        try:
+            data = json.loads((self.dir / DEVICES).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     # -- updates that arrived while no round was open ------------------------------------------------
     def save_no_round(self, round_: int, record: Dict[str, Any]) -> None:
