@@ -143,10 +143,12 @@ def _blob(templates: Sequence[Tuple[bytes, int]], i: int, client: str) -> bytes:
 def _aggregator(manifest, state_dir: Path, broker: str = "mqtt://127.0.0.1:1"):
     from flora.broker.aggregator import Aggregator, AggregatorConfig
     from flora.broker.rounds import Sampling
+    from flora.edge.mqtt import BrokerConfig
     from flora.edge.synthetic import random_adapter
 
     return Aggregator(AggregatorConfig(manifest=manifest, initial_adapter=random_adapter(manifest, 99),
-                                       broker=broker, state_dir=state_dir, rounds=1, federation=FED,
+                                       broker=BrokerConfig.from_url(broker), state_dir=state_dir, rounds=1,
+                                       federation=FED,
                                        sampling=Sampling(min_clients=1), client_id="bench-aggregator"))
 
 

@@ -69,7 +69,7 @@ MAX_WEIGHT = 10 ** 300
 class AggregatorConfig:
     manifest: Manifest
     initial_adapter: Dict[str, np.ndarray]
-    broker: str
+    broker: BrokerConfig
     state_dir: Path
     rounds: int
     federation: str = "default"
@@ -87,11 +87,6 @@ class AggregatorConfig:
     on_round_closed: Optional[RoundHook] = None
     on_start: Optional[StartHook] = None
     client_id: str = "flora-aggregator"
-    username: Optional[str] = None
-    password: Optional[str] = None
-    tls_ca: Optional[str] = None
-    tls_cert: Optional[str] = None
-    tls_key: Optional[str] = None
 
 
 def _numpy_to_json(value: Any) -> Any:
@@ -133,8 +128,7 @@ class Aggregator:
         self.state: Optional[AggregatorState] = None
         self.global_blob = b""
         self.global_tensors: Dict[str, np.ndarray] = {}
-        self.broker_cfg = BrokerConfig.from_url(cfg.broker, username=cfg.username, password=cfg.password,
-                                                ca_file=cfg.tls_ca, cert_file=cfg.tls_cert, key_file=cfg.tls_key)
+        self.broker_cfg = cfg.broker
         self.client = make_client(self.broker_cfg, cfg.client_id)
         self.client.manual_ack_set(True)  # updates are acked after they are durable (see _handle_event)
         self.client.on_message = self._on_message

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from flora.edge.config import ConfigError, explicit_options, load_toml, merge_config
+from flora.edge.mqtt import BrokerConfig, BrokerConfigError, add_connection_options
 
 from .validation import DEFAULT_MAX_NUM_SAMPLES
 
@@ -30,7 +31,7 @@ RUN_KEYS = (
     "batch_size", "weight_decay", "clients_per_round", "fraction", "min_clients", "round_timeout",
     "wait_for_clients", "wait_timeout", "metrics_grace", "seed", "strategy", "max_update_bytes", "max_num_samples",
     "max_extensions", "max_queued_updates", "eval_data",
-    "client_id", "username", "password", "tls_ca", "tls_cert", "tls_key", "log_level",
+    "client_id", "username", "password", "tls_ca", "tls_cert", "tls_key", "session_expiry_s", "log_level",
 )
 PATH_KEYS = ("bundle", "manifest", "initial_adapter", "state_dir", "eval_data")
 DEFAULT_STATE_DIR = Path("flora-aggregator-state")
@@ -48,7 +49,6 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run.add_argument("--manifest", type=Path, help="a manifest.json instead of the whole bundle")
     run.add_argument("--initial-adapter", type=Path,
                      help="with --manifest: the initial adapter (default: adapter.safetensors beside the manifest)")
-    run.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
     run.add_argument("--federation", default="default", help="federation name (topics flora/<name>/...)")
     run.add_argument("--rounds", type=int, default=10, help="total rounds to run (default: 10)")
     run.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="checkpoint and history folder")
@@ -77,13 +77,8 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     run.add_argument("--max-num-samples", type=int, default=DEFAULT_MAX_NUM_SAMPLES,
                      help="reject updates claiming more local samples, as bad-num-samples (default: 10**9)")
     run.add_argument("--eval-data", type=Path, help="held-out images (folder or CSV) to test every global on")
-    m = run.add_argument_group("broker connection")
+    m = add_connection_options(run.add_argument_group("broker connection"))
     m.add_argument("--client-id", default="flora-aggregator", help="MQTT client id (and, by convention, username)")
-    m.add_argument("--username", help="default: FLORA_MQTT_USERNAME")
-    m.add_argument("--password", help="prefer FLORA_MQTT_PASSWORD or the config file")
-    m.add_argument("--tls-ca", help="CA certificate: connect with TLS")
-    m.add_argument("--tls-cert", help="client certificate (with --tls-key)")
-    m.add_argument("--tls-key", help="client key")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     status = sub.add_parser("status", help="current round and the history of a state dir")
@@ -161,7 +156,6 @@ def _hooks(bundle, eval_data: Optional[Path]) -> Dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     from flora.edge.adapter import AdapterError
     from flora.edge.bundle import BundleError
-    from flora.edge.mqtt import BrokerConfigError
     from flora.edge.protocol import ProtocolError, TrainConfig
 
     from .aggregator import Aggregator, AggregatorConfig
@@ -170,14 +164,13 @@ def run(args: argparse.Namespace) -> int:
     from .strategies import STRATEGIES
 
     log = logging.getLogger("flora.aggregator")
-    if not args.broker:
-        return _error("missing --broker (on the command line or in --config)", 2)
     if args.strategy not in STRATEGIES:
         return _error(f"unknown --strategy {args.strategy!r}; known: {sorted(STRATEGIES)}", 2)
     try:
+        broker = BrokerConfig.from_args(args)
         bundle, manifest, initial = _load_inputs(args)
         cfg = AggregatorConfig(
-            manifest=manifest, initial_adapter=initial, broker=args.broker, state_dir=args.state_dir,
+            manifest=manifest, initial_adapter=initial, broker=broker, state_dir=args.state_dir,
             rounds=args.rounds, federation=args.federation,
             train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                               weight_decay=args.weight_decay),
@@ -186,9 +179,7 @@ def run(args: argparse.Namespace) -> int:
             wait_timeout_s=args.wait_timeout, metrics_grace_s=args.metrics_grace, strategy=args.strategy,
             max_update_bytes=args.max_update_bytes, max_num_samples=args.max_num_samples,
             max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
-            client_id=args.client_id, username=args.username,
-            password=args.password, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-            **_hooks(bundle, args.eval_data),
+            client_id=args.client_id, **_hooks(bundle, args.eval_data),
         )
         aggregator = Aggregator(cfg)
     except (BundleError, AdapterError, CheckpointError, BrokerConfigError, ProtocolError, ValueError) as exc:

@@ -48,7 +48,7 @@ log = logging.getLogger("flora.agent")
 class AgentConfig:
     bundle: Path
     data: Path
-    broker: str
+    broker: BrokerConfig  # BrokerConfig.from_args / from_url: checked before any heavy work
     client_id: str
     federation: str = "default"
     state_dir: Optional[Path] = None  # default: ./flora-state/<client_id>
@@ -60,12 +60,6 @@ class AgentConfig:
     seed: int = 0
     fp16_updates: bool = False
     exit_when_done: bool = False
-    username: Optional[str] = None
-    password: Optional[str] = None
-    tls_ca: Optional[str] = None
-    tls_cert: Optional[str] = None
-    tls_key: Optional[str] = None
-    session_expiry_s: int = 3600
     progress_every_s: float = 5.0
     feature_batch_size: int = 32
     connect_timeout_s: float = 30.0
@@ -158,10 +152,7 @@ class Agent:
         self._inflight: Optional[InFlight] = None
         self._resend_pending = self.state.outbox_pending  # an update stored before a restart, not acked
         self._acks = Acks()
-        self.broker_cfg = BrokerConfig.from_url(
-            cfg.broker, username=cfg.username, password=cfg.password, ca_file=cfg.tls_ca,
-            cert_file=cfg.tls_cert, key_file=cfg.tls_key, session_expiry_s=cfg.session_expiry_s,
-        )
+        self.broker_cfg = cfg.broker
         will = self._status("offline").to_json()
         self.client = make_client(self.broker_cfg, cfg.client_id, will_topic=self.topics.status(cfg.client_id),
                                   will_payload=will)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import ConfigError, explicit_options, load_toml, merge_config
+from .mqtt import BrokerConfig, BrokerConfigError, add_connection_options
 
 RUN_KEYS = (
     "bundle", "data", "broker", "client_id", "federation", "state_dir", "backend", "providers", "threads",
@@ -20,15 +21,6 @@ RUN_KEYS = (
 
 def _providers(text: str) -> List[str]:
     return [p.strip() for p in text.split(",") if p.strip()]
-
-
-def add_connection_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
-    p.add_argument("--username", help="MQTT user (or FLORA_MQTT_USERNAME)")
-    p.add_argument("--password", help="MQTT password; prefer FLORA_MQTT_PASSWORD or the config file")
-    p.add_argument("--tls-ca", help="CA certificate file (turns TLS on)")
-    p.add_argument("--tls-cert", help="client certificate file")
-    p.add_argument("--tls-key", help="client key file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,14 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--fp16-updates", action="store_true", help="send updates as float16 (half the bytes)")
     run.add_argument("--exit-when-done", action="store_true", help="exit once the federation announces done")
-    run.add_argument("--session-expiry-s", type=int, default=3600, help="MQTT session expiry (default %(default)s)")
     run.add_argument("--progress-every-s", type=float, default=5.0, help="seconds between progress lines")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     doctor = sub.add_parser("doctor", help="check this device: runtime, backend, memory, one timed step, broker")
     doctor.add_argument("--config", type=Path, help="agent TOML config (bundle, broker, credentials are read)")
     doctor.add_argument("--bundle", type=Path)
-    add_connection_options(doctor)
+    add_connection_options(doctor, session_expiry=False)
     doctor.add_argument("--federation", help="federation whose retained round gives the batch size "
                                              "(default: the config file's, else 'default')")
     doctor.add_argument("--backend", default="auto", choices=["auto", "ort-training", "step"])
@@ -115,18 +106,20 @@ def run_agent(args: argparse.Namespace) -> int:
     from .agent import Agent, AgentConfig
     from .bundle import BundleError
     from .dataset import DatasetError
-    from .mqtt import BrokerConfigError
     from .state import StateError
     from .trainers import TrainerError
 
+    try:
+        broker = BrokerConfig.from_args(args)
+    except BrokerConfigError as exc:
+        print(f"flora-agent: error: {exc}", file=sys.stderr)
+        return 2
     cfg = AgentConfig(
-        bundle=Path(args.bundle), data=Path(args.data), broker=args.broker, client_id=args.client_id,
+        bundle=Path(args.bundle), data=Path(args.data), broker=broker, client_id=args.client_id,
         federation=args.federation, state_dir=Path(args.state_dir) if args.state_dir else None,
         backend=args.backend, threads=args.threads, providers=args.providers, shots=args.shots,
         val_fraction=args.val_fraction, seed=args.seed, fp16_updates=args.fp16_updates,
-        exit_when_done=args.exit_when_done, username=args.username, password=args.password,
-        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key, session_expiry_s=args.session_expiry_s,
-        progress_every_s=args.progress_every_s,
+        exit_when_done=args.exit_when_done, progress_every_s=args.progress_every_s,
     )
     try:
         agent = Agent(cfg)

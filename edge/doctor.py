@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .mqtt import BrokerConfig
 from .training import peak_rss_mb
 
 MARGIN = 0.8  # a suggested batch keeps the agent's peak within 80 % of the memory available to it
@@ -262,14 +263,12 @@ def federation_name(args: argparse.Namespace) -> str:
     return str(getattr(args, "federation", None) or "default")
 
 
-def check_broker(url: str, args: argparse.Namespace, federation: str, timeout: float = 5.0,
+def check_broker(cfg: BrokerConfig, federation: str, timeout: float = 5.0,
                  round_wait: float = ROUND_WAIT_S) -> BrokerCheck:
     """Connect (clean session, nothing left behind) and read the federation's retained `round` message."""
-    from .mqtt import BrokerConfig, connect_properties, make_client
+    from .mqtt import connect_properties, make_client
     from .protocol import ProtocolError, RoundAnnouncement, Topics
 
-    cfg = BrokerConfig.from_url(url, username=args.username, password=args.password, ca_file=args.tls_ca,
-                                cert_file=args.tls_cert, key_file=args.tls_key, session_expiry_s=0)
     topic = Topics(federation).round
     with socket.create_connection((cfg.host, cfg.port), timeout=timeout):
         pass  # a refused or unroutable address fails here, with the operating system's reason
@@ -330,7 +329,7 @@ def _check_broker(r: Report, args: argparse.Namespace, model_id: str) -> Tuple[i
         return fallback, "--batch-size (no --broker to ask the federation)"
     try:
         federation = federation_name(args)
-        check = check_broker(url, args, federation)
+        check = check_broker(BrokerConfig.from_args(args, session_expiry_s=0), federation)
     except Exception as exc:  # connection refused, TLS, auth, a bad name: all are a verdict, not a crash
         r.fail("broker", f"{url}: {exc}")
         return fallback, "--batch-size (the broker did not answer)"

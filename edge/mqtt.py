@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import ssl
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 PASSWORD_ENV = "FLORA_MQTT_PASSWORD"
 USERNAME_ENV = "FLORA_MQTT_USERNAME"
+DEFAULT_SESSION_EXPIRY_S = 3600
 
 
 class BrokerConfigError(ValueError):
@@ -37,7 +39,7 @@ class BrokerConfig:
     cert_file: Optional[str] = None
     key_file: Optional[str] = None
     keepalive: int = 30
-    session_expiry_s: int = 3600
+    session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S
 
     @classmethod
     def from_url(
@@ -49,7 +51,7 @@ class BrokerConfig:
         ca_file: Optional[str] = None,
         cert_file: Optional[str] = None,
         key_file: Optional[str] = None,
-        session_expiry_s: int = 3600,
+        session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
     ) -> BrokerConfig:
         """`mqtt://[user[:pass]@]host[:port]` or `mqtts://…`; the password may come from FLORA_MQTT_PASSWORD."""
         parsed = urlparse(url if "://" in url else f"mqtt://{url}")
@@ -69,12 +71,49 @@ class BrokerConfig:
                 raise BrokerConfigError(f"TLS {what} {path} does not exist")
         if (cert_file is None) != (key_file is None):
             raise BrokerConfigError("a TLS client certificate needs its key, and a key its certificate")
+        if session_expiry_s < 0:
+            raise BrokerConfigError(f"the MQTT session expiry must be >= 0 seconds, got {session_expiry_s}")
         return cls(parsed.hostname, port, tls, user, pw, ca_file, cert_file, key_file, 30, session_expiry_s)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, session_expiry_s: Optional[int] = None) -> BrokerConfig:
+        """The connection `add_connection_options` describes, from parsed (and config-merged) options.
+
+        `session_expiry_s` overrides the option (the doctor's probe connection leaves no session behind).
+        """
+        if not args.broker:
+            raise BrokerConfigError("missing --broker (on the command line or in --config)")
+        return cls.from_url(
+            str(args.broker), username=args.username, password=args.password, ca_file=_path_or_none(args.tls_ca),
+            cert_file=_path_or_none(args.tls_cert), key_file=_path_or_none(args.tls_key),
+            session_expiry_s=args.session_expiry_s if session_expiry_s is None else session_expiry_s,
+        )
 
     def describe(self) -> str:
         scheme = "mqtts" if self.tls else "mqtt"
         who = f"{self.username}@" if self.username else ""
         return f"{scheme}://{who}{self.host}:{self.port}"
+
+
+def _path_or_none(value) -> Optional[str]:
+    return None if value is None else os.fspath(value)
+
+
+def add_connection_options(parser, *, session_expiry: bool = True):
+    """The broker options every tool that connects takes: --broker, credentials, TLS files and, unless
+    the tool's connection is a short probe, --session-expiry-s. `parser` may be an argument group.
+    `BrokerConfig.from_args` reads them back."""
+    parser.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+    parser.add_argument("--username", help=f"MQTT user (default: {USERNAME_ENV})")
+    parser.add_argument("--password", help=f"MQTT password; prefer {PASSWORD_ENV} or the config file")
+    parser.add_argument("--tls-ca", help="CA certificate file (turns TLS on)")
+    parser.add_argument("--tls-cert", help="client certificate file (with --tls-key)")
+    parser.add_argument("--tls-key", help="client key file")
+    if session_expiry:
+        parser.add_argument("--session-expiry-s", type=int, default=DEFAULT_SESSION_EXPIRY_S,
+                            help="how long the broker keeps this client's session and queued messages while it "
+                                 "is away (default %(default)s)")
+    return parser
 
 
 def make_client(

@@ -23,6 +23,7 @@ from flora.edge.bundle import ADAPTER
 from flora.edge.dataset import DatasetError
 from flora.edge.features import FeatureCache, ImageEncoder, image_features, readable_image_features
 from flora.edge.fileio import sha256_bytes
+from flora.edge.mqtt import BrokerConfig
 from flora.edge.preprocess import ImageError, preprocess_batch
 from flora.edge.protocol import RoundAnnouncement, Status, TrainConfig
 from flora.edge.state import AgentState, StateError, StateStore
@@ -195,8 +196,8 @@ class FakeClient:
 
 
 def make_agent(bundle, data: Path, state_dir: Path, **overrides) -> Tuple[Agent, FakeClient]:
-    cfg = AgentConfig(bundle=bundle.root, data=data, broker="mqtt://127.0.0.1:1", client_id="dev-1",
-                      federation="fed", state_dir=state_dir, val_fraction=0.25, progress_every_s=0.0,
+    cfg = AgentConfig(bundle=bundle.root, data=data, broker=BrokerConfig.from_url("mqtt://127.0.0.1:1"),
+                      client_id="dev-1", federation="fed", state_dir=state_dir, val_fraction=0.25, progress_every_s=0.0,
                       publish_timeout_s=0.2)
     for key, value in overrides.items():
         setattr(cfg, key, value)

@@ -146,9 +146,9 @@ def _crash(agg: Aggregator) -> None:
 @pytest.mark.mqtt
 def test_an_update_received_but_not_yet_spooled_when_the_aggregator_dies_is_delivered_again(mosquitto, tmp_path):
     topics = Topics("acks")
-    cfg = AggregatorConfig(manifest=M, initial_adapter=random_adapter(M, 0), broker=mosquitto.url,
-                           state_dir=tmp_path / "agg", rounds=1, federation="acks", client_id="agg-acks")
     broker_cfg = BrokerConfig.from_url(mosquitto.url)
+    cfg = AggregatorConfig(manifest=M, initial_adapter=random_adapter(M, 0), broker=broker_cfg,
+                           state_dir=tmp_path / "agg", rounds=1, federation="acks", client_id="agg-acks")
     device = make_client(broker_cfg, "device-a")
     device_conn = Connection(broker_cfg, device)
     device_conn.start(timeout=10)

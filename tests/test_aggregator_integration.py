@@ -299,8 +299,9 @@ def test_below_quorum_the_round_is_extended_and_republished_and_the_hook_fills_t
         hook_rounds.append(rnd)
         return {"test_accuracy": 0.42, "test_norm": float(sum(np.abs(t).sum() for t in tensors.values()))}
 
-    cfg = AggregatorConfig(manifest=M, initial_adapter=random_adapter(M, 0), broker=mosquitto.url,
-                           state_dir=tmp_path / "agg", rounds=1, federation=FED, round_timeout_s=1.0,
+    cfg = AggregatorConfig(manifest=M, initial_adapter=random_adapter(M, 0),
+                           broker=BrokerConfig.from_url(mosquitto.url), state_dir=tmp_path / "agg", rounds=1,
+                           federation=FED, round_timeout_s=1.0,
                            sampling=Sampling(clients_per_round=2, min_clients=2, seed=4), metrics_grace_s=0.0,
                            on_round_closed=on_round_closed, client_id="agg-thread")
     agg = Aggregator(cfg)

@@ -24,6 +24,7 @@ from flora.broker.rounds import (
 )
 from flora.edge import adapter
 from flora.edge.fileio import sha256_bytes
+from flora.edge.mqtt import BrokerConfig
 from flora.edge.protocol import Metrics, RoundAnnouncement, Status
 from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
 
@@ -159,7 +160,7 @@ class OfflineAggregator(Aggregator):
 
 def offline_aggregator(state_dir: Path, clock: FakeClock, **kw) -> OfflineAggregator:
     m = kw.pop("manifest", None) or synthetic_manifest()
-    cfg = AggregatorConfig(manifest=m, initial_adapter=random_adapter(m, 0), broker="mqtt://127.0.0.1:1",
+    cfg = AggregatorConfig(manifest=m, initial_adapter=random_adapter(m, 0), broker=BrokerConfig.from_url("mqtt://127.0.0.1:1"),
                            state_dir=state_dir, federation="fed", **kw)
     return OfflineAggregator(cfg, clock=clock)
 
