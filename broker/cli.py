@@ -84,6 +84,8 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     status = sub.add_parser("status", help="current round and the history of a state dir")
     status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     status.add_argument("--plot", type=Path, help="also write the PNG plot here")
+    status.add_argument("--clients", action="store_true",
+                        help="also one row per device: state, last seen, backend, samples, last metrics, last error")
     plot = sub.add_parser("plot", help="PNG of accuracy and bytes per round")
     plot.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     plot.add_argument("--out", type=Path, required=True)
@@ -99,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "status":
         from .report import print_status
 
-        return print_status(args.state_dir, args.plot)
+        return print_status(args.state_dir, args.plot, clients=args.clients)
     if args.command == "plot":
         from .report import write_plot
 

@@ -9,30 +9,41 @@ from typing import Dict
 import numpy as np
 
 from flora.edge.bundle import Bundle
-from flora.edge.dataset import load_dataset
+from flora.edge.dataset import load_dataset, report_unreadable, unreadable_images
 from flora.edge.evaluate import AdapterEvaluator
-from flora.edge.features import image_features
+from flora.edge.features import readable_image_features
 from flora.edge.training import LocalData
 
 log = logging.getLogger("flora.aggregator")
 
 
 class HeldOutEvaluator:
-    """Test accuracy and loss of an adapter; image features are computed once (text-mode bundles)."""
+    """Test accuracy and loss of an adapter; image features are computed once (text-mode bundles). Images that
+    cannot be decoded are left out with one warning, as the agent does."""
 
     def __init__(self, bundle: Bundle, data: Path, threads: int = 0) -> None:
         m = bundle.manifest
         samples = load_dataset(data, list(m.classes))
         if not samples:
             raise ValueError(f"no evaluation images for the bundle's classes under {data}")
-        labels = np.array([s.label for s in samples], dtype=np.int64)
         paths = [s.path for s in samples]
         if m.needs_image_encoder:
-            self.data = LocalData(labels, features=image_features(bundle, paths))
+            features, bad = readable_image_features(bundle, paths)
         else:
-            self.data = LocalData(labels, paths=paths, preprocess=m.preprocess)
+            features, bad = None, unreadable_images(paths)
+        report_unreadable(paths, bad)
+        kept = [s for i, s in enumerate(samples) if i not in bad]
+        if not kept:
+            raise ValueError(f"none of the evaluation images under {data} can be read")
+        labels = np.array([s.label for s in kept], dtype=np.int64)
+        if features is not None:
+            self.data = LocalData(labels, features=features)
+        else:
+            self.data = LocalData(labels, paths=[s.path for s in kept], preprocess=m.preprocess)
         self.evaluator = AdapterEvaluator(bundle, threads=threads or None)
-        log.info("evaluating every global adapter on %d held-out images from %s", len(samples), data)
+        self.skipped = len(bad)
+        log.info("evaluating every global adapter on %d held-out images from %s%s", len(kept), data,
+                 f" ({len(bad)} unreadable left out)" if bad else "")
 
     def __call__(self, tensors: Dict[str, np.ndarray]) -> Dict[str, float]:
         result = self.evaluator.evaluate(tensors, self.data)

@@ -1,6 +1,8 @@
 """`flora-aggregator status` and `plot`: the history of a state dir as a table and a PNG.
 
-matplotlib is an optional extra (`pip install 'flora-edge[plot]'`), imported only to plot.
+Rounds are numbered as flora-sim numbers them: by rounds completed, 0 being the initial global (shown when it
+was evaluated) and r + 1 the global that round r closed with. matplotlib is an optional extra
+(`pip install 'flora-edge[plot]'`), imported only to plot.
 """
 
 from __future__ import annotations
@@ -17,17 +19,46 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
-def history_table(rows: List[Dict[str, Any]]) -> str:
-    """One line per completed round: clients, accuracy, bytes up and down, time."""
+def history_table(rows: List[Dict[str, Any]], initial: Optional[Dict[str, Any]] = None) -> str:
+    """One line per global: rounds completed, clients, accuracy, bytes up and down, time; a first line for the
+    initial global (round 0) when it was evaluated."""
     header = (f"{'round':>5} {'asked':>5} {'reported':>8} {'rejected':>8} {'samples':>8} {'client acc':>10} "
               f"{'test acc':>8} {'MB up':>8} {'MB down':>8} {'time s':>7}")
     lines = [header, "-" * len(header)]
+    if initial and isinstance(initial.get("test_accuracy"), (int, float)):
+        lines.append(f"{0:>5} {'-':>5} {'-':>8} {'-':>8} {'-':>8} {'-':>10} {_fmt(initial['test_accuracy']):>8} "
+                     f"{'-':>8} {'-':>8} {'-':>7}")
     for r in rows:
         lines.append(
-            f"{r['round']:>5} {r['num_asked']:>5} {r['num_reported']:>8} "
+            f"{r['round'] + 1:>5} {r['num_asked']:>5} {r['num_reported']:>8} "
             f"{r.get('num_rejected', len(r.get('rejected', []))):>8} {r.get('samples', 0):>8} "
             f"{_fmt(r.get('mean_client_accuracy')):>10} {_fmt(r.get('test_accuracy')):>8} "
             f"{r['bytes_received'] / 1e6:>8.3f} {r['bytes_sent'] / 1e6:>8.3f} {r['wall_time_s']:>7.1f}"
+            + (f"  FAILED: {r['failed']}" if r.get("failed") else "")
+        )
+    return "\n".join(lines)
+
+
+def _ago(ts: Any, now: float) -> str:
+    if not isinstance(ts, (int, float)):
+        return "-"
+    s = max(0.0, now - ts)
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
+
+
+def clients_table(devices: List[Dict[str, Any]], now: float) -> str:
+    """One line per device: state, last seen, backend, samples, its last round's metrics, its last error."""
+    header = (f"{'device':<24} {'state':<9} {'seen':>6} {'backend':<12} {'samples':>8} {'round':>5} {'loss':>8} "
+              f"{'acc':>7} {'step ms':>8} {'RSS MiB':>8}  last error")
+    lines = [header, "-" * len(header)]
+    for d in devices:
+        step = d.get("step_time_s")
+        lines.append(
+            f"{str(d.get('client_id'))[:24]:<24} {str(d.get('state'))[:9]:<9} {_ago(d.get('last_seen'), now):>6} "
+            f"{str(d.get('backend') or '-')[:12]:<12} {_fmt(d.get('num_samples'), 'd'):>8} "
+            f"{_fmt(d.get('metrics_round'), 'd'):>5} {_fmt(d.get('loss')):>8} {_fmt(d.get('accuracy'), '.3f'):>7} "
+            f"{_fmt(1e3 * step if isinstance(step, (int, float)) else None, '.1f'):>8} "
+            f"{_fmt(d.get('peak_rss_mb'), '.0f'):>8}  {d.get('last_error') or ''}"
         )
     return "\n".join(lines)
 
@@ -39,12 +70,13 @@ def _read_state(state_dir: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def print_status(state_dir: Path, plot: Optional[Path] = None, out: Callable[[str], None] = print) -> int:
+def print_status(state_dir: Path, plot: Optional[Path] = None, out: Callable[[str], None] = print,
+                 clients: bool = False, now: Optional[float] = None) -> int:
     state = _read_state(state_dir)
     if state is None:
         print(f"flora-aggregator: error: no readable aggregator state ({STATE}) in {state_dir}", file=sys.stderr)
         return 2
-    cp = Checkpoint(state_dir)
+    cp = Checkpoint.reader(state_dir)
     rows = cp.history()
     if state["done"]:
         phase = "done"
@@ -58,16 +90,21 @@ def print_status(state_dir: Path, plot: Optional[Path] = None, out: Callable[[st
     run = f" (run {state['run_id']})" if state.get("run_id") else ""
     out(f"model {state['model_id'][:16]}…{run}: {phase}; {len(rows)} of {state['rounds_total']} rounds completed")
     initial = state.get("extra", {}).get("initial_eval")
-    if initial and "test_accuracy" in initial:
-        out(f"initial global (round 0): test accuracy {_fmt(initial['test_accuracy'])}")
-    if rows:
-        out(history_table(rows))
+    if rows or initial:
+        out(history_table(rows, initial))
         reasons: Dict[str, int] = {}
         for r in rows:
             for reason, n in r.get("rejection_counts", {}).items():
                 reasons[reason] = reasons.get(reason, 0) + n
         if reasons:
             out(f"rejected updates by reason: {dict(sorted(reasons.items()))}")
+    if clients:
+        import time
+
+        devices = (cp.load_devices() or {}).get("devices", [])
+        out(f"{len(devices)} device(s):" if devices else "no devices recorded yet")
+        if devices:
+            out(clients_table(devices, time.time() if now is None else now))
     if plot is not None:
         return write_plot(state_dir, plot)
     return 0
@@ -84,14 +121,14 @@ def write_plot(state_dir: Path, out_path: Path) -> int:
     except ImportError:
         print("flora-aggregator: error: plotting needs matplotlib: pip install 'flora-edge[plot]'", file=sys.stderr)
         return 2
-    rows = Checkpoint(state_dir).history() if (Path(state_dir) / STATE).exists() else []
+    rows = Checkpoint.reader(state_dir).history() if (Path(state_dir) / STATE).exists() else []
     if not rows:
         print(f"flora-aggregator: error: no completed rounds in {state_dir}", file=sys.stderr)
         return 2
     state = _read_state(state_dir) or {}
     initial = state.get("extra", {}).get("initial_eval") or {}
     done = [r["round"] + 1 for r in rows]  # the global closed in round r is the model after r+1 rounds
-    fig, (ax_acc, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_acc, ax_bytes) = plt.subplots(1, 2, figsize=(10, 4.4))
     if any(isinstance(r.get("test_accuracy"), (int, float)) for r in rows):
         xs = ([0] if "test_accuracy" in initial else []) + done
         ys = ([initial["test_accuracy"]] if "test_accuracy" in initial else []) + [r.get("test_accuracy")
@@ -104,21 +141,34 @@ def write_plot(state_dir: Path, out_path: Path) -> int:
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0, 1)
     if ax_acc.get_legend_handles_labels()[0]:
-        ax_acc.legend()
+        legend_below(ax_acc)
     else:
         ax_acc.text(0.5, 0.5, "no accuracy reported", ha="center", va="center", transform=ax_acc.transAxes)
     ax_acc.grid(alpha=0.3)
-    numbers = [r["round"] for r in rows]
-    ax_bytes.bar([x - 0.2 for x in numbers], [r["bytes_received"] / 1e6 for r in rows], width=0.4,
-                 label="up (updates accepted)")
-    ax_bytes.bar([x + 0.2 for x in numbers], [r["bytes_sent"] / 1e6 for r in rows], width=0.4,
-                 label="down (global x asked)")
-    ax_bytes.set_xlabel("round")
-    ax_bytes.set_ylabel("MB")
-    ax_bytes.legend()
+    plot_cumulative_mb(ax_bytes, done, [r["bytes_received"] for r in rows], [r["bytes_sent"] for r in rows],
+                       up_label="up (updates accepted)", down_label="down (global x asked)")
     fig.tight_layout()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     print(f"wrote {out_path}")
     return 0
+
+
+def plot_cumulative_mb(ax, rounds_completed: List[int], up: List[int], down: List[int], up_label: str = "up",
+                       down_label: str = "down") -> None:
+    """Cumulative MB up and down against rounds completed (per-round bars of equal rounds say nothing)."""
+    import numpy as np
+
+    ax.plot(rounds_completed, np.cumsum(up) / 1e6, marker="o", label=up_label)
+    ax.plot(rounds_completed, np.cumsum(down) / 1e6, marker="s", label=down_label)
+    ax.set_xlabel("rounds completed")
+    ax.set_ylabel("cumulative MB")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    legend_below(ax)
+
+
+def legend_below(ax, ncol: int = 2) -> None:
+    """The legend under the axes, where it cannot cover data."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=ncol, frameon=False, fontsize="small")

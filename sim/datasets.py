@@ -15,7 +15,14 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from flora.edge.dataset import DatasetError, Sample, load_image_folder, stratified_split
+from flora.edge.dataset import (
+    DatasetError,
+    Sample,
+    load_image_folder,
+    report_unreadable,
+    stratified_split,
+    unreadable_images,
+)
 from flora.edge.fileio import PathLike, atomic_write_json
 
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -144,6 +151,15 @@ def _read_classes(root: Path, folders: Sequence[Path]) -> List[str]:
     return sorted(names)
 
 
+def readable(samples: List[Sample]) -> List[Sample]:
+    """`samples` less the images that cannot be decoded (one warning names them), so one broken file in a
+    folder dataset neither aborts the held-out evaluation nor the baselines."""
+    paths = [s.path for s in samples]
+    bad = unreadable_images(paths)
+    report_unreadable(paths, bad)
+    return [s for i, s in enumerate(samples) if i not in bad]
+
+
 def load_folder_dataset(path: PathLike, test_fraction: float = 0.2, seed: int = 0,
                         classes: Optional[List[str]] = None) -> SplitDataset:
     """An image folder: `path/train/<class>/` (and `path/test/<class>/`) if present, else `path/<class>/`.
@@ -159,9 +175,9 @@ def load_folder_dataset(path: PathLike, test_fraction: float = 0.2, seed: int = 
     classes = list(classes) if classes is not None else _read_classes(root, folders)
     if not classes:
         raise DatasetError(f"{root} has no class folders: expected {root}/<class>/<image> or {root}/train/<class>/")
-    samples = load_image_folder(folders[0], classes)
+    samples = readable(load_image_folder(folders[0], classes))
     if has_split and (root / "test").is_dir():
-        train, test = samples, load_image_folder(root / "test", classes)
+        train, test = samples, readable(load_image_folder(root / "test", classes))
     else:
         labels = np.array([s.label for s in samples], dtype=np.int64)
         train_idx, test_idx = stratified_split(labels, test_fraction, seed)

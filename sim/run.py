@@ -16,6 +16,7 @@ import numpy as np
 
 from flora.broker.checkpoint import STATE, Checkpoint
 from flora.broker.mosquitto import Mosquitto, start_mosquitto
+from flora.broker.report import legend_below, plot_cumulative_mb
 from flora.edge.bundle import Bundle, BundleError, load_bundle
 from flora.edge.dataset import Sample
 from flora.edge.features import FeatureCache, image_features
@@ -426,22 +427,18 @@ def plot_accuracy(ax, report: Dict) -> None:
         ax.plot(xs[1:], acc["local_only"][1:], marker="^", label="local-only LoRA (mean)")
     if acc.get("zero_shot") is not None:
         ax.axhline(acc["zero_shot"], color="grey", linestyle="--", label="zero-shot")
-    ax.set_xlabel("round")
+    ax.set_xlabel("rounds completed")
     ax.set_ylabel("held-out test accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    legend_below(ax)
     ax.set_title(f"{report['dataset']['name']}, {report['config']['clients']} clients, {report['partition']['scheme']}")
 
 
 def plot_bytes(bx, report: Dict) -> None:
-    """Bytes of round r at x = r + 1, the x at which the accuracy after that round is plotted."""
-    xs = [r["round"] + 1 for r in report["rounds"]]
-    bx.bar([x - 0.2 for x in xs], [b / 1e6 for b in report["bytes"]["up_per_round"]], width=0.4, label="up")
-    bx.bar([x + 0.2 for x in xs], [b / 1e6 for b in report["bytes"]["down_per_round"]], width=0.4, label="down")
-    bx.set_xlabel("round")
-    bx.set_ylabel("MB")
-    bx.legend(loc="lower right")
+    """Cumulative MB after round r at x = r + 1, the x at which the accuracy after that round is plotted."""
+    plot_cumulative_mb(bx, [r["round"] + 1 for r in report["rounds"]], report["bytes"]["up_per_round"],
+                       report["bytes"]["down_per_round"])
 
 
 def summary(report: Dict) -> str:

@@ -93,7 +93,8 @@ def test_status_shows_the_open_round_and_the_history_table(tmp_path, capsys):
                            "1 of 3 rounds completed")
     assert out[1].split() == ["round", "asked", "reported", "rejected", "samples", "client", "acc", "test", "acc",
                               "MB", "up", "MB", "down", "time", "s"]
-    assert out[3].split()[:7] == ["0", "2", "2", "1", "21", "0.5500", "0.3000"] and out[3].split()[-1] == "12.5"
+    # numbered by rounds completed, as flora-sim numbers its table: the global round 0 closed with is "1"
+    assert out[3].split()[:7] == ["1", "2", "2", "1", "21", "0.5500", "0.3000"] and out[3].split()[-1] == "12.5"
     assert out[4] == "rejected updates by reason: {'malformed': 1}"
     assert main(["status", "--state-dir", str(tmp_path / "nothing")]) == 2
     assert "no readable aggregator state" in capsys.readouterr().err
@@ -121,3 +122,27 @@ def test_explicit_command_line_values_win_over_the_config_file(bundle, tmp_path,
     assert seen["rounds"] == 10 and seen["lr"] == 0.5 and seen["broker"] == "mqtt://h"
     assert main(["--config", str(tmp_path / "agg.toml")]) == 0
     assert seen["rounds"] == 3
+
+
+def test_status_clients_lists_each_device_from_the_state_dir(tmp_path, capsys):
+    from flora.broker.checkpoint import Checkpoint
+    from flora.broker.devices import DeviceRegistry
+
+    agg = offline_aggregator(tmp_path / "state", FakeClock(), rounds=2)
+    agg._resume_or_start()
+    reg = DeviceRegistry()
+    reg.status("pi-01", "idle", 1000.0, backend="step", num_samples=120)
+    reg.metrics("pi-01", 1000.0, {"round": 4, "loss": 0.25, "accuracy": 0.875, "step_time_s": 0.0123,
+                                  "peak_rss_mb": 210.4})
+    reg.status("jetson-2", "error", 940.0, backend="ort-training", num_samples=80,
+               last_error="round 4 failed: TrainerError: non-finite loss")
+    Checkpoint(tmp_path / "state").save_devices(reg.to_json())
+    assert report.print_status(tmp_path / "state", clients=True, now=1060.0) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = out.index("2 device(s):")
+    assert out[at + 1].split()[:6] == ["device", "state", "seen", "backend", "samples", "round"]
+    assert out[at + 3].split()[:6] == ["jetson-2", "error", "2m", "ort-training", "80", "-"]
+    assert out[at + 3].endswith("round 4 failed: TrainerError: non-finite loss")
+    assert out[at + 4].split() == ["pi-01", "idle", "60s", "step", "120", "4", "0.2500", "0.875", "12.3", "210"]
+    assert main(["status", "--state-dir", str(tmp_path / "state"), "--clients"]) == 0
+    assert "pi-01" in capsys.readouterr().out

@@ -132,6 +132,17 @@ def test_load_folder_dataset_splits_a_flat_folder(tmp_path):
     assert load_folder_dataset(root, seed=1).test != ds.test
 
 
+def test_an_undecodable_image_is_left_out_with_one_warning(tmp_path, caplog):
+    root = _folder(tmp_path / "pets", {"dog": 10, "cat": 5})
+    broken = root / "dog" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with caplog.at_level("WARNING"):
+        ds = load_folder_dataset(root, test_fraction=0.2, seed=0)
+    assert len(ds.train) + len(ds.test) == 15 and broken not in {s.path for s in ds.train + ds.test}
+    assert [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()][0].startswith(
+        "1 of 16 images cannot be read and are left out")
+
+
 def test_load_folder_dataset_with_only_a_train_folder_and_errors(tmp_path):
     root = _folder(tmp_path / "only" / "train", {"a": 5, "b": 5}).parent
     ds = load_folder_dataset(root, test_fraction=0.4)

@@ -260,22 +260,23 @@ def test_failed_baselines_keep_the_federated_report(tmp_path, mosquitto_binary, 
 # -- the report figure --------------------------------------------------------------------------
 class RecordingAxes:
     def __init__(self):
-        self.xs = []
+        self.lines = []
 
-    def bar(self, xs, heights, **kw):
-        self.xs.append(list(xs))
+    def plot(self, xs, ys, **kw):
+        self.lines.append((list(xs), list(ys), kw.get("label")))
 
     def __getattr__(self, name):
         return lambda *a, **k: None
 
 
-def test_byte_bars_sit_at_the_rounds_where_accuracy_is_plotted():
+def test_traffic_is_cumulative_and_sits_at_the_rounds_where_accuracy_is_plotted():
     report = {"rounds": [{"round": 0}, {"round": 1}, {"round": 2}],
-              "bytes": {"up_per_round": [1, 2, 3], "down_per_round": [1, 2, 3]}}
+              "bytes": {"up_per_round": [1e6, 2e6, 3e6], "down_per_round": [2e6, 2e6, 2e6]}}
     ax = RecordingAxes()
     sim_run.plot_bytes(ax, report)
-    up, down = ax.xs
-    assert [round((u + d) / 2, 6) for u, d in zip(up, down)] == [1, 2, 3]  # accuracy after round r is at x = r + 1
+    (up_x, up_y, up_label), (down_x, down_y, down_label) = ax.lines
+    assert up_x == down_x == [1, 2, 3]  # the accuracy after round r is plotted at x = r + 1
+    assert up_y == [1.0, 3.0, 6.0] and down_y == [2.0, 4.0, 6.0] and (up_label, down_label) == ("up", "down")
 
 
 # -- an image-folder dataset, few-shot, a comma in its path ------------------------------------
