@@ -139,7 +139,7 @@ def test_an_undecodable_image_is_left_out_with_one_warning(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         ds = load_folder_dataset(root, test_fraction=0.2, seed=0)
     assert len(ds.train) + len(ds.test) == 15 and broken not in {s.path for s in ds.train + ds.test}
-    assert [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()][0].startswith(
+    assert next(r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()).startswith(
         "1 of 16 images cannot be read and are left out")
 
 
