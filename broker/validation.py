@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import AbstractSet, Mapping, Optional
+from typing import AbstractSet, Callable, Mapping, Optional, Tuple
 
 from flora.edge import adapter
 from flora.edge.bundle import Manifest
@@ -23,6 +23,7 @@ VALIDATION_REASONS = (
     "foreign-model",    # model_id of another bundle
     "late",             # for an earlier round
     "early",            # for a round that has not started
+    "stale",            # async: based on a global more than --max-staleness versions old
     "not-asked",        # the client was not asked this round
     "duplicate",        # the client already has an accepted update this round
     "bad-tensors",      # tensor names or shapes differ from the manifest
@@ -39,7 +40,9 @@ DEFAULT_MAX_NUM_SAMPLES = 10 ** 9
 _DECIMAL = re.compile(r"[1-9][0-9]*")  # a canonical positive decimal: no sign, space, '_' or leading zero
 
 FLOAT_DTYPES = ("float32", "float16")
-_SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16"}
+_SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", adapter.PARTIAL_DTYPE: "F64"}
+#: A site's partial carries the total weight of its devices' updates: capped where float64 stops being exact.
+MAX_PARTIAL_WEIGHT = 2 ** 53 - 1
 
 
 class Rejected(Exception):
@@ -59,6 +62,9 @@ class RoundView:
     number: int
     asked: Optional[AbstractSet[str]]  # None: any client may report
     reported: AbstractSet[str]
+    # async rounds: (client, base version) -> None or Rejected (stale, early, duplicate), instead of the
+    # late / early / not-asked / duplicate checks of a synchronous round
+    admit: Optional[Callable[[str, int], object]] = None
 
 
 def check_num_samples(meta: Mapping[str, str], cap: int = DEFAULT_MAX_NUM_SAMPLES) -> int:
@@ -97,20 +103,39 @@ def _tensors(blob: bytes, entries, meta: adapter.AdapterMeta, manifest: Manifest
         raise Rejected("malformed", str(exc)) from None
 
 
+def _check_round(claimed: int, client: str, round_: RoundView) -> None:
+    """A synchronous round: this round only, an asked client, one update each."""
+    if claimed < round_.number:
+        raise Rejected("late", f"for round {claimed}, current round is {round_.number}")
+    if claimed > round_.number:
+        raise Rejected("early", f"for round {claimed}, current round is {round_.number}")
+    if round_.asked is not None and client not in round_.asked:
+        raise Rejected("not-asked", f"{client} was not asked in round {round_.number}")
+    if client in round_.reported:
+        raise Rejected("duplicate", f"{client} already has an accepted update in round {round_.number}")
+
+
 def validate_update(blob: bytes, topic_client: str, manifest: Manifest, round_: RoundView, max_bytes: int,
-                    max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES) -> adapter.Adapter:
-    """The update with zero-copy read-only tensors, or `Rejected` with the first reason that applies."""
+                    max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES,
+                    kinds: Tuple[str, ...] = ("update",)) -> adapter.Adapter:
+    """The update with zero-copy read-only tensors, or `Rejected` with the first reason that applies.
+
+    `kinds` adds `partial` where sites report: a float64 weighted sum whose num_samples (the total
+    weight) may reach MAX_PARTIAL_WEIGHT.
+    """
     if len(blob) > max_bytes:
         raise Rejected("oversized", f"{len(blob)} bytes, limit {max_bytes}")
     try:
         entries, meta_strings = adapter.read_header(blob)
     except adapter.AdapterError as exc:
         raise Rejected("malformed", str(exc)) from None
-    if meta_strings.get("kind") != "update":
-        raise Rejected("malformed", f"kind is {meta_strings.get('kind')!r}, not 'update'")
-    if meta_strings.get("dtype") not in FLOAT_DTYPES:
-        raise Rejected("bad-dtype", f"dtype {meta_strings.get('dtype')!r} is not one of {FLOAT_DTYPES}")
-    check_num_samples(meta_strings, max_num_samples)
+    kind = meta_strings.get("kind")
+    if kind not in kinds:
+        raise Rejected("malformed", f"kind is {_short(kind)}, not {' or '.join(map(repr, kinds))}")
+    dtypes = (adapter.PARTIAL_DTYPE,) if kind == adapter.PARTIAL else FLOAT_DTYPES
+    if meta_strings.get("dtype") not in dtypes:
+        raise Rejected("bad-dtype", f"dtype {meta_strings.get('dtype')!r} of a {kind} is not one of {dtypes}")
+    check_num_samples(meta_strings, MAX_PARTIAL_WEIGHT if kind == adapter.PARTIAL else max_num_samples)
     try:
         meta = adapter.AdapterMeta.from_strings(meta_strings)
     except adapter.AdapterError as exc:
@@ -119,14 +144,10 @@ def validate_update(blob: bytes, topic_client: str, manifest: Manifest, round_: 
         raise Rejected("client-mismatch", f"metadata says {meta.client_id!r}, topic says {topic_client!r}")
     if meta.model_id != manifest.model_id:
         raise Rejected("foreign-model", f"model_id {meta.model_id[:16]}…, expected {manifest.model_id[:16]}…")
-    if meta.round < round_.number:
-        raise Rejected("late", f"for round {meta.round}, current round is {round_.number}")
-    if meta.round > round_.number:
-        raise Rejected("early", f"for round {meta.round}, current round is {round_.number}")
-    if round_.asked is not None and topic_client not in round_.asked:
-        raise Rejected("not-asked", f"{topic_client} was not asked in round {round_.number}")
-    if topic_client in round_.reported:
-        raise Rejected("duplicate", f"{topic_client} already has an accepted update in round {round_.number}")
+    if round_.admit is not None:
+        round_.admit(topic_client, meta.round)
+    else:
+        _check_round(meta.round, topic_client, round_)
     wrong = sorted({e["dtype"] for e in entries.values()} - {_SAFETENSORS_DTYPE[meta.dtype]})
     if wrong:
         raise Rejected("bad-dtype", f"tensors of dtype {wrong}, the metadata says {meta.dtype}")

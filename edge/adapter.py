@@ -22,9 +22,13 @@ from .fileio import PathLike, atomic_write_bytes
 
 FORMAT = "flora-adapter"
 FORMAT_VERSION = "1"
-KINDS = ("initial", "global", "update")
+KINDS = ("initial", "global", "update", "partial")
+#: A `partial` is a site's fold of its devices' updates: the weighted sum sum_i n_i * u_i (float64, so that
+#: the root's fold of partials is the flat FedAvg of every update) with num_samples = sum_i n_i.
+PARTIAL = "partial"
+PARTIAL_DTYPE = "float64"
 
-_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16)}
+_DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "float64": ("F64", np.float64)}
 _ST_TO_NAME = {st: name for name, (st, _) in _DTYPES.items()}
 _MAX_HEADER = 4 << 20
 
@@ -43,6 +47,7 @@ class AdapterMeta:
     dtype: str
     client_id: Optional[str] = None
     num_samples: Optional[int] = None
+    num_updates: Optional[int] = None  # partials only: how many device updates the sum holds
 
     def to_strings(self) -> Dict[str, str]:
         meta = {
@@ -57,6 +62,8 @@ class AdapterMeta:
             meta["client_id"] = self.client_id
         if self.num_samples is not None:
             meta["num_samples"] = str(self.num_samples)
+        if self.num_updates is not None:
+            meta["num_updates"] = str(self.num_updates)
         return meta
 
     @classmethod
@@ -77,11 +84,16 @@ class AdapterMeta:
         if rnd < 0:
             raise AdapterError(f"adapter round {rnd} is negative")
         num_samples = _parse_int(meta["num_samples"], "num_samples") if "num_samples" in meta else None
-        if kind == "update":
+        num_updates = _parse_int(meta["num_updates"], "num_updates") if "num_updates" in meta else None
+        if kind in ("update", PARTIAL):
             if not meta.get("client_id"):
-                raise AdapterError("an update must name its client_id")
+                raise AdapterError(f"an {kind} must name its client_id")
             if num_samples is None or num_samples <= 0:
-                raise AdapterError(f"an update needs a positive num_samples, got {meta.get('num_samples')!r}")
+                raise AdapterError(f"an {kind} needs a positive num_samples, got {meta.get('num_samples')!r}")
+        if (meta["dtype"] == PARTIAL_DTYPE) != (kind == PARTIAL):
+            raise AdapterError(f"only a partial is {PARTIAL_DTYPE} (and it always is); this {kind} is {meta['dtype']}")
+        if kind == PARTIAL and (num_updates is None or num_updates <= 0):
+            raise AdapterError(f"a partial needs a positive num_updates, got {meta.get('num_updates')!r}")
         return cls(
             model_id=meta["model_id"],
             round=rnd,
@@ -89,6 +101,7 @@ class AdapterMeta:
             dtype=meta["dtype"],
             client_id=meta.get("client_id"),
             num_samples=num_samples,
+            num_updates=num_updates,
         )
 
 
@@ -117,12 +130,13 @@ def encode(
     dtype: str = "float32",
     client_id: Optional[str] = None,
     num_samples: Optional[int] = None,
+    num_updates: Optional[int] = None,
 ) -> bytes:
     """Serialise LoRA tensors (cast to `dtype`) with their metadata into one safetensors blob."""
     if dtype not in _DTYPES:
         raise AdapterError(f"dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     np_dtype = _DTYPES[dtype][1]
-    meta = AdapterMeta(model_id, int(round), kind, dtype, client_id, num_samples)
+    meta = AdapterMeta(model_id, int(round), kind, dtype, client_id, num_samples, num_updates)
     meta_strings = meta.to_strings()
     AdapterMeta.from_strings(meta_strings)  # refuse to write what a receiver would refuse
     arrays = {}
@@ -386,9 +400,10 @@ def decode(
     return Adapter(meta, tensors)
 
 
-def max_blob_bytes(specs: Iterable[TensorSpec], header_slack: int = 64 * 1024) -> int:
-    """The largest plausible blob for these tensors: fp32 payload plus room for the header."""
-    return sum(s.numel for s in specs) * 4 + header_slack
+def max_blob_bytes(specs: Iterable[TensorSpec], header_slack: int = 64 * 1024, itemsize: int = 4) -> int:
+    """The largest plausible blob for these tensors: fp32 payload (`itemsize` 8: a float64 partial) plus room
+    for the header."""
+    return sum(s.numel for s in specs) * itemsize + header_slack
 
 
 def save(path: PathLike, blob: bytes) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as safetensors_load
 
+from flora.broker.fedbuff import BufferConfig, FedBuff
 from flora.broker.strategies import FedAvg
 from flora.broker.validation import (
     DEFAULT_MAX_NUM_SAMPLES,
@@ -26,6 +27,18 @@ from flora.edge.synthetic import encode_update, random_adapter, synthetic_manife
 M = synthetic_manifest()
 LIMIT = adapter.max_blob_bytes(M.trainable)
 ROUND = RoundView(3, asked={"c1", "c2"}, reported={"c2"})
+
+
+def _async_view() -> RoundView:
+    """Version 3 of an async federation that accepts bases 1..3 (--max-staleness 2)."""
+    fb = FedBuff(BufferConfig(buffer=4, max_staleness=2), 60.0)
+    fb.start(0, np.zeros(sum(t.numel for t in M.trainable), np.float32))
+    for _ in range(3):
+        fb.advance(np.zeros(sum(t.numel for t in M.trainable), np.float32))
+    return RoundView(fb.version, None, set(), admit=fb.admit)
+
+
+ASYNC = _async_view()
 
 
 def update(client: str = "c1", rnd: int = 3, n: int = 10, seed: int = 1, **kw) -> bytes:
@@ -161,6 +174,7 @@ def cases() -> Dict[str, list]:
         "client-mismatch": [update(client="c2")],
         "foreign-model": [update(model_id="e" * 64)],
         "late": [update(rnd=2), update(rnd=0)],
+        "stale": [(update(rnd=0), "c1", ASYNC)],  # async: a base version more than --max-staleness old
         "early": [update(rnd=4)],
         "not-asked": [(update(client="c9"), "c9")],
         "duplicate": [(update(client="c2"), "c2")],
@@ -177,9 +191,9 @@ def test_every_rejection_reason_is_detected_with_a_readable_detail():
     assert set(all_cases) == set(VALIDATION_REASONS) and set(REASONS) == {*VALIDATION_REASONS, NO_ROUND}
     for reason, blobs in all_cases.items():
         for i, item in enumerate(blobs):
-            blob, client = item if isinstance(item, tuple) else (item, "c1")
+            blob, client, view = (*item, ROUND)[:3] if isinstance(item, tuple) else (item, "c1", ROUND)
             with pytest.raises(Rejected) as err:
-                check(blob, client=client)
+                check(blob, client=client, round_=view)
             assert err.value.reason == reason, (reason, i, str(err.value))
             assert str(err.value).startswith(f"{reason}: ") and len(err.value.detail) > 5
             assert len(err.value.detail) < 400, (reason, i)  # a forged header never floods the log or the record

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -37,3 +37,17 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def count(self) -> int:
         """Updates accumulated this round."""
+
+    #: True for a strategy whose aggregate is a weighted sum, so that a site can fold its devices' updates
+    #: into one `partial` and the root fold partials exactly as it folds updates (FedAvg).
+    folds_partials = False
+
+    def accumulate_partial(self, weighted_sum: Mapping[str, np.ndarray], total_weight: int) -> None:
+        """Fold in a site's partial: sum_i n_i * u_i (float64) and sum_i n_i; ValueError if this strategy
+        cannot (its aggregate does not split into sums)."""
+        raise ValueError(f"the {self.name} strategy cannot fold a site's partial: its aggregate is not a sum")
+
+    def partial(self) -> Optional[Tuple[Dict[str, np.ndarray], int]]:
+        """(weighted sum, total weight) of what was accumulated, for a site to send upstream; None if nothing
+        was; ValueError if this strategy's aggregate is not a sum."""
+        raise ValueError(f"the {self.name} strategy cannot make a partial: its aggregate is not a sum")

@@ -7,7 +7,7 @@ plays no part: FLORA's server replaces it by the weighted mean of the clients' a
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -55,6 +55,28 @@ class FedAvg(Strategy):
                     self._fold(np.ravel(tensors[name]), total, weight)
         self._weight += num_samples
         self._count += 1
+
+    folds_partials = True
+
+    def accumulate_partial(self, weighted_sum: Mapping[str, np.ndarray], total_weight: int) -> None:
+        """A site's sum_i n_i u_i is added as it is (no multiply): the root's sums are then the flat ones."""
+        _as_weight(total_weight)
+        if self._layout is None:
+            raise RuntimeError("accumulate_partial() before begin_round()")
+        with np.errstate(over="ignore", invalid="ignore"):
+            if isinstance(weighted_sum, FlatTensors) and weighted_sum.layout is self._layout:
+                self._sum += weighted_sum.flat
+            else:
+                for name, total in self._by_name.items():
+                    total += np.ravel(weighted_sum[name])
+        self._weight += total_weight
+        self._count += 1
+
+    def partial(self) -> Optional[Tuple[Dict[str, np.ndarray], int]]:
+        if self._count == 0:
+            return None
+        assert self._layout is not None
+        return self._layout.split(self._sum.copy()), self._weight
 
     def _fold(self, values: np.ndarray, total: np.ndarray, weight: float) -> None:
         """total += weight * values in float64, one cache-sized chunk at a time."""
