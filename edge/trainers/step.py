@@ -9,7 +9,8 @@ same OrtValues.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -19,6 +20,19 @@ from ..step_io import STEP_OUTPUTS, moment_names, new_names
 from .base import StepResult, Trainer, TrainerError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepState:
+    """One client's training state in a step trainer (see `StepTrainer.save_state`)."""
+
+    params: List[Any]
+    m: List[Any]
+    v: List[Any]
+    steps: int
+    lr: float
+    weight_decay: float
+
 
 class StepTrainer(Trainer):
     name = "step"
@@ -131,3 +145,13 @@ class StepTrainer(Trainer):
         state = {n: v.numpy() for n, v in zip(self._m_names, self._m)}
         state.update({n: v.numpy() for n, v in zip(self._v_names, self._v)})
         return state
+
+    def save_state(self) -> StepState:
+        """What makes this trainer one client's: LoRA tensors, AdamW moments, step count, lr, weight decay
+        (references to the session's values: a later step makes new ones, never changes these)."""
+        return StepState(list(self._params), list(self._m), list(self._v), self.steps, self.lr, self.weight_decay)
+
+    def load_state(self, state: StepState) -> None:
+        """Make `state` this trainer's (a swap of references: the step graph takes them as inputs)."""
+        self._params, self._m, self._v = list(state.params), list(state.m), list(state.v)
+        self.steps, self.lr, self.weight_decay = state.steps, state.lr, state.weight_decay

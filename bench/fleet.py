@@ -1,0 +1,378 @@
+"""Fleet benchmark: N virtual devices, each its own MQTT connection, against the real flora-aggregator and mosquitto.
+
+    python -m bench.fleet                          # N = 1000 and 10000, sync, both adapters
+    python -m bench.fleet --n 200 --adapters tiny --rounds 1 --out /tmp/fleet   # the size the test runs
+
+Per (N, mode, adapter) it starts a private mosquitto (file-descriptor limit raised first, which the
+broker inherits), device processes (`bench.fleet_devices`: thousands of paho clients each, one
+selector), then `flora-aggregator` as its own process, waiting for every device to be online. The
+devices behave as agents do on the wire and send their update as soon as a round asks them (no
+training time): the figures are the broker's and the aggregator's.
+
+Measured: connect time (every device's CONNACK and subscriptions), round close time (an observer
+client's clock: the `round` message of round r -> the `global` of round r + 1), updates/s and MB/s
+through the aggregator (the round's accepted updates and bytes over its close time), the peak RSS
+(VmHWM) of the aggregator and of the broker, updates lost (acknowledged to a device by the broker but
+not counted in the round) and double-counted, and that each published global equals the FedAvg of the
+updates the devices had acknowledged (exactly what was sent, once each). Writes
+bench/results/fleet.json and fleet.md (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
+
+from bench.fleet_devices import FEDERATION, TEMPLATES, peak_rss_mib, raise_fd_limit, template_samples  # noqa: E402
+
+#: The adapters the fleet sends. ViT-B/32's text tower is 12 blocks of width 512.
+ADAPTERS: Dict[str, Dict[str, Any]] = {
+    "rank2": {"blocks": 12, "width": 512, "rank": 2, "targets": ("q", "v"), "dtype": "float16",
+              "text": "ViT-B/32 text tower, LoRA rank 2 on q, v, sent as fp16 (`--fp16-updates`)"},
+    "rank8": {"blocks": 12, "width": 512, "rank": 8, "targets": ("q", "k", "v", "out"), "dtype": "float32",
+              "text": "ViT-B/32 text tower, the default LoRA: rank 8 on q, k, v, out, fp32"},
+    "tiny": {"blocks": 2, "width": 16, "rank": 2, "targets": ("q", "v"), "dtype": "float32",
+             "text": "a 2-block, width-16 toy adapter (the test's)"},
+}
+GOAL_ROUND_S = 60.0
+
+
+def fleet_manifest(name: str):
+    from flora.edge.synthetic import synthetic_manifest
+
+    a = ADAPTERS[name]
+    return synthetic_manifest(blocks=a["blocks"], width=a["width"], rank=a["rank"], targets=a["targets"])
+
+
+def broker_config(n: int) -> List[str]:
+    """What a broker for N devices needs beyond the defaults (devices/mosquitto/README.md says the same):
+    no connection cap, and a queue for the aggregator's session that holds a whole round of messages
+    (each device sends a status, its update, its metrics and a status again) instead of dropping past 1,000."""
+    return ["max_connections -1", f"max_queued_messages {max(1000, 4 * n + 1000)}", "max_queued_bytes 0",
+            "set_tcp_nodelay true"]
+
+
+class Observer:
+    """One more client: when each `round` and `global` arrived, and every global's payload."""
+
+    def __init__(self, url: str) -> None:
+        from flora.edge.mqtt import BrokerConfig, Connection, make_client
+        from flora.edge.protocol import Topics
+
+        self.topics = Topics(FEDERATION)
+        cfg = BrokerConfig.from_url(url)
+        self.client = make_client(cfg, "fleet-observer")
+        self.client.on_message = self._on_message
+        self.rounds: Dict[int, float] = {}  # round -> first `training` announcement seen
+        self.globals: Dict[int, float] = {}  # round -> when its global arrived
+        self.global_blobs: Dict[int, bytes] = {}
+        self.done_at: Optional[float] = None
+        self.conn = Connection(cfg, self.client, on_connected=lambda c: c.subscribe(
+            [(self.topics.round, 1), (self.topics.global_, 1)]))
+        self.conn.start(timeout=30)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        from flora.edge import adapter
+        from flora.edge.protocol import RoundAnnouncement
+
+        now = time.monotonic()
+        if msg.topic == self.topics.round:
+            ann = RoundAnnouncement.from_json(msg.payload)
+            if ann.state == "training":
+                self.rounds.setdefault(ann.round, now)
+            elif self.done_at is None:
+                self.done_at = now
+        elif msg.topic == self.topics.global_:
+            rnd = int(adapter.read_header(msg.payload)[1]["round"])
+            if rnd not in self.globals:
+                self.globals[rnd] = now
+                self.global_blobs[rnd] = bytes(msg.payload)
+
+    def stop(self) -> None:
+        self.conn.stop()
+
+
+class PeakRss(threading.Thread):
+    """Polls VmHWM of some processes (the last value read before each exits is its peak)."""
+
+    def __init__(self, pids: Dict[str, int], every_s: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.every_s = pids, every_s
+        self.peak = {name: 0.0 for name in pids}
+        self.halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            for name, pid in self.pids.items():
+                self.peak[name] = max(self.peak[name], peak_rss_mib(str(pid)))
+            self.halt.wait(self.every_s)
+
+    def stop(self) -> Dict[str, float]:
+        self.halt.set()
+        self.join()
+        return {name: round(v, 1) for name, v in self.peak.items()}
+
+
+def _split(n: int, parts: int) -> List[range]:
+    edges = np.linspace(0, n, parts + 1).astype(int)
+    return [range(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def _start_workers(stack: contextlib.ExitStack, url: str, manifest_file: Path, n: int, processes: int, dtype: str,
+                   window: int, qos_down: int, out: Path, timeout: float) -> List[Dict[str, Any]]:
+    workers = []
+    for k, part in enumerate(_split(n, processes)):
+        result = out / f"devices-{k}.json"
+        cmd = [sys.executable, "-m", "bench.fleet_devices", "--url", url, "--manifest", str(manifest_file),
+               "--first", str(part.start), "--count", str(len(part)), "--dtype", dtype, "--window", str(window),
+               "--qos-down", str(qos_down), "--timeout", str(timeout), "--out", str(result)]
+        log = stack.enter_context((out / f"devices-{k}.log").open("wb"))
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
+        workers.append({"proc": proc, "result": result, "log": log, "count": len(part)})
+    return workers
+
+
+def _wait_connected(workers: Sequence[Dict[str, Any]], timeout: float) -> float:
+    """Seconds until the slowest device process had all its devices connected (they start together)."""
+    seconds = []
+    deadline = time.monotonic() + timeout
+    for w in workers:
+        line = w["proc"].stdout.readline()
+        if not line:
+            raise RuntimeError(f"a device process exited while connecting: {_tail(w['log'].name)}")
+        seconds.append(json.loads(line)["seconds"])
+        if time.monotonic() > deadline:
+            raise TimeoutError("devices did not connect in time")
+    return max(seconds)
+
+
+def _tail(path: str, lines: int = 20) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _aggregator_cmd(bundle: Path, url: str, state: Path, n: int, rounds: int, mode: str,
+                    extra: Sequence[str]) -> List[str]:
+    cmd = [sys.executable, "-m", "flora.broker.cli", "--bundle", str(bundle), "--broker", url,
+           "--federation", FEDERATION, "--rounds", str(rounds), "--state-dir", str(state),
+           "--wait-for-clients", str(n), "--min-clients", str(n), "--round-timeout", "900", "--wait-timeout", "600"]
+    if mode == "async":
+        cmd += ["--mode", "async"]
+    return cmd + list(extra)
+
+
+def expected_global(manifest, dtype: str, clients: Sequence[str]) -> np.ndarray:
+    """The FedAvg of these devices' updates (device i sent template i % TEMPLATES), flat float32."""
+    from bench.fleet_devices import _index_of
+    from flora.edge.synthetic import random_adapter
+
+    counts = np.bincount([_index_of(c) % TEMPLATES for c in clients], minlength=TEMPLATES)
+    total = np.zeros(sum(t.numel for t in manifest.trainable))
+    weight = 0
+    for t in range(TEMPLATES):
+        tensors = random_adapter(manifest, t, scale=0.01)
+        flat = np.concatenate([tensors[s.name].astype(dtype).astype(np.float64).ravel() for s in manifest.trainable])
+        total += counts[t] * template_samples(t) * flat
+        weight += counts[t] * template_samples(t)
+    return (total / weight).astype(np.float32)
+
+
+#: float64 sums in another order, then one rounding to float32: the global may differ from the expected by an ulp
+MAX_ULPS = 2
+
+
+def _ulps(got: np.ndarray, expected: np.ndarray) -> float:
+    """The largest difference in units of float32 spacing at the expected values (one update counted twice, or
+    lost, among 10,000 moves some value by about 15)."""
+    return float(np.max(np.abs(got.astype(np.float64) - expected) / np.spacing(np.abs(expected))))
+
+
+def _flat(blob: bytes, manifest) -> np.ndarray:
+    from flora.edge import adapter
+
+    tensors = adapter.decode(blob, manifest.trainable).as_float32()
+    return np.concatenate([tensors[s.name].ravel() for s in manifest.trainable])
+
+
+def run_config(n: int, mode: str, adapter_name: str, rounds: int, processes: int, window: int, qos_down: int = 1,
+               timeout: float = 900.0, keep: Optional[Path] = None, aggregator_args: Sequence[str] = ()) -> Dict:
+    """One federation of n devices for `rounds` rounds; the measured row."""
+    from flora.broker.checkpoint import Checkpoint
+    from flora.broker.mosquitto import start_mosquitto
+    from flora.edge.synthetic import write_bundle
+
+    a = ADAPTERS[adapter_name]
+    fds = raise_fd_limit()
+    if fds < n + 100:
+        raise RuntimeError(f"RLIMIT_NOFILE is {fds}: {n} devices need more (raise the hard limit: ulimit -Hn)")
+    manifest = fleet_manifest(adapter_name)
+    with tempfile.TemporaryDirectory(prefix="fleet-", dir=keep) as tmp_name, contextlib.ExitStack() as stack:
+        tmp = Path(tmp_name)
+        bundle = write_bundle(tmp / "bundle", manifest)
+        broker = start_mosquitto(tmp / "mosquitto", extra_config=broker_config(n))
+        procs: List[subprocess.Popen] = []
+        observer = None
+        try:
+            observer = Observer(broker.url)
+            t_start = time.monotonic()
+            workers = _start_workers(stack, broker.url, bundle / "manifest.json", n, processes, a["dtype"], window,
+                                     qos_down, tmp, timeout)
+            procs += [w["proc"] for w in workers]
+            connect_s = _wait_connected(workers, timeout)
+            agg_log = stack.enter_context((tmp / "aggregator.log").open("wb"))
+            agg = subprocess.Popen(_aggregator_cmd(bundle, broker.url, tmp / "state", n, rounds, mode,
+                                                   aggregator_args), cwd=ROOT, stdout=agg_log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(agg)
+            rss = PeakRss({"aggregator": agg.pid, "broker": broker.process.pid})
+            try:
+                code = agg.wait(timeout=timeout)
+            finally:
+                peaks = rss.stop()
+            if code != 0:
+                raise RuntimeError(f"flora-aggregator exited with {code}:\n{_tail(agg_log.name)}")
+            for w in workers:
+                if w["proc"].wait(timeout=120) != 0:
+                    raise RuntimeError(f"a device process failed:\n{_tail(w['log'].name)}")
+            devices = [json.loads(w["result"].read_text()) for w in workers]
+            history = Checkpoint(tmp / "state").history()
+            return _row(n, mode, adapter_name, rounds, processes, window, qos_down, connect_s, devices, history,
+                        observer, peaks, manifest, time.monotonic() - t_start)
+        finally:
+            if observer is not None:
+                observer.stop()
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(timeout=10)
+            broker.stop()
+
+
+def _row(n, mode, adapter_name, rounds, processes, window, qos_down, connect_s, devices, history, observer, peaks,
+         manifest, wall_s) -> Dict:
+    a = ADAPTERS[adapter_name]
+    acked: Dict[int, List[str]] = {}
+    for d in devices:
+        for r, ids in d["acked"].items():
+            acked.setdefault(int(r), []).extend(ids)
+    per_round = []
+    for row in history:
+        r = row["round"]
+        sent = set(acked.get(r, []))
+        counted = set(row["reported"])
+        close_s = observer.globals.get(r + 1, float("nan")) - observer.rounds.get(r, float("nan"))
+        expected = expected_global(manifest, a["dtype"], sorted(sent))
+        blob = observer.global_blobs.get(r + 1)
+        ulps = _ulps(_flat(blob, manifest), expected) if blob is not None else None
+        per_round.append({
+            "round": r, "close_s": round(close_s, 3), "aggregator_wall_s": row["wall_time_s"],
+            "updates": row["num_reported"], "bytes_received": row["bytes_received"],
+            "updates_per_s": round(row["num_reported"] / close_s, 1),
+            "mb_per_s": round(row["bytes_received"] / close_s / 1e6, 2),
+            "acked_by_broker": len(sent), "lost": len(sent - counted), "counted_not_acked": len(counted - sent),
+            "rejections": row["rejection_counts"], "global_max_ulps": ulps,
+        })
+    pairs = [(c, row["round"]) for row in history for c in row["reported"]]
+    update_bytes = per_round[0]["bytes_received"] // max(per_round[0]["updates"], 1) if per_round else 0
+    return {
+        "n": n, "mode": mode, "adapter": adapter_name, "dtype": a["dtype"], "update_bytes": update_bytes,
+        "rounds": rounds, "device_processes": processes, "window": window, "qos_down": qos_down,
+        "connect_s": connect_s, "per_round": per_round,
+        "round_close_s_max": max(r["close_s"] for r in per_round),
+        "lost": sum(r["lost"] for r in per_round), "double_counted": len(pairs) - len(set(pairs)),
+        "global_exact": all(r["global_max_ulps"] is not None and r["global_max_ulps"] <= MAX_ULPS for r in per_round),
+        "aggregator_peak_rss_mib": peaks["aggregator"], "broker_peak_rss_mib": peaks["broker"],
+        "device_process_peak_rss_mib": max(d["peak_rss_mib"] for d in devices),
+        "bytes_down_per_device": round(sum(d["bytes_global"] + d["bytes_round"] for d in devices) / n),
+        "wall_s": round(wall_s, 1), "load_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# --- the report -----------------------------------------------------------------------------------------------
+
+
+def markdown(result: Dict) -> str:
+    lines = ["# Fleet benchmark", "",
+             f"Command: `{result['command']}`. Machine: {result['machine']}. Load before: {result['load_before']}.",
+             "Every device is its own MQTT connection (paho client, own session and retained status); the "
+             "aggregator is `flora-aggregator` in its own process, spooling every update to disk before its "
+             "PUBACK. Round close time: the observer's clock from the `round` message to the next `global`.", "",
+             "| N | mode | adapter | update | connect | round close (max) | updates/s | MB/s | aggregator RSS "
+             "| broker RSS | lost | double-counted | global = FedAvg of the acked updates |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        worst = max(r["per_round"], key=lambda x: x["close_s"])
+        lines.append(
+            f"| {r['n']} | {r['mode']} | {r['adapter']} | {r['update_bytes'] / 1024:.0f} KiB | {r['connect_s']:.1f} s "
+            f"| {r['round_close_s_max']:.1f} s | {worst['updates_per_s']:.0f} | {worst['mb_per_s']:.1f} "
+            f"| {r['aggregator_peak_rss_mib']:.0f} MiB | {r['broker_peak_rss_mib']:.0f} MiB | {r['lost']} "
+            f"| {r['double_counted']} | {'yes' if r['global_exact'] else 'NO'} |")
+    lines += ["", "Adapters:"] + [f"- `{k}`: {v['text']}" for k, v in ADAPTERS.items()
+                                  if any(r["adapter"] == k for r in result["rows"])]
+    lines += ["", f"Broker settings for N devices: `{'`, `'.join(broker_config(10000))}` (at N = 10000)."]
+    lines += _verdict(result["rows"])
+    return "\n".join(lines) + "\n"
+
+
+def _verdict(rows: List[Dict]) -> List[str]:
+    target = [r for r in rows if r["n"] == 10000 and r["mode"] == "sync" and r["adapter"] == "rank2"]
+    if not target:
+        return []
+    r = target[0]
+    rss = {x["n"]: x["aggregator_peak_rss_mib"] for x in rows if x["mode"] == "sync" and x["adapter"] == "rank2"}
+    met = r["round_close_s_max"] <= GOAL_ROUND_S and r["lost"] == 0 and r["double_counted"] == 0 and r["global_exact"]
+    return ["", f"Goal (10,000-device sync round of 96 KiB updates closes in <= {GOAL_ROUND_S:.0f} s, nothing lost, "
+            f"aggregator RSS flat in N): {'met' if met else 'NOT met'}: {r['round_close_s_max']:.1f} s, lost "
+            f"{r['lost']}, aggregator peak RSS {', '.join(f'{v:.0f} MiB at N = {k}' for k, v in sorted(rss.items()))}."]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", default="1000,10000", help="comma-separated device counts")
+    p.add_argument("--modes", default="sync", help="comma-separated: sync, async")
+    p.add_argument("--adapters", default="rank2,rank8", help=f"comma-separated: {', '.join(ADAPTERS)}")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--processes", type=int, default=2, help="device processes")
+    p.add_argument("--window", type=int, default=64, help="updates in flight per device process")
+    p.add_argument("--qos-down", type=int, default=1, choices=[0, 1], help="devices' subscription QoS")
+    p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for fleet.json and fleet.md")
+    args = p.parse_args(argv)
+    result = {"command": "python -m bench.fleet " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"Python {platform.python_version()}",
+              "load_before": [round(x, 2) for x in os.getloadavg()], "rows": []}
+    for n in (int(x) for x in args.n.split(",")):
+        for mode in args.modes.split(","):
+            for name in args.adapters.split(","):
+                row = run_config(n, mode, name, args.rounds, args.processes, args.window, args.qos_down, args.timeout)
+                print(json.dumps({k: v for k, v in row.items() if k != "per_round"}), flush=True)
+                result["rows"].append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fleet.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "fleet.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
