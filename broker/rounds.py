@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set
 
 from .validation import NO_ROUND
 
@@ -25,6 +25,26 @@ GIVE_UP = "give-up"
 
 #: Rejections that say nothing about the client's submission for *this* round (it may still send one).
 OTHER_ROUND_REASONS = ("late", "early", NO_ROUND)
+#: Status error codes of a device that cannot take part until someone fixes it (a bundle of another model, a
+#: newer protocol): it is not asked while its latest status says so.
+PERMANENT_ERRORS = frozenset({"model-mismatch", "protocol-mismatch"})
+
+
+@dataclass(frozen=True)
+class ClientError:
+    """A device's latest status is `error`: for which round, why (a code, when it sent one), and its message."""
+
+    round: Optional[int] = None
+    code: Optional[str] = None
+    message: Optional[str] = None
+
+    @property
+    def permanent(self) -> bool:
+        return self.code in PERMANENT_ERRORS
+
+    def settles(self, number: int) -> bool:
+        """It will send no update for round `number`: the error is permanent, or it failed in that round."""
+        return self.permanent or self.round == number
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,7 @@ class RoundRecord:
     metrics: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     complete_since: Optional[float] = None  # when the last asked client reported
     refused: Set[str] = field(default_factory=set)  # clients whose update for this round was rejected
+    errored: Set[str] = field(default_factory=set)  # asked clients in error for this round: they send nothing
 
     def reject(self, client: str, reason: str, detail: str, size: int) -> None:
         """Count a rejection; a client whose update for this round was refused will not send another."""
@@ -112,6 +133,7 @@ class RoundRecord:
         d = asdict(self)
         d["asked"] = sorted(self.asked)
         d["refused"] = sorted(self.refused)
+        d["errored"] = sorted(self.errored)
         return d
 
     @classmethod
@@ -119,6 +141,7 @@ class RoundRecord:
         d = dict(d)
         d["asked"] = set(d["asked"])
         d["refused"] = set(d.get("refused", ()))
+        d["errored"] = set(d.get("errored", ()))
         return cls(**d)
 
 
@@ -155,10 +178,12 @@ class NoRoundUpdates:
 @dataclass(frozen=True)
 class Step:
     """What the aggregator should do now: WAIT, CLOSE, EXTEND (then re-announce; `added` were asked too), or
-    GIVE_UP (below quorum after `max_extensions` extensions)."""
+    GIVE_UP (below quorum after `max_extensions` extensions). `errored`: asked clients found in error for this
+    round by this step (each is reported once per round, to be logged with its message)."""
 
     action: str
     added: List[str] = field(default_factory=list)
+    errored: List[str] = field(default_factory=list)
 
 
 class RoundClock:
@@ -185,10 +210,13 @@ class RoundClock:
     def min_clients(self) -> int:
         return self.sampling.min_clients
 
-    def open(self, number: int, online: Iterable[str]) -> RoundRecord:
-        """A new round asking the sampled online clients, due one timeout from now."""
+    def open(self, number: int, online: Iterable[str], errors: Optional[Mapping[str, ClientError]] = None
+             ) -> RoundRecord:
+        """A new round asking the sampled online clients, due one timeout from now; a client whose error it cannot
+        fix itself (PERMANENT_ERRORS) is not asked."""
         now = self.clock()
-        return RoundRecord(number, set(self.sampling.choose(online, number)), now, now + self.timeout_s)
+        blocked = {c for c, e in (errors or {}).items() if e.permanent}
+        return RoundRecord(number, set(self.sampling.choose(set(online) - blocked, number)), now, now + self.timeout_s)
 
     def resume(self, rec: RoundRecord) -> RoundRecord:
         """A round restored after a restart: same clients and updates, a fresh deadline."""
@@ -196,9 +224,10 @@ class RoundClock:
         return rec
 
     def complete(self, rec: RoundRecord) -> bool:
-        """Every asked client sent its update for this round (accepted, or refused: it sends no other), and
-        the accepted ones make the quorum."""
-        return bool(rec.asked) and rec.asked <= set(rec.reported) | rec.refused and self.quorum(rec)
+        """Every asked client sent its update for this round (accepted, or refused: it sends no other) or is in
+        error for it, and the accepted ones make the quorum."""
+        return (bool(rec.asked) and rec.asked <= set(rec.reported) | rec.refused | rec.errored
+                and self.quorum(rec))
 
     def due(self, rec: RoundRecord) -> bool:
         return self.clock() >= rec.deadline
@@ -207,29 +236,34 @@ class RoundClock:
         return len(rec.reported) >= self.min_clients
 
     def pending(self, rec: RoundRecord, available: Iterable[str]) -> Set[str]:
-        """Asked clients that may still report: no update accepted or refused yet, and available."""
-        return (rec.asked & set(available)) - set(rec.reported) - rec.refused
+        """Asked clients that may still report: no update accepted or refused yet, not in error for it, available."""
+        return (rec.asked & set(available)) - set(rec.reported) - rec.refused - rec.errored
 
     def exhausted(self, rec: RoundRecord) -> bool:
         return 0 < self.max_extensions <= rec.extensions
 
-    def step(self, rec: RoundRecord, available: Iterable[str]) -> Step:
-        """Decide, and for EXTEND also apply the extension to `rec`."""
+    def step(self, rec: RoundRecord, available: Iterable[str],
+             errors: Optional[Mapping[str, ClientError]] = None) -> Step:
+        """Decide, and for EXTEND also apply the extension to `rec`. `errors`: the clients whose latest status is
+        `error`; an asked one in error for this round is settled (recorded in `rec.errored`, once)."""
         now = self.clock()
+        errored = sorted(c for c, e in (errors or {}).items() if c in rec.asked and c not in rec.errored
+                         and c not in rec.reported and e.settles(rec.number))
+        rec.errored.update(errored)
         if self.complete(rec):
             if rec.complete_since is None:
                 rec.complete_since = now
             have_metrics = set(rec.metrics) >= set(rec.reported)
             if have_metrics or now - rec.complete_since >= self.metrics_grace_s:
-                return Step(CLOSE)
-            return Step(WAIT)
+                return Step(CLOSE, errored=errored)
+            return Step(WAIT, errored=errored)
         if not self.due(rec):
-            return Step(WAIT)
+            return Step(WAIT, errored=errored)
         if self.quorum(rec):
-            return Step(CLOSE)
+            return Step(CLOSE, errored=errored)
         if self.exhausted(rec):
-            return Step(GIVE_UP)
-        return Step(EXTEND, self.extend(rec, available))
+            return Step(GIVE_UP, errored=errored)
+        return Step(EXTEND, self.extend(rec, available), errored)
 
     def extend(self, rec: RoundRecord, available: Iterable[str]) -> List[str]:
         """Below quorum at the deadline: one more timeout; if the clients that reported plus the pending

@@ -17,6 +17,7 @@ from flora.broker.rounds import (
     GIVE_UP,
     MAX_REJECTION_DETAILS,
     WAIT,
+    ClientError,
     QuorumError,
     RoundClock,
     RoundRecord,
@@ -320,6 +321,38 @@ def test_clients_in_error_are_not_pending_and_not_sampled():
     assert rc.pending(rec, available) == {"d"}
     step = rc.step(rec, available)
     assert step.action == EXTEND and len(step.added) == 1 and set(step.added) <= {"b", "f"}
+
+
+def test_a_device_that_cannot_fix_its_error_is_not_asked_and_one_failed_this_round_is_not_waited_for():
+    clock = FakeClock()
+    rc = RoundClock(Sampling(min_clients=2), timeout_s=600, clock=clock, metrics_grace_s=0)
+    errors = {"foreign": ClientError(round=None, code="model-mismatch", message="bundle of another model"),
+              "flaky": ClientError(round=2, code="round-failed", message="round 2 failed: non-finite loss")}
+    rec = rc.open(3, {"a", "b", "foreign", "flaky"}, errors)
+    assert rec.asked == {"a", "b", "flaky"}  # flaky failed an earlier round: it may well train this one
+    rec.accept("a", 5, 100)
+    rec.accept("b", 5, 100)
+    assert rc.step(rec, {"a", "b"}, errors).action == WAIT  # flaky's error is of round 2, not this one
+    errors["flaky"] = ClientError(round=3, code="round-failed", message="round 3 failed: non-finite loss")
+    clock.t += 1  # long before the deadline
+    step = rc.step(rec, {"a", "b"}, errors)
+    assert step.action == CLOSE and step.errored == ["flaky"] and rec.errored == {"flaky"}
+    assert rc.step(rec, {"a", "b"}, errors).errored == []  # reported once per round
+    assert RoundRecord.from_json(json.loads(json.dumps(rec.to_json()))).errored == {"flaky"}
+
+
+def test_every_asked_client_in_error_below_quorum_still_waits_for_the_deadline_then_extends():
+    clock = FakeClock()
+    rc = RoundClock(Sampling(min_clients=2), timeout_s=60, clock=clock, metrics_grace_s=0)
+    errors = {"x": ClientError(round=0, code=None, message="refused global adapter")}  # an older agent: no code
+    rec = rc.open(0, {"a", "x"}, errors)
+    assert rec.asked == {"a", "x"}
+    rec.accept("a", 5, 100)
+    assert rc.step(rec, {"a", "b"}, errors).action == WAIT and rec.errored == {"x"}
+    assert rc.pending(rec, {"a", "b", "x"}) == set()
+    clock.t += 60
+    step = rc.step(rec, {"a", "b"}, errors)
+    assert step.action == EXTEND and step.added == ["b"]
 
 
 def test_after_max_extensions_below_quorum_the_clock_gives_up():
