@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(exc), 4)
     except (ConnectionError, TimeoutError, CheckpointError, OSError, BrokerConfigError, AdapterError) as exc:
         log.error("%s", exc)
-        return _error(str(exc), 3)
+        return _error(str(exc), getattr(exc, "exit_code", 3))  # NotAuthorised: 2
 
 
 if __name__ == "__main__":

@@ -135,9 +135,9 @@ def run_agent(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         return agent.run()
-    except ConnectionError as exc:
+    except ConnectionError as exc:  # NotAuthorised exits 2: systemd's RestartPreventExitStatus=2 stops retrying
         print(f"flora-agent: error: {exc}", file=sys.stderr)
-        return 3
+        return getattr(exc, "exit_code", 3)
 
 
 if __name__ == "__main__":

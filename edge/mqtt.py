@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import unquote, urlparse
@@ -26,6 +28,40 @@ DEFAULT_SESSION_EXPIRY_S = 3600
 
 class BrokerConfigError(ValueError):
     """The broker address or its credentials are unusable."""
+
+
+class ConnectionFailed(ConnectionError):
+    """No connection to the broker within the timeout; the message says why (exit status 3: retrying may help)."""
+
+    exit_code = 3
+
+
+class NotAuthorised(ConnectionError):
+    """The broker refused these credentials or this client (exit status 2: a restart cannot fix it)."""
+
+    exit_code = 2
+
+
+#: CONNACK reasons that retrying cannot fix (MQTT 5 reason codes 134, 135, 138 and 140).
+NOT_AUTHORISED = ("Bad user name or password", "Not authorized", "Banned", "Bad authentication method")
+
+
+def describe_socket_error(exc: OSError, cfg: BrokerConfig) -> str:
+    """What a failed connect means, in words an operator can act on."""
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve host {cfg.host!r} ({exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused: nothing listens on {cfg.host}:{cfg.port}"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {exc.verify_message or exc}"
+    if isinstance(exc, ssl.SSLError):
+        hint = " (is it a plain MQTT listener? then use mqtt://)" if cfg.tls else ""
+        return f"TLS handshake failed: {exc.reason or exc}{hint}"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"timed out connecting to {cfg.host}:{cfg.port}"
+    if isinstance(exc, ConnectionResetError) and cfg.tls:
+        return f"connection reset during the TLS handshake (is {cfg.host}:{cfg.port} a plain MQTT listener?)"
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -168,6 +204,11 @@ class Connection:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
 
+    @property
+    def refused(self) -> Optional[str]:
+        """The reason of the broker's last refusal (a CONNACK failure), if any."""
+        return self.last_reason
+
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self.last_reason = str(reason_code)
@@ -185,22 +226,42 @@ class Connection:
             log.warning("disconnected from %s: %s; reconnecting", self.cfg.describe(), reason_code)
 
     def start(self, timeout: float = 30.0) -> None:
-        """Connect and start paho's network thread; raise if no connection within `timeout`."""
-        try:
-            self.client.connect_async(
-                self.cfg.host,
-                self.cfg.port,
-                keepalive=self.cfg.keepalive,
-                clean_start=False,
-                properties=connect_properties(self.cfg),
-            )
-        except (OSError, ValueError) as exc:
-            raise BrokerConfigError(f"cannot connect to {self.cfg.describe()}: {exc}") from exc
+        """Connect and start paho's network thread; raise if no connection within `timeout`.
+
+        The first connection is made here, so its failure has a cause: ConnectionFailed names the socket or TLS
+        error (refused, unresolvable, TLS against a plain listener...) or the broker's CONNACK reason, and
+        NotAuthorised is raised at once for bad credentials or a denied client (retrying cannot fix those).
+        Later disconnections are paho's to mend, with backoff.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.5
+        while True:
+            try:
+                self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive, clean_start=False,
+                                    properties=connect_properties(self.cfg))
+                break
+            except OSError as exc:  # before ValueError: ssl.SSLCertVerificationError is both
+                cause = describe_socket_error(exc, self.cfg)
+                if time.monotonic() + delay > deadline:
+                    raise ConnectionFailed(f"cannot connect to MQTT broker {self.cfg.describe()}: {cause} "
+                                           f"(tried for {timeout:.0f} s)") from exc
+                log.warning("cannot connect to %s: %s; retrying in %.1f s", self.cfg.describe(), cause, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
+            except ValueError as exc:
+                raise BrokerConfigError(f"cannot connect to {self.cfg.describe()}: {exc}") from exc
         self.client.loop_start()
-        if not self.connected.wait(timeout):
-            self.client.loop_stop()
-            reason = f" ({self.last_reason})" if self.last_reason else ""
-            raise ConnectionError(f"no connection to MQTT broker {self.cfg.describe()} within {timeout:.0f}s{reason}")
+        while not self.connected.wait(0.05):
+            refused = self.refused
+            if refused is not None and refused in NOT_AUTHORISED:
+                self.client.loop_stop()
+                raise NotAuthorised(f"MQTT broker {self.cfg.describe()} refused the connection: {refused} (check "
+                                    f"the username, password, client certificate and the broker's ACL)")
+            if time.monotonic() > deadline:
+                self.client.loop_stop()
+                reason = f": the broker said {refused}" if refused else ": no CONNACK from the broker"
+                raise ConnectionFailed(f"no connection to MQTT broker {self.cfg.describe()} within "
+                                       f"{timeout:.0f}s{reason}")
 
     def stop(self) -> None:
         try:

@@ -55,7 +55,7 @@ def test_tls_with_passwords_from_the_environment(mosquitto_binary, tiny_text_bun
         conn.stop()
         # without the CA the server certificate is not trusted
         untrusted = BrokerConfig.from_url(url)
-        with pytest.raises(ConnectionError):
+        with pytest.raises(ConnectionError, match="TLS certificate verification failed"):
             Connection(untrusted, make_client(untrusted, "dev-1")).start(timeout=3)
         # the agent's self-test checks the same connection
         assert cli.main(["doctor", "--broker", url, "--tls-ca", str(certs / "ca.crt"), "--bundle",
