@@ -25,6 +25,7 @@ import numpy as np
 
 from flora.edge import adapter
 from flora.edge.bundle import Manifest
+from flora.edge.errors import EXIT_UNAVAILABLE, ConfigError, FloraError
 from flora.edge.fileio import sha256_bytes
 from flora.edge.mqtt import BrokerConfig, Connection, make_client
 from flora.edge.protocol import (
@@ -89,6 +90,12 @@ class AggregatorConfig:
     client_id: str = "flora-aggregator"
 
 
+class ClientsAbsent(FloraError, TimeoutError):
+    """Fewer clients than --wait-for-clients came online within --wait-timeout."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
 def _numpy_to_json(value: Any) -> Any:
     """json.dumps fallback for what hooks tend to return: numpy scalars and arrays."""
     if isinstance(value, np.generic):
@@ -103,20 +110,20 @@ class Aggregator:
 
     def __init__(self, cfg: AggregatorConfig, clock: Callable[[], float] = time.time) -> None:
         if cfg.rounds < 1:
-            raise ValueError(f"--rounds must be >= 1, got {cfg.rounds}")
+            raise ConfigError(f"--rounds must be >= 1, got {cfg.rounds}")
         self.cfg = cfg
         self.manifest = cfg.manifest
         self.topics = Topics(cfg.federation)
         self.clock = clock
         if not 1 <= cfg.max_num_samples <= MAX_WEIGHT:
-            raise ValueError(f"--max-num-samples must be >= 1 and <= 1e300 (a float64 weight), got "
+            raise ConfigError(f"--max-num-samples must be >= 1 and <= 1e300 (a float64 weight), got "
                              f"{str(cfg.max_num_samples)[:24]}")
         self.rounds = RoundClock(cfg.sampling, cfg.round_timeout_s, clock, cfg.metrics_grace_s, cfg.max_extensions)
         self.strategy = make_strategy(cfg.strategy)
         self.checkpoint = Checkpoint(cfg.state_dir)
         self.max_bytes = cfg.max_update_bytes or adapter.max_blob_bytes(self.manifest.trainable)
         if cfg.max_queued_updates < 1:
-            raise ValueError(f"--max-queued-updates must be >= 1, got {cfg.max_queued_updates}")
+            raise ConfigError(f"--max-queued-updates must be >= 1, got {cfg.max_queued_updates}")
         self.events: queue.Queue[Event] = queue.Queue()
         self._room = threading.Semaphore(cfg.max_queued_updates)  # free places for updates in `events`
         self.stop_event = threading.Event()
@@ -208,7 +215,11 @@ class Aggregator:
                 self.checkpoint.save(self.state)
             log.info("resuming federation %r (run %s) at round %d of %d from %s", self.cfg.federation,
                      self.state.run_id or "-", self.state.round, self.state.rounds_total, self.checkpoint.dir)
-        decoded = adapter.decode(blob, self.manifest.trainable, model_id=self.manifest.model_id)
+        try:
+            decoded = adapter.decode(blob, self.manifest.trainable, model_id=self.manifest.model_id)
+        except adapter.AdapterError as exc:
+            raise CheckpointError(f"the checkpointed global in {self.checkpoint.dir} does not fit the bundle: "
+                                  f"{exc}") from exc
         if decoded.meta.round != self.state.round:
             raise CheckpointError(f"the checkpointed global is for round {decoded.meta.round}, the state says "
                                   f"{self.state.round}")
@@ -491,13 +502,13 @@ class Aggregator:
                 return
 
     def _wait_for_clients(self, need: int, timeout: Optional[float] = None) -> None:
-        """Process messages until `need` clients are online; raise TimeoutError after `timeout` seconds if given."""
+        """Process messages until `need` clients are online; ClientsAbsent after `timeout` seconds if given."""
         start = time.monotonic()
         next_note = start
         while len(self.online) < need and not self.stop_event.is_set():
             now = time.monotonic()
             if timeout is not None and now - start > timeout:
-                raise TimeoutError(f"only {len(self.online)} of {need} clients came online within {timeout:g} s")
+                raise ClientsAbsent(f"only {len(self.online)} of {need} clients came online within {timeout:g} s")
             if now >= next_note:
                 log.info("waiting for %d client(s) to come online (%d now)", need, len(self.online))
                 next_note = now + 60.0

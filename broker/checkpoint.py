@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from flora.edge.errors import EXIT_UNAVAILABLE, FloraError
 from flora.edge.fileio import PathLike, append_line, atomic_write_bytes, atomic_write_json, sha256_bytes
 
 STATE = "state.json"
@@ -39,8 +40,10 @@ LOCK = ".lock"
 FORMAT = "flora-aggregator-state"
 
 
-class CheckpointError(RuntimeError):
-    """The state dir is unreadable, corrupt, or belongs to another federation."""
+class CheckpointError(FloraError, RuntimeError):
+    """The state dir is unreadable, corrupt, locked, or belongs to another federation."""
+
+    exit_code = EXIT_UNAVAILABLE
 
 
 @dataclass

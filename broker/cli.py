@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from flora.edge.config import ConfigError, explicit_options, load_toml, merge_config
-from flora.edge.mqtt import BrokerConfig, BrokerConfigError, add_connection_options
+from flora.edge.errors import EXIT_UNAVAILABLE, FloraError, report
+from flora.edge.mqtt import BrokerConfig, add_connection_options
 
 from .validation import DEFAULT_MAX_NUM_SAMPLES
 
@@ -34,6 +35,7 @@ RUN_KEYS = (
     "client_id", "username", "password", "tls_ca", "tls_cert", "tls_key", "session_expiry_s", "log_level",
 )
 PATH_KEYS = ("bundle", "manifest", "initial_adapter", "state_dir", "eval_data")
+PROG = "flora-aggregator"
 DEFAULT_STATE_DIR = Path("flora-aggregator-state")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -110,7 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         given = explicit_options(run_parser, argv[1:])  # these win over the config file, whatever their value
         args = merge_config(args, run_parser, load_toml(args.config), RUN_KEYS, given)
     except ConfigError as exc:
-        return _error(str(exc), 2)
+        return report(PROG, exc)
     for key in PATH_KEYS:
         if getattr(args, key) is not None:
             setattr(args, key, Path(getattr(args, key)))
@@ -119,18 +121,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run(args)
 
 
-def _error(message: str, code: int) -> int:
-    print(f"flora-aggregator: error: {message}", file=sys.stderr)
-    return code
-
-
 def _load_inputs(args: argparse.Namespace):
     """(bundle or None, manifest, initial adapter tensors) from --bundle or --manifest."""
     from flora.edge import adapter
     from flora.edge.bundle import ADAPTER, load_bundle, load_manifest
 
     if bool(args.bundle) == bool(args.manifest):
-        raise ValueError("give exactly one of --bundle and --manifest")
+        raise ConfigError("give exactly one of --bundle and --manifest")
     bundle = None
     if args.bundle:
         bundle = load_bundle(args.bundle, verify=bool(args.eval_data))
@@ -148,7 +145,7 @@ def _hooks(bundle, eval_data: Optional[Path]) -> Dict[str, Any]:
     if not eval_data:
         return {}
     if bundle is None:
-        raise ValueError("--eval-data needs --bundle (it runs the bundle's models)")
+        raise ConfigError("--eval-data needs --bundle (it runs the bundle's models)")
     from .evaluation import HeldOutEvaluator
 
     evaluator = HeldOutEvaluator(bundle, eval_data)
@@ -156,18 +153,15 @@ def _hooks(bundle, eval_data: Optional[Path]) -> Dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flora.edge.adapter import AdapterError
-    from flora.edge.bundle import BundleError
-    from flora.edge.protocol import ProtocolError, TrainConfig
+    from flora.edge.protocol import TrainConfig
 
     from .aggregator import Aggregator, AggregatorConfig
-    from .checkpoint import CheckpointError
-    from .rounds import QuorumError, Sampling
+    from .rounds import Sampling
     from .strategies import STRATEGIES
 
     log = logging.getLogger("flora.aggregator")
     if args.strategy not in STRATEGIES:
-        return _error(f"unknown --strategy {args.strategy!r}; known: {sorted(STRATEGIES)}", 2)
+        return report(PROG, ConfigError(f"unknown --strategy {args.strategy!r}; known: {sorted(STRATEGIES)}"))
     try:
         broker = BrokerConfig.from_args(args)
         bundle, manifest, initial = _load_inputs(args)
@@ -184,8 +178,10 @@ def run(args: argparse.Namespace) -> int:
             client_id=args.client_id, **_hooks(bundle, args.eval_data),
         )
         aggregator = Aggregator(cfg)
-    except (BundleError, AdapterError, CheckpointError, BrokerConfigError, ProtocolError, ValueError) as exc:
-        return _error(str(exc), 2)
+    except FloraError as exc:
+        return report(PROG, exc)
+    except OSError as exc:  # e.g. a state dir that cannot be created
+        return report(PROG, exc, EXIT_UNAVAILABLE)
 
     def _stop(signum, frame) -> None:
         log.info("signal %d: stopping after the current step", signum)
@@ -195,12 +191,12 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         return aggregator.run()
-    except QuorumError as exc:
+    except FloraError as exc:  # QuorumError: 4; the broker or the state dir: 3
         log.error("%s", exc)
-        return _error(str(exc), 4)
-    except (ConnectionError, TimeoutError, CheckpointError, OSError, BrokerConfigError, AdapterError) as exc:
+        return report(PROG, exc)
+    except OSError as exc:  # the disk under the state dir (full, read-only), a socket
         log.error("%s", exc)
-        return _error(str(exc), getattr(exc, "exit_code", 3))  # NotAuthorised: 2
+        return report(PROG, exc, EXIT_UNAVAILABLE)
 
 
 if __name__ == "__main__":

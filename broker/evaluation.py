@@ -9,7 +9,7 @@ from typing import Dict
 import numpy as np
 
 from flora.edge.bundle import Bundle
-from flora.edge.dataset import load_dataset, report_unreadable, unreadable_images
+from flora.edge.dataset import DatasetError, load_dataset, report_unreadable, unreadable_images
 from flora.edge.evaluate import AdapterEvaluator
 from flora.edge.features import readable_image_features
 from flora.edge.training import LocalData
@@ -25,7 +25,7 @@ class HeldOutEvaluator:
         m = bundle.manifest
         samples = load_dataset(data, list(m.classes))
         if not samples:
-            raise ValueError(f"no evaluation images for the bundle's classes under {data}")
+            raise DatasetError(f"no evaluation images for the bundle's classes under {data}")
         paths = [s.path for s in samples]
         if m.needs_image_encoder:
             features, bad = readable_image_features(bundle, paths)
@@ -34,7 +34,7 @@ class HeldOutEvaluator:
         report_unreadable(paths, bad)
         kept = [s for i, s in enumerate(samples) if i not in bad]
         if not kept:
-            raise ValueError(f"none of the evaluation images under {data} can be read")
+            raise DatasetError(f"none of the evaluation images under {data} can be read")
         labels = np.array([s.label for s in kept], dtype=np.int64)
         if features is not None:
             self.data = LocalData(labels, features=features)

@@ -12,11 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from flora.edge.errors import EXIT_UNAVAILABLE, FloraError
+
 INSTALL_HINT = "install it with `sudo apt-get install -y mosquitto` (Debian/Ubuntu/Raspberry Pi OS)"
 
 
-class MosquittoError(RuntimeError):
+class MosquittoError(FloraError, RuntimeError):
     """mosquitto is missing or did not start."""
+
+    exit_code = EXIT_UNAVAILABLE
 
 
 def find_mosquitto() -> str:

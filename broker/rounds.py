@@ -11,6 +11,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set
 
+from flora.edge.errors import EXIT_QUORUM, ConfigError, FloraError
+
 from .validation import NO_ROUND
 
 Clock = Callable[[], float]
@@ -58,13 +60,13 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if self.clients_per_round is not None and self.fraction is not None:
-            raise ValueError("give --clients-per-round or --fraction, not both")
+            raise ConfigError("give --clients-per-round or --fraction, not both")
         if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
         if self.clients_per_round is not None and self.clients_per_round < 1:
-            raise ValueError(f"--clients-per-round must be >= 1, got {self.clients_per_round}")
+            raise ConfigError(f"--clients-per-round must be >= 1, got {self.clients_per_round}")
         if self.min_clients < 1:
-            raise ValueError(f"--min-clients must be >= 1, got {self.min_clients}")
+            raise ConfigError(f"--min-clients must be >= 1, got {self.min_clients}")
 
     @property
     def describe(self) -> str:
@@ -197,9 +199,9 @@ class RoundClock:
     def __init__(self, sampling: Sampling, timeout_s: float, clock: Clock = time.time,
                  metrics_grace_s: float = 1.0, max_extensions: int = 0) -> None:
         if not timeout_s > 0:
-            raise ValueError(f"--round-timeout must be > 0, got {timeout_s}")
+            raise ConfigError(f"--round-timeout must be > 0, got {timeout_s}")
         if max_extensions < 0:
-            raise ValueError(f"--max-extensions must be >= 0 (0: no limit), got {max_extensions}")
+            raise ConfigError(f"--max-extensions must be >= 0 (0: no limit), got {max_extensions}")
         self.sampling = sampling
         self.timeout_s = timeout_s
         self.clock = clock
@@ -278,5 +280,7 @@ class RoundClock:
         return added
 
 
-class QuorumError(RuntimeError):
+class QuorumError(FloraError, RuntimeError):
     """A round stayed below its quorum through `--max-extensions` extensions (the round stays open on disk)."""
+
+    exit_code = EXIT_QUORUM

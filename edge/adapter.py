@@ -18,6 +18,7 @@ import numpy as np
 from safetensors.numpy import save as _st_save
 
 from .bundle import TensorSpec
+from .errors import FloraError
 from .fileio import PathLike, atomic_write_bytes
 
 FORMAT = "flora-adapter"
@@ -35,7 +36,7 @@ _MAX_HEADER = 4 << 20
 Buffer = Union[bytes, bytearray, memoryview]
 
 
-class AdapterError(ValueError):
+class AdapterError(FloraError, ValueError):
     """An adapter blob is malformed or does not fit the bundle it is meant for."""
 
 

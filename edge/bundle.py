@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .errors import FloraError
 from .fileio import PathLike, sha256_file
 
 FORMAT = "flora-bundle"
@@ -39,7 +40,7 @@ BACKEND_FILES: Dict[str, Tuple[str, ...]] = {
 ALWAYS_FILES = (INFERENCE_MODEL, ADAPTER)
 
 
-class BundleError(ValueError):
+class BundleError(FloraError, ValueError):
     """A bundle or manifest is missing, malformed or inconsistent."""
 
 

@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import List, Optional
 
 from .config import ConfigError, explicit_options, load_toml, merge_config
-from .mqtt import BrokerConfig, BrokerConfigError, add_connection_options
+from .errors import FloraError, report
+from .mqtt import BrokerConfig, add_connection_options
+
+PROG = "flora-agent"
 
 RUN_KEYS = (
     "bundle", "data", "broker", "client_id", "federation", "state_dir", "backend", "providers", "threads",
@@ -89,43 +92,32 @@ def main(argv: Optional[List[str]] = None) -> int:
             return run_doctor(args)
         args = merge_config(args, sub, config, RUN_KEYS, given)
     except ConfigError as exc:
-        print(f"flora-agent: error: {exc}", file=sys.stderr)
-        return 2
+        return report(PROG, exc)
     if isinstance(args.providers, str):  # "cuda,cpu" in a config file
         args.providers = _providers(args.providers)
     _setup_logging(args.log_level)
     missing = [k for k in ("bundle", "data", "broker", "client_id") if not getattr(args, k, None)]
     if missing:
-        print(f"flora-agent: error: missing {', '.join('--' + m.replace('_', '-') for m in missing)} "
-              "(on the command line or in --config)", file=sys.stderr)
-        return 2
+        return report(PROG, ConfigError(f"missing {', '.join('--' + m.replace('_', '-') for m in missing)} "
+                                        "(on the command line or in --config)"))
     return run_agent(args)
 
 
 def run_agent(args: argparse.Namespace) -> int:
     from .agent import Agent, AgentConfig
-    from .bundle import BundleError
-    from .dataset import DatasetError
-    from .state import StateError
-    from .trainers import TrainerError
 
     try:
-        broker = BrokerConfig.from_args(args)
-    except BrokerConfigError as exc:
-        print(f"flora-agent: error: {exc}", file=sys.stderr)
-        return 2
-    cfg = AgentConfig(
-        bundle=Path(args.bundle), data=Path(args.data), broker=broker, client_id=args.client_id,
-        federation=args.federation, state_dir=Path(args.state_dir) if args.state_dir else None,
-        backend=args.backend, threads=args.threads, providers=args.providers, shots=args.shots,
-        val_fraction=args.val_fraction, seed=args.seed, fp16_updates=args.fp16_updates,
-        exit_when_done=args.exit_when_done, progress_every_s=args.progress_every_s,
-    )
-    try:
+        cfg = AgentConfig(
+            bundle=Path(args.bundle), data=Path(args.data), broker=BrokerConfig.from_args(args),
+            client_id=args.client_id, federation=args.federation,
+            state_dir=Path(args.state_dir) if args.state_dir else None, backend=args.backend, threads=args.threads,
+            providers=args.providers, shots=args.shots, val_fraction=args.val_fraction, seed=args.seed,
+            fp16_updates=args.fp16_updates, exit_when_done=args.exit_when_done,
+            progress_every_s=args.progress_every_s,
+        )
         agent = Agent(cfg)
-    except (BundleError, DatasetError, TrainerError, BrokerConfigError, StateError, ValueError) as exc:
-        print(f"flora-agent: error: {exc}", file=sys.stderr)
-        return 2
+    except FloraError as exc:
+        return report(PROG, exc)
 
     def _stop(signum, frame):
         logging.getLogger("flora.agent").info("signal %d: stopping", signum)
@@ -135,9 +127,8 @@ def run_agent(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     try:
         return agent.run()
-    except ConnectionError as exc:  # NotAuthorised exits 2: systemd's RestartPreventExitStatus=2 stops retrying
-        print(f"flora-agent: error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 3)
+    except FloraError as exc:  # ConnectionFailed: 3, which systemd retries; NotAuthorised: 2, which it does not
+        return report(PROG, exc)
 
 
 if __name__ == "__main__":

@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any, Collection, Dict, Iterable, Optional, Sequence, Set
 
+from .errors import ConfigError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.8-3.10 devices
     import tomli as tomllib
 
-
-class ConfigError(ValueError):
-    """A config file is unreadable or has keys the tool does not know."""
+__all__ = ["ConfigError", "explicit_options", "load_toml", "merge_config"]
 
 
 def load_toml(path: Optional[Path]) -> Dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from .errors import FloraError
 from .fileio import PathLike
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-class DatasetError(ValueError):
+class DatasetError(FloraError, ValueError):
     """The local dataset is missing, malformed or does not fit the bundle's classes."""
 
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .errors import FloraError
 from .mqtt import BrokerConfig
 from .training import peak_rss_mb
 
@@ -168,7 +169,7 @@ class ProbeSpec:
         return f"the training step probe at batch {self.batch}"
 
 
-class ProbeError(RuntimeError):
+class ProbeError(FloraError, RuntimeError):
     """A probe failed: in `phase` "trainer" (opening it) or "run"; `killed` names the signal that ended it."""
 
     def __init__(self, message: str, phase: str = "run", killed: Optional[str] = None) -> None:

@@ -18,6 +18,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from .errors import EXIT_BAD_INPUT, EXIT_UNAVAILABLE, FloraError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
@@ -26,20 +28,20 @@ USERNAME_ENV = "FLORA_MQTT_USERNAME"
 DEFAULT_SESSION_EXPIRY_S = 3600
 
 
-class BrokerConfigError(ValueError):
+class BrokerConfigError(FloraError, ValueError):
     """The broker address or its credentials are unusable."""
 
 
-class ConnectionFailed(ConnectionError):
+class ConnectionFailed(FloraError, ConnectionError):
     """No connection to the broker within the timeout; the message says why (exit status 3: retrying may help)."""
 
-    exit_code = 3
+    exit_code = EXIT_UNAVAILABLE
 
 
-class NotAuthorised(ConnectionError):
+class NotAuthorised(FloraError, ConnectionError):
     """The broker refused these credentials or this client (exit status 2: a restart cannot fix it)."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
 
 #: CONNACK reasons that retrying cannot fix (MQTT 5 reason codes 134, 135, 138 and 140).

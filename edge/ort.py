@@ -24,6 +24,8 @@ import types
 from types import ModuleType
 from typing import Iterator, List, Optional, Sequence
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 _shared_arena: Optional[bool] = None  # None: not tried yet in this process
 
@@ -85,7 +87,7 @@ def resolve_providers(requested: Optional[Sequence[str]]) -> List[str]:
     for name in requested:
         full = PROVIDER_ALIASES.get(name.lower(), name)
         if full not in available:
-            raise ValueError(f"execution provider {name!r} is not available here; available: {available}")
+            raise ConfigError(f"execution provider {name!r} is not available here; available: {available}")
         chosen.append(full)
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")

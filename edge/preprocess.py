@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .bundle import BundleError, Preprocess
+from .errors import FloraError
 from .fileio import PathLike
 
 ImageInput = Union[Image.Image, PathLike]
@@ -35,7 +36,7 @@ SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 _ORIENTATION = 0x0112  # the EXIF tag
 
 
-class ImageError(ValueError):
+class ImageError(FloraError, ValueError):
     """An image file cannot be read, decoded or converted."""
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from .bundle import Manifest
+from .errors import FloraError
 
 PREFIX = "flora"
 QOS = 1
@@ -23,7 +24,7 @@ ROUND_TRAINING = "training"
 ROUND_DONE = "done"
 
 
-class ProtocolError(ValueError):
+class ProtocolError(FloraError, ValueError):
     """A message does not follow the protocol."""
 
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
+from .errors import FloraError
 from .fileio import PathLike, atomic_write_bytes, atomic_write_json
 
 STATE_FILE = "agent-state.json"
@@ -24,7 +25,7 @@ GLOBAL_FILE = "global.safetensors"
 OUTBOX_FILE = "outbox.safetensors"
 
 
-class StateError(RuntimeError):
+class StateError(FloraError, RuntimeError):
     """The state directory is unreadable or corrupt."""
 
 

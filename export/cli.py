@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from flora.edge.errors import EXIT_BAD_INPUT, FloraError, report
+
 from . import lora
-from .presets import PRESETS, UnknownPresetError
+from .presets import PRESETS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("onnxscript").setLevel(logging.ERROR)  # the step exporter's optimizer notes
     say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    from .loading import WeightsError
-    from .pipeline import ExportError, ExportOptions, export_bundle, read_classes
+    from .pipeline import ExportOptions, export_bundle, read_classes
 
     try:
         backends = ("ort-training", "step") if args.backend == "all" else (args.backend,)
@@ -84,9 +85,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             force=args.force,
         )
         export_bundle(opts, say)
-    except (ExportError, WeightsError, UnknownPresetError, ValueError, OSError) as exc:
-        print(f"flora-export: error: {exc}", file=sys.stderr)
-        return 2
+    except FloraError as exc:
+        return report("flora-export", exc)
+    except OSError as exc:  # the disk or the weights cache, not a bug
+        return report("flora-export", exc, EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         print("flora-export: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -14,12 +14,14 @@ import torch
 from open_clip import pretrained as oc_pretrained
 from open_clip.model import CLIP
 
+from flora.edge.errors import FloraError
+
 from .presets import Preset
 
 log = logging.getLogger(__name__)
 
 
-class WeightsError(RuntimeError):
+class WeightsError(FloraError, RuntimeError):
     """Pretrained weights were asked for but cannot be found or loaded."""
 
 

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from flora.edge.errors import ConfigError
+
 QKV = ("q", "k", "v")
 ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
 DEFAULT_TARGETS = ("q", "k", "v", "out")
@@ -88,19 +90,19 @@ class LoraSpec:
 
     def __post_init__(self) -> None:
         if self.tower not in ("text", "vision", "both"):
-            raise ValueError(f"LoRA tower must be text, vision or both, not {self.tower!r}")
+            raise ConfigError(f"LoRA tower must be text, vision or both, not {self.tower!r}")
         if self.rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+            raise ConfigError(f"LoRA rank must be >= 1, got {self.rank}")
         if not self.alpha > 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha}")
         bad = [t for t in self.targets if t not in ALL_TARGETS]
         if bad or not self.targets:
             unknown = f" (unknown: {', '.join(map(repr, bad))})" if bad else ""
-            raise ValueError(
+            raise ConfigError(
                 f"LoRA targets {list(self.targets)}{unknown} must be a non-empty subset of {list(ALL_TARGETS)}"
             )
         if len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"LoRA targets {list(self.targets)} repeat an entry")
+            raise ConfigError(f"LoRA targets {list(self.targets)} repeat an entry")
 
     @property
     def scale(self) -> float:

@@ -21,6 +21,7 @@ import torch
 from flora.edge import __version__
 from flora.edge import adapter as adapter_blob
 from flora.edge import bundle as B
+from flora.edge.errors import FloraError
 from flora.edge.fileio import atomic_write_bytes, current_umask, sha256_file
 
 from . import graphs, lora, onnx_export, ort_artifacts
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROMPT = "a photo of a {}."
 
 
-class ExportError(RuntimeError):
+class ExportError(FloraError, RuntimeError):
     """The export cannot run with these inputs (nothing is left behind)."""
 
 

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
+from flora.edge.errors import FloraError
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -54,7 +56,7 @@ PRESETS: Dict[str, Preset] = {
 }
 
 
-class UnknownPresetError(ValueError):
+class UnknownPresetError(FloraError, ValueError):
     pass
 
 

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from flora.edge.errors import FloraError, report
+
 EPILOG = """\
 example (the README's demo, about a minute on 2 cores):
   flora-sim --model clip-tiny --clients 4 --rounds 10 --partition dirichlet:0.5 --dataset digits --compare
@@ -89,20 +91,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("onnxscript").setLevel(logging.ERROR)
-    from flora.broker.mosquitto import MosquittoError
-    from flora.edge.bundle import BundleError
-    from flora.edge.trainers import TrainerError
-
-    from .partition import PartitionError
-    from .run import SimError, run
+    from .run import run
     from .signals import Terminated, terminate_as_interrupt
 
     try:
         with terminate_as_interrupt():
             run(config_from_args(args), say=lambda m: print(m, flush=True))
-    except (SimError, MosquittoError, PartitionError, BundleError, TrainerError, ValueError) as exc:
-        print(f"flora-sim: error: {exc}", file=sys.stderr)
-        return 1
+    except FloraError as exc:
+        return report("flora-sim", exc, 1)
     except Terminated as exc:
         print(f"flora-sim: stopped by {exc}; every process it started was stopped", file=sys.stderr)
         return 128 + exc.signum

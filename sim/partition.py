@@ -11,11 +11,13 @@ from typing import FrozenSet, List, Sequence, Tuple
 
 import numpy as np
 
+from flora.edge.errors import FloraError
+
 SCHEMES = "iid, dirichlet:ALPHA (ALPHA > 0, e.g. dirichlet:0.5), shards:K (K >= 1 classes per client, e.g. shards:2)"
 _DEAL_TRIES = 50
 
 
-class PartitionError(ValueError):
+class PartitionError(FloraError, ValueError):
     """A partition scheme is malformed or cannot be met by the data."""
 
 

@@ -19,6 +19,7 @@ from flora.broker.mosquitto import Mosquitto, start_mosquitto
 from flora.broker.report import legend_below, plot_cumulative_mb
 from flora.edge.bundle import Bundle, BundleError, load_bundle
 from flora.edge.dataset import Sample
+from flora.edge.errors import FloraError
 from flora.edge.features import FeatureCache, image_features
 from flora.edge.trainers import available_backends
 from flora.edge.training import LocalData
@@ -69,7 +70,7 @@ class SimConfig:
     random_init: bool = False
 
 
-class SimError(RuntimeError):
+class SimError(FloraError, RuntimeError):
     pass
 
 

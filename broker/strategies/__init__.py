@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+from flora.edge.errors import ConfigError
+
 from .base import Strategy
 from .fedavg import FedAvg
 
@@ -18,7 +20,7 @@ def make_strategy(name: str) -> Strategy:
     try:
         return STRATEGIES[name]()
     except KeyError:
-        raise ValueError(f"unknown aggregation strategy {name!r}; known: {sorted(STRATEGIES)}") from None
+        raise ConfigError(f"unknown aggregation strategy {name!r}; known: {sorted(STRATEGIES)}") from None
 
 
 __all__ = ["STRATEGIES", "FedAvg", "Strategy", "make_strategy"]

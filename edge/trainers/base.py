@@ -11,12 +11,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..bundle import Bundle, BundleError
+from ..errors import FloraError
 from ..ort import has_training_api, torch_hidden
 
 log = logging.getLogger(__name__)
 
 
-class TrainerError(RuntimeError):
+class TrainerError(FloraError, RuntimeError):
     """A trainer backend cannot run here or was given unusable input."""
 
 
