@@ -19,34 +19,35 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-from flora.edge.config import ConfigError, explicit_options, load_toml, merge_config
+from flora.edge.config import (
+    CommandParser,
+    ConfigError,
+    add_config_option,
+    add_version_option,
+    apply_config,
+    load_toml,
+    with_default_command,
+)
 from flora.edge.errors import EXIT_UNAVAILABLE, FloraError, report
 from flora.edge.mqtt import BrokerConfig, add_connection_options
 
 from .validation import DEFAULT_MAX_NUM_SAMPLES
 
-RUN_KEYS = (
-    "bundle", "manifest", "initial_adapter", "broker", "federation", "rounds", "state_dir", "epochs", "lr",
-    "batch_size", "weight_decay", "clients_per_round", "fraction", "min_clients", "round_timeout",
-    "wait_for_clients", "wait_timeout", "metrics_grace", "seed", "strategy", "max_update_bytes", "max_num_samples",
-    "max_extensions", "max_queued_updates", "eval_data",
-    "client_id", "username", "password", "tls_ca", "tls_cert", "tls_key", "session_expiry_s", "log_level",
-)
-PATH_KEYS = ("bundle", "manifest", "initial_adapter", "state_dir", "eval_data")
 PROG = "flora-aggregator"
 DEFAULT_STATE_DIR = Path("flora-aggregator-state")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The top-level parser and its `run` sub-parser (whose defaults the config file may override)."""
-    parser = argparse.ArgumentParser(prog="flora-aggregator", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CommandParser:
+    """The command line; `parser.commands["run"]` holds the options a config file may set."""
+    parser = CommandParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_option(parser)
     sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="run the federation (the default command)")
-    run.add_argument("--config", type=Path, help="TOML file with the same keys as these options")
+    run = sub.add_parser("run", help="run the federation (the default command)", description=__doc__,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_option(run)
     run.add_argument("--bundle", type=Path, help="bundle folder (its manifest and initial adapter)")
     run.add_argument("--manifest", type=Path, help="a manifest.json instead of the whole bundle")
     run.add_argument("--initial-adapter", type=Path,
@@ -91,14 +92,12 @@ def build_parser() -> Tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     plot = sub.add_parser("plot", help="PNG of accuracy and bytes per round")
     plot.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     plot.add_argument("--out", type=Path, required=True)
-    return parser, run
+    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "status", "plot", "-h", "--help"):
-        argv.insert(0, "run")
-    parser, run_parser = build_parser()
+    parser = build_parser()
+    argv = with_default_command(sys.argv[1:] if argv is None else argv, parser, "run")
     args = parser.parse_args(argv)
     if args.command == "status":
         from .report import print_status
@@ -109,15 +108,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return write_plot(args.state_dir, args.out)
     try:
-        given = explicit_options(run_parser, argv[1:])  # these win over the config file, whatever their value
-        args = merge_config(args, run_parser, load_toml(args.config), RUN_KEYS, given)
+        args = apply_config(parser.commands["run"], args, argv[1:], load_toml(args.config))
     except ConfigError as exc:
         return report(PROG, exc)
-    for key in PATH_KEYS:
-        if getattr(args, key) is not None:
-            setattr(args, key, Path(getattr(args, key)))
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stdout,
-                        format=LOG_FORMAT)
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stdout, format=LOG_FORMAT)
     return run(args)
 
 

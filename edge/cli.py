@@ -9,28 +9,45 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from .config import ConfigError, explicit_options, load_toml, merge_config
+from .config import (
+    Bounded,
+    CommandParser,
+    ConfigError,
+    add_config_option,
+    add_version_option,
+    apply_config,
+    comma_list,
+    config_keys,
+    load_toml,
+    with_default_command,
+)
 from .errors import FloraError, report
 from .mqtt import BrokerConfig, add_connection_options
 
 PROG = "flora-agent"
+DOCTOR_DESCRIPTION = ("Can this device run the agent for this bundle? Checks the runtime, the trainer backends, "
+                      "the broker, one timed training step and the memory the agent will need; exit 0 if ready.")
 
-RUN_KEYS = (
-    "bundle", "data", "broker", "client_id", "federation", "state_dir", "backend", "providers", "threads",
-    "shots", "val_fraction", "seed", "fp16_updates", "exit_when_done", "username", "password", "tls_ca",
-    "tls_cert", "tls_key", "session_expiry_s", "progress_every_s", "log_level",
-)
+COMMANDS = """\
+commands:
+  run      join a federation and train rounds (the default: `flora-agent [run] OPTIONS`)
+  doctor   check this device for a bundle (`flora-agent doctor --help`)
+
+exit status: 0 done or stopped by SIGINT/SIGTERM, 2 bad arguments, config or inputs (the systemd unit
+does not restart on it), 3 the broker cannot be reached (retried)"""
+
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+BACKENDS = ["auto", "ort-training", "step"]
 
 
-def _providers(text: str) -> List[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flora-agent", description=__doc__)
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog=PROG, description=__doc__, epilog=COMMANDS,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_option(parser)
     sub = parser.add_subparsers(dest="command")
-    run = sub.add_parser("run", help="join a federation and train rounds (the default command)")
-    run.add_argument("--config", type=Path, help="TOML file with the same keys as these options")
+    run = sub.add_parser("run", help="join a federation and train rounds (the default command)",
+                         description=__doc__, epilog=COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_option(run)
     run.add_argument("--bundle", type=Path, help="bundle folder written by flora-export")
     run.add_argument("--data", type=Path, help="image folder (one subfolder per class) or a path,label CSV")
     add_connection_options(run)
@@ -38,31 +55,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--federation", default="default", help="federation name (topic prefix flora/<name>/)")
     run.add_argument("--state-dir", type=Path, help="where state and the feature cache live "
                                                     "(default ./flora-state/<client-id>)")
-    run.add_argument("--backend", default="auto", choices=["auto", "ort-training", "step"],
+    run.add_argument("--backend", default="auto", choices=BACKENDS,
                      help="trainer backend (default: ort-training where it is installed, else step)")
-    run.add_argument("--providers", type=_providers, help="execution providers for step, e.g. cuda,cpu")
-    run.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
-    run.add_argument("--shots", type=int, metavar="K",
+    run.add_argument("--providers", type=comma_list, help="execution providers for step, e.g. cuda,cpu")
+    run.add_argument("--threads", type=Bounded(int, minimum=1), help="ONNX Runtime intra-op threads "
+                                                                     "(default: all cores)")
+    run.add_argument("--shots", type=Bounded(int, minimum=1), metavar="K",
                      help="few-shot: train on K images per class (seeded), picked after the --val-fraction "
                           "validation split is taken from all images, so training gets K per class")
-    run.add_argument("--val-fraction", type=float, default=0.1, help="local validation split (default %(default)s)")
+    run.add_argument("--val-fraction", type=Bounded(float, minimum=0.0, below=1.0), default=0.1,
+                     help="local validation split (default %(default)s)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--fp16-updates", action="store_true", help="send updates as float16 (half the bytes)")
     run.add_argument("--exit-when-done", action="store_true", help="exit once the federation announces done")
-    run.add_argument("--progress-every-s", type=float, default=5.0, help="seconds between progress lines")
-    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--progress-every-s", type=Bounded(float, minimum=0.0), default=5.0,
+                     help="seconds between progress lines")
+    run.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
 
-    doctor = sub.add_parser("doctor", help="check this device: runtime, backend, memory, one timed step, broker")
-    doctor.add_argument("--config", type=Path, help="agent TOML config (bundle, broker, credentials are read)")
+    doctor = sub.add_parser("doctor", help="check this device: runtime, backend, memory, one timed step, broker",
+                            description=DOCTOR_DESCRIPTION)
+    add_config_option(doctor, "`flora-agent run` (bundle, broker, credentials, federation are read)")
     doctor.add_argument("--bundle", type=Path)
     add_connection_options(doctor, session_expiry=False)
     doctor.add_argument("--federation", help="federation whose retained round gives the batch size "
                                              "(default: the config file's, else 'default')")
-    doctor.add_argument("--backend", default="auto", choices=["auto", "ort-training", "step"])
-    doctor.add_argument("--providers", type=_providers)
-    doctor.add_argument("--threads", type=int)
-    doctor.add_argument("--batch-size", type=int, default=32, help="batch size to check (default %(default)s)")
-    doctor.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    doctor.add_argument("--backend", default="auto", choices=BACKENDS)
+    doctor.add_argument("--providers", type=comma_list)
+    doctor.add_argument("--threads", type=Bounded(int, minimum=1))
+    doctor.add_argument("--batch-size", type=Bounded(int, minimum=1), default=32,
+                        help="batch size to check (default %(default)s)")
+    doctor.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
     return parser
 
 
@@ -72,31 +94,22 @@ def _setup_logging(level: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "doctor", "-h", "--help"):
-        argv.insert(0, "run")
     parser = build_parser()
+    argv = with_default_command(sys.argv[1:] if argv is None else argv, parser, "run")
     args = parser.parse_args(argv)
-    sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
-    given = explicit_options(sub, argv[1:])  # these win over the config file, whatever their value
+    command = parser.commands[args.command]
+    # the doctor reads the agent's own config file: the keys only `run` has are skipped, not refused
+    shared = config_keys(parser.commands["run"]) if args.command == "doctor" else ()
     try:
-        config = load_toml(args.config)
-        if args.command == "doctor":
-            config = {k: v for k, v in config.items() if hasattr(args, k)}
-            args = merge_config(args, sub, config, vars(args), given)
-            if isinstance(args.providers, str):
-                args.providers = _providers(args.providers)
-            _setup_logging(args.log_level)
-            from .doctor import run_doctor
-
-            return run_doctor(args)
-        args = merge_config(args, sub, config, RUN_KEYS, given)
+        args = apply_config(command, args, argv[1:], load_toml(args.config), ignore=shared)
     except ConfigError as exc:
         return report(PROG, exc)
-    if isinstance(args.providers, str):  # "cuda,cpu" in a config file
-        args.providers = _providers(args.providers)
     _setup_logging(args.log_level)
-    missing = [k for k in ("bundle", "data", "broker", "client_id") if not getattr(args, k, None)]
+    if args.command == "doctor":
+        from .doctor import run_doctor
+
+        return run_doctor(args)
+    missing = [k for k in ("bundle", "data", "broker", "client_id") if not getattr(args, k)]
     if missing:
         return report(PROG, ConfigError(f"missing {', '.join('--' + m.replace('_', '-') for m in missing)} "
                                         "(on the command line or in --config)"))

@@ -8,20 +8,22 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from flora.edge.config import CommandParser, add_version_option
 from flora.edge.errors import EXIT_BAD_INPUT, FloraError, report
 
 from . import lora
 from .presets import PRESETS
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> CommandParser:
     presets = "\n".join(f"  {p.name:12s} {p.description}" for p in PRESETS.values())
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="flora-export",
         description="Export open_clip CLIP + LoRA as an ONNX Runtime on-device training bundle.",
         epilog=f"presets:\n{presets}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_version_option(parser)
     parser.add_argument("model", help="preset name (see below)")
     parser.add_argument("--classes", required=True, type=Path, help="text file, one class name per line")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from flora.edge.config import CommandParser, add_version_option
 from flora.edge.errors import FloraError, report
 
 EPILOG = """\
@@ -23,9 +24,10 @@ example (the README's demo, about a minute on 2 cores):
 exit status: 0 done, 1 error, 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)"""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flora-sim", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> CommandParser:
+    p = CommandParser(prog="flora-sim", description=__doc__, epilog=EPILOG,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_option(p)
     m = p.add_argument_group("model")
     m.add_argument("--model", default="clip-tiny",
                    help="flora-export preset to export into OUT/bundle (default: %(default)s, random weights, offline)")

@@ -501,7 +501,7 @@ def test_explicit_options_sees_given_values_equal_to_defaults():
     from flora.edge.config import explicit_options
 
     parser = cli.build_parser()
-    run = parser._subparsers._group_actions[0].choices["run"]
+    run = parser.commands["run"]
     assert explicit_options(run, ["--seed", "0", "--fp16-updates", "--val-frac", "0.1"]) == {
         "seed", "fp16_updates", "val_fraction"}
     assert explicit_options(run, []) == set()

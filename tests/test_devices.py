@@ -17,7 +17,7 @@ import pytest
 
 from flora.broker.mosquitto import free_port
 from flora.edge import cli, doctor
-from flora.edge.config import load_toml, merge_config
+from flora.edge.config import apply_config, load_toml
 
 from .conftest import REPO
 
@@ -215,11 +215,11 @@ def test_doctor_constants_follow_the_agent():
 @pytest.mark.parametrize("path", ["agent.example.toml", "jetson/agent.example.toml"])
 def test_example_agent_configs_use_only_known_keys(path):
     parser = cli.build_parser()
-    sub = parser._subparsers._group_actions[0].choices["run"]
     args = parser.parse_args(["run"])
     config = load_toml(DEVICES / path)
-    merged = merge_config(args, sub, config, cli.RUN_KEYS)
+    merged = apply_config(parser.commands["run"], args, [], config)
     assert merged.client_id and merged.broker.startswith("mqtts://") and merged.tls_ca
+    assert isinstance(merged.bundle, Path) and merged.providers in (None, ["cuda", "cpu"])
     assert "password" not in config  # secrets belong in agent.env
 
 

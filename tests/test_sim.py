@@ -93,7 +93,7 @@ def test_missing_mosquitto_is_a_clear_error(tmp_path, monkeypatch, capsys):
 # -- the command line ---------------------------------------------------------------------------
 def test_help_documents_every_option():
     parser = cli.build_parser()
-    for action in parser._actions:
+    for action in parser.options.values():
         assert action.help and action.help != argparse.SUPPRESS, f"{action.option_strings} has no help"
         if action.default not in (None, False) and action.dest != "help":
             assert "%(default)s" in action.help, f"{action.option_strings} does not show its default"
