@@ -140,20 +140,21 @@ def _blob(templates: Sequence[Tuple[bytes, int]], i: int, client: str) -> bytes:
     return template[:pos] + b'"client_id":"' + client.encode() + b'"' + template[pos + len(MARKER):]
 
 
-def _aggregator(manifest, state_dir: Path, broker: str = "mqtt://127.0.0.1:1"):
+def _aggregator(manifest, state_dir: Path, broker: str = "mqtt://127.0.0.1:1", client=None):
+    """The aggregator with a paho client for `broker`, or with `client` (no network)."""
     from flora.broker.aggregator import Aggregator, AggregatorConfig
     from flora.broker.rounds import Sampling
     from flora.edge.mqtt import BrokerConfig
     from flora.edge.synthetic import random_adapter
 
-    return Aggregator(AggregatorConfig(manifest=manifest, initial_adapter=random_adapter(manifest, 99),
-                                       broker=BrokerConfig.from_url(broker), state_dir=state_dir, rounds=1,
-                                       federation=FED,
-                                       sampling=Sampling(min_clients=1), client_id="bench-aggregator"))
+    cfg = AggregatorConfig(manifest=manifest, initial_adapter=random_adapter(manifest, 99),
+                           broker=BrokerConfig.from_url(broker), state_dir=state_dir, rounds=1, federation=FED,
+                           sampling=Sampling(min_clients=1), client_id="bench-aggregator")
+    return Aggregator.open(cfg) if client is None else Aggregator(cfg, client)
 
 
 class CountingAck:
-    """paho's `ack` as far as the aggregator sees it: count and return success."""
+    """paho's client as far as the aggregator sees it off the network: `ack` counts and returns success."""
 
     def __init__(self) -> None:
         self.acks = 0
@@ -161,6 +162,9 @@ class CountingAck:
     def ack(self, mid: int, qos: int) -> int:
         self.acks += 1
         return 0
+
+    def manual_ack_set(self, on: bool) -> None:
+        assert on, "the aggregator acknowledges updates itself"
 
 
 class Message:
@@ -183,8 +187,8 @@ def run_fold(agg, templates, clients: List[str]) -> Tuple[float, int]:
 
 
 def run_durable(agg, templates, clients: List[str]) -> Tuple[float, int]:
-    acker = CountingAck()
-    agg.client, agg.connections = acker, 1
+    acker = agg.client
+    agg.connections = 1
     busy, payload = 0.0, 0
     for i, client in enumerate(clients):
         msg = Message(agg.topics.update(client), _blob(templates, i, client), i % 65535 + 1)
@@ -319,14 +323,14 @@ def worker(path: str, n: int, dtype: str, manifest_file: Path) -> Dict[str, Any]
         return {"path": path, "dtype": dtype, "us": profile_steps(manifest, dtype, n)}
     clients = [f"device-{i:05d}" for i in range(n)]
     with tempfile.TemporaryDirectory(dir=os.environ.get("FLORA_BENCH_TMP")) as tmp:
-        def factory(broker: str = "mqtt://127.0.0.1:1"):
-            return _aggregator(manifest, Path(tmp) / "state", broker)
+        def factory(broker: str = "mqtt://127.0.0.1:1", client=None):
+            return _aggregator(manifest, Path(tmp) / "state", broker, client)
 
         if path == "mqtt":
             busy, payload, rss_before = run_mqtt(factory, manifest, dtype, clients, Path(tmp))
         else:
             templates = _templates(manifest, dtype)
-            agg = factory()
+            agg = factory(client=CountingAck())
             agg._resume_or_start()
             agg._begin(agg.rounds.open(0, clients))
             rss_before = _peak_rss_mib()

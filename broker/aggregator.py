@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set, Tuple
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from .checkpoint import AggregatorState, Checkpoint, CheckpointError
 from .rounds import CLOSE, EXTEND, GIVE_UP, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
 from .strategies import make_strategy
 from .validation import DEFAULT_MAX_NUM_SAMPLES, Rejected, RoundView, validate_update
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import Client as MqttClient
 
 log = logging.getLogger("flora.aggregator")
 
@@ -106,9 +109,13 @@ def _numpy_to_json(value: Any) -> Any:
 
 
 class Aggregator:
-    """One federation: `run()` until the last round is done or `stop()` is called (from any thread)."""
+    """One federation: `run()` until the last round is done or `stop()` is called (from any thread).
 
-    def __init__(self, cfg: AggregatorConfig, clock: Callable[[], float] = time.time) -> None:
+    `client` is a paho MQTT client (`Aggregator.open` makes one from the config; tests pass a fake); the
+    aggregator sets its callbacks and connects it only in `run()`.
+    """
+
+    def __init__(self, cfg: AggregatorConfig, client: MqttClient, clock: Callable[[], float] = time.time) -> None:
         if cfg.rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {cfg.rounds}")
         self.cfg = cfg
@@ -136,10 +143,15 @@ class Aggregator:
         self.global_blob = b""
         self.global_tensors: Dict[str, np.ndarray] = {}
         self.broker_cfg = cfg.broker
-        self.client = make_client(self.broker_cfg, cfg.client_id)
+        self.client = client
         self.client.manual_ack_set(True)  # updates are acked after they are durable (see _handle_event)
         self.client.on_message = self._on_message
         self.connection = Connection(self.broker_cfg, self.client, on_connected=self._on_connected)
+
+    @classmethod
+    def open(cls, cfg: AggregatorConfig, clock: Callable[[], float] = time.time) -> Aggregator:
+        """The aggregator of `cfg` with a paho client for its broker (not connected yet)."""
+        return cls(cfg, make_client(cfg.broker, cfg.client_id), clock)
 
     # -- MQTT (paho's thread: queue only) ---------------------------------------------------
     def _on_connected(self, client) -> None:

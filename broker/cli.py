@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
             client_id=args.client_id, **_hooks(bundle, args.eval_data),
         )
-        aggregator = Aggregator(cfg)
+        aggregator = Aggregator.open(cfg)
     except FloraError as exc:
         return report(PROG, exc)
     except OSError as exc:  # e.g. a state dir that cannot be created

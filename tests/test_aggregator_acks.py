@@ -17,27 +17,36 @@ from flora.edge.mqtt import BrokerConfig, Connection, make_client
 from flora.edge.protocol import Status, Topics
 from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
 
-from .test_aggregator_rounds import FakeClock, metrics, offline_aggregator, status
+from .fakes import FakeClock, FakeMqttClient, metrics, offline_aggregator, status
 
 M = synthetic_manifest()
 
 
-class RecordingClient:
-    """Stands in for paho: records each ack with what the state dir held at that moment."""
+class RecordingClient(FakeMqttClient):
+    """The fake client, recording with each ack what the aggregator's state dir held at that moment."""
 
-    def __init__(self, agg: Aggregator) -> None:
-        self.agg = agg
-        self.acks: List[Tuple[int, int, Dict[str, bytes], Optional[dict]]] = []
+    def __init__(self) -> None:
+        super().__init__()
+        self.agg: Optional[Aggregator] = None
+        self.snapshots: List[Tuple[int, int, Dict[str, bytes], Optional[dict]]] = []
+        self.on_ack = self._snapshot
 
-    def ack(self, mid: int, qos: int) -> int:
+    def _snapshot(self, mid: int, qos: int) -> None:
+        assert self.agg is not None and self.agg.state is not None
         number = self.agg.state.round
         spooled = dict(self.agg.checkpoint.spooled(number))
         record = self.agg.checkpoint.load_open_round(number) or self.agg.checkpoint.load_no_round(number)
-        self.acks.append((mid, qos, spooled, record))
-        return 0
+        self.snapshots.append((mid, qos, spooled, record))
 
-    def acked(self) -> List[int]:
-        return [a[0] for a in self.acks]
+
+def recording_aggregator(tmp_path, **kw) -> Aggregator:
+    """An offline aggregator, resumed, on its first connection, whose client records a snapshot per ack."""
+    fake = RecordingClient()
+    agg = offline_aggregator(tmp_path, FakeClock(), client=fake, **kw)
+    fake.agg = agg
+    agg._resume_or_start()
+    agg.connections = 1
+    return agg
 
 
 def deliver(agg: Aggregator, fake: RecordingClient, kind: str, client: str, payload: bytes, mid: int) -> None:
@@ -48,11 +57,7 @@ def deliver(agg: Aggregator, fake: RecordingClient, kind: str, client: str, payl
 
 @pytest.fixture
 def agg(tmp_path):
-    a = offline_aggregator(tmp_path, FakeClock(), rounds=2, sampling=Sampling(min_clients=1))
-    a._resume_or_start()
-    a.client = RecordingClient(a)
-    a.connections = 1
-    return a
+    return recording_aggregator(tmp_path, rounds=2, sampling=Sampling(min_clients=1))
 
 
 def test_status_and_metrics_are_acked_at_once_an_update_only_after_its_spool_file_exists(agg):
@@ -65,7 +70,7 @@ def test_status_and_metrics_are_acked_at_once_an_update_only_after_its_spool_fil
     deliver(agg, fake, "update", "a", blob, mid=2)
     assert fake.acked() == [1]  # queued in memory only: not acknowledged
     agg._drain(0)
-    mid, qos, spooled, _ = fake.acks[-1]
+    mid, qos, spooled, _ = fake.snapshots[-1]
     assert (mid, qos) == (2, 1) and spooled == {"a": blob}  # the spool file was complete when the ack went out
     deliver(agg, fake, "metrics", "a", metrics("a", 0, 0.5), mid=3)
     assert fake.acked() == [1, 2, 3]
@@ -79,15 +84,15 @@ def test_a_rejected_update_is_acked_after_its_rejection_is_saved(agg):
     deliver(agg, fake, "update", "a", b"junk", mid=6)
     agg._drain(0)
     assert fake.acked() == [5, 6]
-    assert fake.acks[0][3]["rejection_counts"] == {"early": 1}
-    assert fake.acks[1][3]["rejection_counts"] == {"early": 1, "malformed": 1} and fake.acks[1][2] == {}
+    assert fake.snapshots[0][3]["rejection_counts"] == {"early": 1}
+    assert fake.snapshots[1][3]["rejection_counts"] == {"early": 1, "malformed": 1} and fake.snapshots[1][2] == {}
 
 
 def test_an_update_while_no_round_is_open_is_acked_after_it_is_counted_on_disk(agg):
     fake = agg.client
     deliver(agg, fake, "update", "a", encode_update(M, random_adapter(M, 1), "a", 0, 5), mid=9)
     agg._drain(0)
-    assert fake.acked() == [9] and fake.acks[0][3]["count"] == 1 and fake.acks[0][3]["round"] == 0
+    assert fake.acked() == [9] and fake.snapshots[0][3]["count"] == 1 and fake.snapshots[0][3]["round"] == 0
 
 
 def test_an_update_whose_spool_write_fails_is_never_acked(agg, monkeypatch):
@@ -156,7 +161,7 @@ def test_an_update_received_but_not_yet_spooled_when_the_aggregator_dies_is_deli
     def publish(topic: str, payload: bytes, retain: bool = False) -> None:
         assert device.publish(topic, payload, qos=1, retain=retain).wait_for_publish(5) is None
 
-    first = Aggregator(cfg)
+    first = Aggregator.open(cfg)
     first._resume_or_start()
     first.connection.start(timeout=10)
     try:
@@ -174,7 +179,7 @@ def test_an_update_received_but_not_yet_spooled_when_the_aggregator_dies_is_deli
     finally:
         _crash(first)
 
-    second = Aggregator(cfg)  # the restarted aggregator: same client id, same broker session
+    second = Aggregator.open(cfg)  # the restarted aggregator: same client id, same broker session
     second.connection.start(timeout=10)
     try:
         again = _next_event(second, "update")
@@ -197,10 +202,8 @@ def _drain_queue(agg: Aggregator) -> list:
 
 
 def test_paho_waits_while_max_queued_updates_wait_so_the_rest_stay_at_the_broker(tmp_path):
-    agg = offline_aggregator(tmp_path, FakeClock(), rounds=1, max_queued_updates=2)
-    agg._resume_or_start()
-    fake = agg.client = RecordingClient(agg)
-    agg.connections = 1
+    agg = recording_aggregator(tmp_path, rounds=1, max_queued_updates=2)
+    fake = agg.client
     clients = ["c0", "c1", "c2", "c3"]
     for c in clients:
         agg.handle("status", c, status(c))

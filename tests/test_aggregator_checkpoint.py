@@ -15,7 +15,7 @@ from flora.edge import adapter
 from flora.edge.fileio import sha256_bytes
 from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
 
-from .test_aggregator_rounds import FakeClock, metrics, offline_aggregator, status
+from .fakes import FakeClock, metrics, offline_aggregator, status
 
 
 def _row(r):
@@ -136,7 +136,7 @@ def test_a_restarted_aggregator_resumes_the_open_round_with_its_clients_updates_
     second.handle("update", asked1[1], last)
     second.handle("update", asked1[0], kept)  # a redelivery of the restored update: a duplicate
     second._close_round()
-    g2 = second.globals()[-1]
+    g2 = second.client.globals()[-1]
     assert g2.meta.round == 2
     for name in g2.tensors:
         expected = (12 * random_adapter(m, 20)[name].astype(np.float64) + 4 * random_adapter(m, 21)[name]) / 16
@@ -188,7 +188,7 @@ def test_an_implausible_num_samples_is_rejected_before_it_is_spooled_or_folded(n
     good = random_adapter(m, 2)
     agg.handle("update", "a", encode_update(m, good, "a", 0, 7))  # a's next, sane update still counts
     agg._close_round()
-    np.testing.assert_array_equal(agg.globals()[-1].tensors[m.trainable[0].name], good[m.trainable[0].name])
+    np.testing.assert_array_equal(agg.client.globals()[-1].tensors[m.trainable[0].name], good[m.trainable[0].name])
 
 
 def test_a_spooled_update_that_no_longer_validates_is_counted_once_and_never_crashes_a_restart(tmp_path):
@@ -229,7 +229,7 @@ def test_a_non_finite_aggregate_is_never_committed_or_published_and_the_round_fa
     g0 = dict(agg.global_tensors)
     agg._close_round()
     assert re.search(f"round 0 FAILED: {why}; its 2 update", caplog.text)
-    published = agg.globals()[-1]
+    published = agg.client.globals()[-1]
     assert published.meta.round == 1  # the next round starts from the unchanged global
     for name, arr in g0.items():
         np.testing.assert_array_equal(published.tensors[name], arr)
@@ -302,8 +302,8 @@ def test_a_fresh_start_gets_a_random_run_id_that_a_resume_keeps_and_every_round_
     again.handle("update", "a", encode_update(again.manifest, random_adapter(again.manifest, 2), "a", 1, 5))
     again._close_round()
     again._announce_done()
-    announcements = agg.announcements() + again.announcements()
+    announcements = agg.client.announcements() + again.client.announcements()
     assert [a.state for a in announcements] == ["training", "training", "done"]
     assert {a.run_id for a in announcements} == {run_id}
     other = _one_client_round(tmp_path / "two", clock)
-    assert other.state.run_id != run_id and other.announcements()[-1].run_id == other.state.run_id
+    assert other.state.run_id != run_id and other.client.announcements()[-1].run_id == other.state.run_id

@@ -13,7 +13,7 @@ from flora.broker.rounds import Sampling
 from flora.edge import adapter
 from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest, write_bundle
 
-from .test_aggregator_rounds import FakeClock, metrics, offline_aggregator, status
+from .fakes import FakeClock, metrics, offline_aggregator, status
 
 M = synthetic_manifest()
 

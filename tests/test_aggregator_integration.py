@@ -304,7 +304,7 @@ def test_below_quorum_the_round_is_extended_and_republished_and_the_hook_fills_t
                            federation=FED, round_timeout_s=1.0,
                            sampling=Sampling(clients_per_round=2, min_clients=2, seed=4), metrics_grace_s=0.0,
                            on_round_closed=on_round_closed, client_id="agg-thread")
-    agg = Aggregator(cfg)
+    agg = Aggregator.open(cfg)
     scripted.status("c1", "c2", "c3")
     result: Dict[str, int] = {}
     thread = threading.Thread(target=lambda: result.setdefault("rc", agg.run()), daemon=True)

@@ -4,13 +4,12 @@ and the aggregator's event handling driven through it."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
 import pytest
 
-from flora.broker.aggregator import Aggregator, AggregatorConfig
+from flora.broker.aggregator import Aggregator
 from flora.broker.rounds import (
     CLOSE,
     EXTEND,
@@ -23,20 +22,11 @@ from flora.broker.rounds import (
     RoundRecord,
     Sampling,
 )
-from flora.edge import adapter
 from flora.edge.fileio import sha256_bytes
-from flora.edge.mqtt import BrokerConfig
-from flora.edge.protocol import Metrics, RoundAnnouncement, Status
-from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
+from flora.edge.protocol import Status
+from flora.edge.synthetic import encode_update, random_adapter
 
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
+from .fakes import FakeClock, metrics, offline_aggregator, status
 
 # --- sampling -------------------------------------------------------------------------------------
 
@@ -142,38 +132,6 @@ def test_a_record_survives_json_and_keeps_at_most_100_rejection_details():
 # --- the aggregator's event handling without a broker --------------------------------------------------
 
 
-class OfflineAggregator(Aggregator):
-    """The aggregator with its publishes recorded instead of sent (no broker, no waiting)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.published: List[Tuple[str, bytes, bool]] = []
-
-    def _publish(self, topic: str, payload: bytes, retain: bool, wait: float = 30.0) -> None:
-        self.published.append((topic, payload, retain))
-
-    def announcements(self) -> List[RoundAnnouncement]:
-        return [RoundAnnouncement.from_json(p) for t, p, _ in self.published if t == self.topics.round]
-
-    def globals(self) -> List[adapter.Adapter]:
-        return [adapter.decode(p) for t, p, _ in self.published if t == self.topics.global_]
-
-
-def offline_aggregator(state_dir: Path, clock: FakeClock, **kw) -> OfflineAggregator:
-    m = kw.pop("manifest", None) or synthetic_manifest()
-    cfg = AggregatorConfig(manifest=m, initial_adapter=random_adapter(m, 0), broker=BrokerConfig.from_url("mqtt://127.0.0.1:1"),
-                           state_dir=state_dir, federation="fed", **kw)
-    return OfflineAggregator(cfg, clock=clock)
-
-
-def status(client: str, state: str = "online") -> bytes:
-    return Status(client, state).to_json()
-
-
-def metrics(client: str, rnd: int, accuracy: float) -> bytes:
-    return Metrics(client, rnd, 0.5, accuracy, None, 10, 2, 1, 1.0, 0.1, 100.0, "step").to_json()
-
-
 def test_the_aggregator_runs_rounds_from_events_with_quorum_extension_and_hook(tmp_path):
     clock = FakeClock()
     hook_calls = []
@@ -195,10 +153,10 @@ def test_the_aggregator_runs_rounds_from_events_with_quorum_extension_and_hook(t
     assert agg.online == {"a", "b", "c"}
     agg._open_round()
     asked = sorted(agg.current.asked)
-    ann = agg.announcements()[-1]
+    ann = agg.client.announcements()[-1]
     assert ann.round == 0 and ann.clients == asked and ann.deadline == clock.t + 30
     assert ann.global_sha256 == sha256_bytes(agg.global_blob) and ann.state == "training"
-    assert [g.meta.round for g in agg.globals()] == []  # run() publishes the global; _open_round only announces
+    assert [g.meta.round for g in agg.client.globals()] == []  # run() publishes the global; _open_round only announces
 
     u0 = encode_update(m, random_adapter(m, 10), asked[0], 0, 30)
     agg.handle("update", asked[0], u0)
@@ -217,7 +175,7 @@ def test_the_aggregator_runs_rounds_from_events_with_quorum_extension_and_hook(t
     assert agg.rounds.step(agg.current, agg.online).action == CLOSE
     agg._close_round()
 
-    g1 = agg.globals()[-1]
+    g1 = agg.client.globals()[-1]
     assert g1.meta.round == 1 and g1.meta.kind == "global"
     for name in g1.tensors:
         expected = (30 * random_adapter(m, 10)[name].astype(np.float64) + 10 * random_adapter(m, 11)[name]) / 40
@@ -250,7 +208,7 @@ def test_a_hook_result_lands_in_the_row_and_a_failing_hook_never_loses_the_round
     row = agg.checkpoint.history()[-1]
     assert {k: row.get(k) for k in expected} == expected
     assert row["num_reported"] == 1 and row["rejection_counts"] == {"malformed": 1}
-    assert agg.state.done and agg.globals()[-1].meta.round == 1
+    assert agg.state.done and agg.client.globals()[-1].meta.round == 1
 
 
 # --- extension: who is still pending, and the bound -----------------------------------------------------
@@ -370,7 +328,7 @@ def test_after_max_extensions_below_quorum_the_clock_gives_up():
         RoundClock(Sampling(), timeout_s=1, max_extensions=-1)
 
 
-def _open_with_spare(tmp_path, clock, **kw) -> Tuple[OfflineAggregator, List[str], str]:
+def _open_with_spare(tmp_path, clock, **kw) -> Tuple[Aggregator, List[str], str]:
     """Three clients online, two asked (quorum 2): (aggregator, asked, the spare)."""
     agg = offline_aggregator(tmp_path, clock, rounds=2, round_timeout_s=30,
                              sampling=Sampling(clients_per_round=2, min_clients=2, seed=3), **kw)
@@ -393,7 +351,7 @@ def test_a_nan_update_from_an_asked_client_brings_the_spare_in_at_the_extension(
     assert agg.online == {"a", "b", "c"}  # ... though it stays online
     clock.t += 30
     agg._tick()
-    ann = agg.announcements()[-1]
+    ann = agg.client.announcements()[-1]
     assert ann.round == 0 and ann.clients == sorted([good, bad, spare]) and ann.deadline == clock.t + 30
     assert agg.current.extensions == 1
     agg.handle("update", spare, encode_update(m, random_adapter(m, 3), spare, 0, 1))
@@ -414,7 +372,7 @@ def test_an_asked_client_in_error_since_is_replaced_at_the_extension(tmp_path):
     assert stuck in agg.online and stuck not in agg.available
     clock.t += 30
     agg._tick()
-    assert agg.announcements()[-1].clients == sorted([good, stuck, spare])
+    assert agg.client.announcements()[-1].clients == sorted([good, stuck, spare])
     agg.handle("status", stuck, status(stuck, "training"))  # it recovered: available again
     assert stuck in agg.available
 
@@ -432,7 +390,7 @@ def test_after_max_extensions_the_aggregator_stops_with_the_round_kept_open(tmp_
     agg.handle("status", "b", status("b", "offline"))
     clock.t += 30
     agg._tick()  # extension 1: nobody else to ask
-    assert agg.current.extensions == 1 and len(agg.announcements()) == 2
+    assert agg.current.extensions == 1 and len(agg.client.announcements()) == 2
     clock.t += 30
     with pytest.raises(QuorumError, match=r"round 0: 1 of 2 needed update\(s\) after 1 extension\(s\)"):
         agg._tick()
