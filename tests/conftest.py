@@ -1,4 +1,6 @@
-"""Shared fixtures: a private mosquitto broker per test that asks for one."""
+"""Shared fixtures: a private mosquitto broker per test that asks for one, exported clip-tiny bundles, the wheel.
+
+Helpers that are not fixtures live in tests/helpers.py and tests/fakes.py (test modules never import conftest)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 
 from flora.broker.mosquitto import MosquittoError, find_mosquitto, start_mosquitto
 
-REPO = Path(__file__).resolve().parents[1]
+from .helpers import REPO, export_tiny
 
 
 @pytest.fixture
@@ -31,20 +33,6 @@ def mosquitto(mosquitto_binary, tmp_path):
     broker = start_mosquitto(tmp_path / "mosquitto")
     yield broker
     broker.stop()
-
-
-DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def export_tiny(out, tower: str = "text", backends=("ort-training",), **overrides):
-    """Export a clip-tiny bundle (random-init, seed 0) into `out` and return the loaded Bundle."""
-    from flora.edge.bundle import load_bundle
-    from flora.export.pipeline import ExportOptions, export_bundle
-
-    opts = ExportOptions(preset="clip-tiny", classes=list(DIGITS), out=out, tower=tower,
-                         backends=tuple(backends), **overrides)
-    export_bundle(opts, say=lambda _msg: None)
-    return load_bundle(out)
 
 
 @pytest.fixture(scope="session")
@@ -79,11 +67,3 @@ def flora_wheel(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stderr[-3000:]
     (wheel,) = out.glob("flora_edge-*.whl")
     return wheel
-
-
-def install_wheel(wheel: Path, site: Path) -> None:
-    """Install the project's wheel alone (no dependencies) into the folder `site`."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "-q", "--upgrade",
-                           "--disable-pip-version-check", "--target", str(site), str(wheel)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -160,7 +160,7 @@ def test_agent_doctor_and_step_training_on_aarch64(arm64_run, arm64_cache, tmp_p
     from flora.edge.features import image_features
     from flora.edge.trainers import open_trainer
 
-    from .conftest import export_tiny
+    from .helpers import export_tiny
 
     proc, _ = arm64_run
     if proc.returncode != 0:

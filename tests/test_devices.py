@@ -19,7 +19,7 @@ from flora.broker.mosquitto import free_port
 from flora.edge import cli, doctor
 from flora.edge.config import apply_config, load_toml
 
-from .conftest import REPO
+from .helpers import REPO
 
 DEVICES = REPO / "devices"
 UNIT_TEMPLATE = DEVICES / "systemd" / "flora-agent.service.in"

@@ -34,7 +34,7 @@ from flora.export.lora import LoraSpec, attach_lora, load_lora_
 from flora.export.pipeline import ExportError, check_classes, check_output, check_template
 from flora.export.presets import get_preset
 
-from .conftest import DIGITS, export_tiny
+from .helpers import DIGITS, export_tiny
 
 
 def reference_model(seed: int = 0):

@@ -12,7 +12,7 @@ from flora.export.loading import WeightsSource, build_model
 from flora.export.lora import LoraSpec, attach_lora
 from flora.export.presets import get_preset
 
-from .conftest import DIGITS
+from .helpers import DIGITS
 
 
 def tiny_model(seed: int = 0):

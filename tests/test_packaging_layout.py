@@ -11,7 +11,7 @@ import venv
 import zipfile
 from pathlib import Path
 
-from .conftest import REPO, install_wheel
+from .helpers import REPO, install_wheel
 
 #: Imports every module of flora.edge and flora.broker with `import torch` made to fail; prints where
 #: flora.edge came from and which bare or heavy top-level packages got loaded.

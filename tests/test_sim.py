@@ -28,7 +28,7 @@ from flora.sim.datasets import DIGIT_NAMES, write_digits
 from flora.sim.run import SimConfig, SimError
 from flora.sim.signals import Terminated, terminate_as_interrupt
 
-from .conftest import REPO
+from .helpers import REPO
 
 pytestmark = pytest.mark.mqtt
 

@@ -24,7 +24,7 @@ from flora.export.lora import LoraSpec, attach_lora, load_lora_
 from flora.export.onnx_export import TESTED_ONNXRUNTIME
 from flora.export.presets import get_preset
 
-from .conftest import DIGITS, export_tiny, install_wheel
+from .helpers import DIGITS, export_tiny, install_wheel
 
 LR = 5e-3
 
