@@ -1,12 +1,14 @@
 """flora-agent: trains the bundle's LoRA adapter on this device's images, round by round, over MQTT.
 
-paho's network thread only queues incoming messages; the main thread applies them, trains and
-publishes. The protocol is docs/protocol.md.
+The decisions (what a message means, whether to train) are pure rules in `flora.edge.agent_rules`; this
+module carries them out: it trains, publishes, persists and logs. paho's network thread only queues
+incoming messages; the main thread applies them, trains and publishes. `Agent.open(cfg)` loads what an
+agent needs (bundle, trainer, state, data, a paho client); `Agent(...)` takes those parts and does no
+I/O. The protocol is docs/protocol.md.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -14,34 +16,24 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, List, Optional, Set, Tuple
 
 from . import adapter as adapter_blob
-from .bundle import Bundle, Manifest, load_bundle
-from .dataset import DatasetError, Sample, load_dataset, report_unreadable, split_local, unreadable_images
-from .features import FeatureCache, ProgressMeter, readable_image_features
-from .fileio import sha256_bytes
+from . import agent_rules as rules
+from .bundle import Bundle, load_bundle
+from .local_data import DeviceData, load_device_data
 from .mqtt import BrokerConfig, Connection, make_client
 from .preprocess import ImageError
-from .protocol import (
-    PROTOCOL_VERSION,
-    QOS,
-    ROUND_DONE,
-    Metrics,
-    ProtocolError,
-    RoundAnnouncement,
-    Status,
-    Topics,
-    check_id,
-    round_config_warnings,
-)
+from .protocol import QOS, Metrics, RoundAnnouncement, Status, Topics, check_id, round_config_warnings
 from .state import AgentState, StateStore
 from .trainers import Trainer, TrainerError, available_backends, open_trainer
-from .training import Evaluation, LocalData, RoundResult, Stopped, eval_batch_size, evaluate, train_round
+from .training import Evaluation, RoundResult, Stopped, eval_batch_size, evaluate, train_round
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import Client as MqttClient
 
 log = logging.getLogger("flora.agent")
+LEVELS = {rules.INFO: logging.INFO, rules.WARNING: logging.WARNING, rules.ERROR: logging.ERROR}
 
 
 @dataclass
@@ -106,135 +98,89 @@ class InFlight:
     gave_up_waiting: bool = False
 
 
-def newer_protocol(payload: bytes) -> Optional[int]:
-    """The `protocol` of a JSON message when it is newer than this agent's, else None."""
-    try:
-        version = json.loads(payload).get("protocol")
-    except (ValueError, AttributeError):  # not JSON, or not an object: from_json says why
-        return None
-    return version if isinstance(version, int) and version > PROTOCOL_VERSION else None
+def open_bundle_and_trainer(cfg: AgentConfig) -> Tuple[Bundle, Trainer]:
+    """The bundle, verified for the backend that will run it, and its trainer."""
+    unverified = load_bundle(cfg.bundle, verify=False)
+    usable = available_backends(unverified)
+    backend = cfg.backend if cfg.backend != "auto" else (usable[0] if usable else "auto")
+    bundle = load_bundle(cfg.bundle, backends=[backend] if backend != "auto" else None)
+    trainer = open_trainer(bundle, backend, threads=cfg.threads, providers=cfg.providers)
+    m = bundle.manifest
+    log.info("bundle %s: %s, LoRA %s tower rank %d, %d classes, model_id %s; trainer %s", bundle.root, m.preset,
+             m.lora.tower, m.lora.rank, m.num_classes, m.model_id[:16], trainer.name)
+    return bundle, trainer
 
 
-def _labels(samples: List[Sample]) -> np.ndarray:
-    return np.array([s.label for s in samples], dtype=np.int64)
-
-
-def _pixel_data(samples: List[Sample], manifest: Manifest) -> LocalData:
-    """Images decoded batch by batch while training (vision mode)."""
-    return LocalData(_labels(samples), paths=[s.path for s in samples], preprocess=manifest.preprocess)
-
-
-def _without(samples: List[Sample], bad: Dict[int, str], offset: int) -> List[Sample]:
-    """`samples` less those whose index + offset is in `bad`."""
-    return [s for i, s in enumerate(samples) if i + offset not in bad]
+def open_state(store: StateStore, client_id: str, model_id: str, federation: str) -> AgentState:
+    """The stored state, adopted for this model and federation (`agent_rules.adopt_state`), and saved."""
+    stored = store.load()
+    adoption = rules.adopt_state(stored, model_id, federation, where=f"state dir {store.dir}")
+    state = AgentState() if adoption.reset == rules.OTHER_MODEL else stored
+    state.client_id, state.model_id = client_id, model_id
+    if adoption.reset == rules.OTHER_FEDERATION:
+        store.start_run(state, federation, "")
+    state.federation = federation
+    store.save(state)
+    for note in adoption.notes:
+        log.log(LEVELS[note.level], "%s", note.text)
+    return state
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    """One device in one federation: `run()` until stopped (or, with exit_when_done, until it is done).
+
+    Takes its parts and does no I/O; `Agent.open(cfg)` loads them. `client` is a paho MQTT client (or a
+    fake): the agent sets its callbacks and connects it only in `run()`.
+    """
+
+    def __init__(self, cfg: AgentConfig, *, bundle: Bundle, trainer: Trainer, data: DeviceData,
+                 store: StateStore, state: AgentState, client: MqttClient) -> None:
         self.cfg = cfg
         check_id(cfg.client_id)
         self.topics = Topics(cfg.federation)
-        self.bundle, self.trainer = self._open_bundle()
-        self.backend = self.trainer.name
-        self.manifest = self.bundle.manifest
-        self.store = StateStore(cfg.resolved_state_dir())
-        self.state = self._load_state()
-        self.train_data, self.val_data = self._load_data()
+        self.bundle, self.trainer, self.manifest = bundle, trainer, bundle.manifest
+        self.backend = trainer.name
+        self.store, self.state = store, state
+        self.train_data, self.val_data = data.train, data.val
         self.events: queue.Queue[Tuple[str, bytes]] = queue.Queue()
         self.stop_event = threading.Event()
         self.done = False
         self.round: Optional[RoundAnnouncement] = None
-        self.global_blob: Optional[bytes] = None
-        self.global_sha: Optional[str] = None
-        self.global_adapter: Optional[adapter_blob.Adapter] = None
+        self.global_: Optional[rules.GlobalAdapter] = None
         self._said: Set[str] = set()
         self._failed: Set[Tuple[str, int]] = set()  # (run_id, round) that failed in this process
         self._inflight: Optional[InFlight] = None
-        self._resend_pending = self.state.outbox_pending  # an update stored before a restart, not acked
+        self._resend_pending = state.outbox_pending  # an update stored before a restart, not acked
         self._acks = Acks()
         self.broker_cfg = cfg.broker
-        will = self._status("offline").to_json()
-        self.client = make_client(self.broker_cfg, cfg.client_id, will_topic=self.topics.status(cfg.client_id),
-                                  will_payload=will)
-        self.client.on_message = self._on_message
-        self.client.on_publish = self._acks.on_publish
-        self.connection = Connection(self.broker_cfg, self.client, on_connected=self._on_connected)
+        self.client = client
+        client.on_message = self._on_message
+        client.on_publish = self._acks.on_publish
+        self.connection = Connection(self.broker_cfg, client, on_connected=self._on_connected)
 
-    # -- setup -------------------------------------------------------------------------------
-    def _open_bundle(self) -> Tuple[Bundle, Trainer]:
-        unverified = load_bundle(self.cfg.bundle, verify=False)
-        usable = available_backends(unverified)
-        backend = self.cfg.backend if self.cfg.backend != "auto" else (usable[0] if usable else "auto")
-        bundle = load_bundle(self.cfg.bundle, backends=[backend] if backend != "auto" else None)
-        trainer = open_trainer(bundle, backend, threads=self.cfg.threads, providers=self.cfg.providers)
-        log.info("bundle %s: %s, LoRA %s tower rank %d, %d classes, model_id %s; trainer %s",
-                 bundle.root, bundle.manifest.preset, bundle.manifest.lora.tower, bundle.manifest.lora.rank,
-                 bundle.manifest.num_classes, bundle.manifest.model_id[:16], trainer.name)
-        return bundle, trainer
+    @classmethod
+    def open(cls, cfg: AgentConfig, client: Optional[MqttClient] = None) -> Agent:
+        """Load the bundle and its trainer, the state dir, the local data (features through the cache),
+        and make a paho client with the agent's last will (or use `client`). Nothing is connected yet."""
+        check_id(cfg.client_id)
+        bundle, trainer = open_bundle_and_trainer(cfg)
+        store = StateStore(cfg.resolved_state_dir())
+        state = open_state(store, cfg.client_id, bundle.manifest.model_id, cfg.federation)
+        data = load_device_data(cfg.data, bundle, store.dir, shots=cfg.shots, val_fraction=cfg.val_fraction,
+                                seed=cfg.seed, feature_batch_size=cfg.feature_batch_size, threads=cfg.threads,
+                                providers=cfg.providers, progress_every_s=cfg.progress_every_s)
+        if client is None:
+            will = Status(cfg.client_id, "offline", None, None, len(data.train), trainer.name, time.time())
+            client = make_client(cfg.broker, cfg.client_id, will_topic=Topics(cfg.federation).status(cfg.client_id),
+                                 will_payload=will.to_json())
+        return cls(cfg, bundle=bundle, trainer=trainer, data=data, store=store, state=state, client=client)
 
-    def _load_state(self) -> AgentState:
-        state = self.store.load()
-        if state.model_id not in (None, self.manifest.model_id):
-            log.warning("state dir %s belongs to model %s; this bundle is %s: starting a fresh state",
-                        self.store.dir, state.model_id[:16], self.manifest.model_id[:16])
-            state = AgentState()
-        state.client_id = self.cfg.client_id
-        state.model_id = self.manifest.model_id
-        if state.federation not in (None, self.cfg.federation):
-            log.warning("state dir %s recorded the rounds of federation %r, this is %r: starting a fresh "
-                        "record of submitted rounds", self.store.dir, state.federation, self.cfg.federation)
-            self.store.start_run(state, self.cfg.federation, "")
-        state.federation = self.cfg.federation
-        self.store.save(state)
-        if state.last_submitted_round is not None:
-            log.info("resuming: last submitted round %d (run %s)", state.last_submitted_round,
-                     state.run_id or "unnamed")
-        if state.outbox_pending:
-            log.info("the update of round %d is stored but was not acknowledged: it is sent once more when the "
-                     "round message arrives", state.outbox_round)
-        return state
-
-    def _load_data(self) -> Tuple[LocalData, LocalData]:
-        """The validation split, then --shots per class; unreadable images are left out with a warning."""
-        cfg, manifest = self.cfg, self.manifest
-        samples = load_dataset(cfg.data, list(manifest.classes))
-        if not samples:
-            raise DatasetError(f"no images for the bundle's classes under {cfg.data}")
-        train, val = split_local(samples, cfg.val_fraction, cfg.shots, cfg.seed)
-        paths = [s.path for s in train + val]
-        if manifest.needs_image_encoder:  # text mode: image features once per image, cached on disk
-            feats, bad = self._features(paths)
-        else:  # pixels are decoded batch by batch while training: check once that they decode
-            feats, bad = None, self._check_decodable(paths)
-        report_unreadable(paths, bad)
-        train, val = _without(train, bad, 0), _without(val, bad, len(train))
-        if not train:
-            raise DatasetError(f"none of the training images under {cfg.data} can be read")
-        log.info("data %s: %d training and %d validation images%s", cfg.data, len(train), len(val),
-                 f" (--shots {cfg.shots}: at most {cfg.shots} per class for training)" if cfg.shots else "")
-        if feats is None:
-            return _pixel_data(train, manifest), _pixel_data(val, manifest)
-        return (LocalData(_labels(train), features=feats[: len(train)]),
-                LocalData(_labels(val), features=feats[len(train):]))
-
-    def _features(self, paths: List[Path]) -> Tuple[np.ndarray, Dict[int, str]]:
-        """Features of the readable images, through the cache (pruned of other models' entries first)."""
-        cache = FeatureCache(self.store.dir / "features.sqlite")
-        try:
-            dropped = cache.prune(self.manifest.model_id)
-            if dropped:
-                log.info("feature cache: dropped %d entries of other models", dropped)
-            return readable_image_features(
-                self.bundle, paths, cache, batch_size=self.cfg.feature_batch_size, threads=self.cfg.threads,
-                providers=self.cfg.providers, progress_every_s=self.cfg.progress_every_s,
-            )
-        finally:
-            cache.close()
-
-    def _check_decodable(self, paths: List[Path]) -> Dict[int, str]:
-        log.info("checking that the %d images decode", len(paths))
-        meter = ProgressMeter("decode check", len(paths), self.cfg.progress_every_s)
-        return unreadable_images(paths, progress=lambda done, total: meter.update(done))
+    def view(self) -> rules.AgentView:
+        """The frozen view of this agent the rules decide on."""
+        return rules.AgentView.of(self.state, self.cfg.client_id, self.manifest.model_id,
+                                  resend_pending=self._resend_pending, in_flight=self._inflight is not None,
+                                  failed=frozenset(self._failed),
+                                  global_sha256=self.global_.sha256 if self.global_ else None, finished=self.done)
 
     # -- MQTT callbacks (paho's thread) ------------------------------------------------------
     def _on_connected(self, client) -> None:
@@ -250,20 +196,24 @@ class Agent:
     # -- helpers -----------------------------------------------------------------------------
     def _status(self, state: str, error: Optional[str] = None) -> Status:
         return Status(self.cfg.client_id, state, self.round.round if self.round else None, error,
-                      len(self.train_data) if hasattr(self, "train_data") else None,
-                      self.backend, time.time())
+                      len(self.train_data), self.backend, time.time())
 
     def publish_status(self, state: str, error: Optional[str] = None) -> None:
         self.client.publish(self.topics.status(self.cfg.client_id), self._status(state, error).to_json(),
                             qos=QOS, retain=True)
 
-    def _say_once(self, key: str, level: int, msg: str, *args) -> bool:
-        """Log a message once per process; True the first time."""
-        if key in self._said:
+    def _say(self, note: Optional[rules.Note]) -> bool:
+        """Log a decision's note (once per process for a keyed one); True if it was logged now."""
+        if note is None or (note.key and note.key in self._said):
             return False
-        self._said.add(key)
-        log.log(level, msg, *args)
+        if note.key:
+            self._said.add(note.key)
+        log.log(LEVELS[note.level], "%s", note.text)
         return True
+
+    def _refused(self, refusal: rules.Refused) -> None:
+        if self._say(refusal.note) and refusal.status_error is not None:
+            self.publish_status("error", refusal.status_error)
 
     # -- sending the update --------------------------------------------------------------------
     def _publish_update(self, round_: int, blob: bytes) -> bool:
@@ -300,19 +250,21 @@ class Agent:
             self.store.mark_sent(self.state)
         return True
 
-    def _resend_outbox(self) -> None:
-        """After a restart: send the stored, unacknowledged update once (never beside one in flight)."""
-        if not self._resend_pending or self._inflight is not None:
-            return
+    def _resend(self, round_: int) -> None:
+        """After a restart: send the stored, unacknowledged update once."""
         self._resend_pending = False
-        s = self.state
-        blob = self.store.outbox() if s.outbox_pending else None
+        blob = self.store.outbox()
         if blob is None:
-            if s.outbox_pending:
-                log.warning("the update of round %d is recorded but its file is missing: not re-sent", s.outbox_round)
+            log.warning("the update of round %d is recorded but its file is missing: not re-sent", round_)
             return
-        log.info("re-sending the stored update of round %d (not acknowledged before a restart)", s.outbox_round)
-        self._publish_update(s.outbox_round, blob)
+        log.info("re-sending the stored update of round %d (not acknowledged before a restart)", round_)
+        self._publish_update(round_, blob)
+
+    def _start_run(self, change: rules.StartRun) -> None:
+        self._say(change.note)
+        self.store.start_run(self.state, self.cfg.federation, change.run_id)
+        self._resend_pending = False
+        self._inflight = None
 
     # -- message handling (main thread) ------------------------------------------------------
     def handle(self, kind: str, payload: bytes) -> None:
@@ -324,86 +276,40 @@ class Agent:
             self._handle_round(payload)
 
     def _handle_global(self, payload: bytes) -> None:
-        try:
-            decoded = adapter_blob.decode(
-                payload, self.manifest.trainable, model_id=self.manifest.model_id,
-                max_bytes=adapter_blob.max_blob_bytes(self.manifest.trainable),
-            )
-        except adapter_blob.AdapterError as exc:
-            log.error("refused the global adapter: %s", exc)
-            self.publish_status("error", f"refused global adapter: {exc}")
+        received = rules.read_global(payload, self.manifest)
+        if isinstance(received, rules.Refused):
+            self._refused(received)
             return
-        if decoded.meta.kind not in ("global", "initial"):
-            log.error("refused the global adapter: its kind is %r", decoded.meta.kind)
-            return
-        self.global_blob, self.global_adapter = payload, decoded
-        self.global_sha = sha256_bytes(payload)
-        log.info("received the global adapter of round %d (%d bytes)", decoded.meta.round, len(payload))
+        self.global_ = received
+        log.info("received the global adapter of round %d (%d bytes)", received.adapter.meta.round, len(payload))
 
     def _handle_round(self, payload: bytes) -> None:
-        newer = newer_protocol(payload)
-        if newer is not None:
-            self.round = None
-            reason = f"round message of protocol {newer}, newer than this agent's {PROTOCOL_VERSION}"
-            if self._say_once(f"protocol-{newer}", logging.ERROR, "refused a %s: upgrade flora-agent; "
-                              "waiting for a round message it understands", reason):
-                self.publish_status("error", f"refused {reason}")
+        announcement = rules.read_round(payload)
+        if isinstance(announcement, rules.Refused):
+            if announcement.forget_round:
+                self.round = None
+            self._refused(announcement)
             return
-        try:
-            announcement = RoundAnnouncement.from_json(payload)
-        except ProtocolError as exc:
-            log.warning("ignored a malformed round message: %s", exc)
-            return
-        self._enter_run(announcement.run_id)
+        for effect in rules.enter_round(announcement, self.view()):
+            if isinstance(effect, rules.StartRun):
+                self._start_run(effect)
+            else:
+                self._resend(effect.round)
         self.round = announcement
-        self._resend_outbox()
-
-    def _enter_run(self, run_id: str) -> None:
-        """A round of another run (a federation started afresh) starts a fresh record of submitted
-        rounds; an empty run_id (an older aggregator) keeps the record as it is."""
-        s = self.state
-        if not run_id or run_id == s.run_id:
-            return
-        if s.last_submitted_round is not None or s.outbox_pending:
-            log.warning("federation run %s (the record was for run %s): forgetting that rounds up to %s were "
-                        "submitted%s", run_id, s.run_id or "unnamed", s.last_submitted_round,
-                        f", dropping the unsent update of round {s.outbox_round}" if s.outbox_pending else "")
-        else:
-            log.info("federation run %s", run_id)
-        self.store.start_run(s, self.cfg.federation, run_id)
-        self._resend_pending = False
-        self._inflight = None
 
     def maybe_train(self) -> None:
-        r = self.round
-        if r is None:
-            return
-        tag = f"{r.run_id}/{r.round}"
-        if r.model_id != self.manifest.model_id:
-            self._say_once(f"model-{tag}", logging.ERROR,
-                           "round %d is for model %s, this bundle is %s: not training", r.round, r.model_id[:16],
-                           self.manifest.model_id[:16])
-            return
-        if r.state == ROUND_DONE:
-            if not self.done:
-                log.info("the federation is done after %d rounds", r.total_rounds)
-                self.done = True
-                self.publish_status("idle")
-            return
-        if not r.asks(self.cfg.client_id):
-            self._say_once(f"skip-{tag}", logging.INFO, "round %d does not ask this client", r.round)
-            return
-        if self.state.submitted(r.round):
-            self._say_once(f"done-{tag}", logging.INFO, "round %d was already submitted", r.round)
-            return
-        if (r.run_id, r.round) in self._failed:
-            self._say_once(f"failed-{tag}", logging.INFO, "round %d failed in this process: not retrying it; "
-                           "waiting for the next round", r.round)
-            return
-        if self.global_sha != r.global_sha256:
-            self._say_once(f"wait-{tag}-{self.global_sha}", logging.INFO,
-                           "round %d: waiting for its global adapter", r.round)
-            return
+        """Do what the rules say for the round announced now: train it, finish, or wait (saying why once)."""
+        action = rules.next_action(self.round, self.view())
+        if isinstance(action, rules.Finish):
+            self._say(action.note)
+            self.done = True
+            self.publish_status("idle")
+        elif isinstance(action, rules.Idle):
+            self._say(action.note)
+        elif self.round is not None:
+            self._train_or_fail(self.round)
+
+    def _train_or_fail(self, r: RoundAnnouncement) -> None:
         try:
             self.train(r)
         except Stopped:
@@ -435,9 +341,10 @@ class Agent:
 
     def _apply_global(self) -> None:
         """Load the round's global adapter into the live session and persist it as the last applied."""
-        assert self.global_adapter is not None and self.global_blob is not None and self.global_sha is not None
-        self.trainer.set_adapter(self.global_adapter.as_float32())  # into the live session
-        self.store.record_global(self.state, self.global_blob, self.global_adapter.meta.round, self.global_sha)
+        g = self.global_
+        assert g is not None
+        self.trainer.set_adapter(g.adapter.as_float32())  # into the live session
+        self.store.record_global(self.state, g.blob, g.adapter.meta.round, g.sha256)
 
     def train(self, r: RoundAnnouncement) -> None:
         cfg = r.config

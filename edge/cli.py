@@ -128,7 +128,7 @@ def run_agent(args: argparse.Namespace) -> int:
             fp16_updates=args.fp16_updates, exit_when_done=args.exit_when_done,
             progress_every_s=args.progress_every_s,
         )
-        agent = Agent(cfg)
+        agent = Agent.open(cfg)
     except FloraError as exc:
         return report(PROG, exc)
 

@@ -1,16 +1,28 @@
-"""Test doubles shared by the test modules: a clock, paho's client without a broker, message builders and an
-aggregator wired to the fake client. Imports neither torch nor onnxruntime."""
+"""Test doubles shared by the test modules: a clock, paho's client without a broker, a trainer without ONNX
+Runtime, message builders, and an aggregator and an agent wired to them. Imports neither torch nor onnxruntime."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
+
+import numpy as np
 
 from flora.broker.aggregator import Aggregator, AggregatorConfig
 from flora.edge import adapter
+from flora.edge.agent import Agent, AgentConfig, open_state
+from flora.edge.bundle import Bundle, Manifest
+from flora.edge.fileio import sha256_bytes
+from flora.edge.local_data import DeviceData
 from flora.edge.mqtt import BrokerConfig
-from flora.edge.protocol import Metrics, RoundAnnouncement, Status
+from flora.edge.protocol import Metrics, RoundAnnouncement, Status, TrainConfig
+from flora.edge.state import StateStore
 from flora.edge.synthetic import random_adapter, synthetic_manifest
+from flora.edge.trainers.base import StepResult, Trainer, score_logits
+from flora.edge.training import LocalData
+
+OFFLINE_BROKER = BrokerConfig.from_url("mqtt://127.0.0.1:1")  # never connected to
 
 
 class FakeClock:
@@ -140,6 +152,99 @@ def offline_aggregator(state_dir: Path, clock: FakeClock, client: Optional[FakeM
     (`agg.client`): its publishes are recorded and acknowledged at once."""
     m = kw.pop("manifest", None) or synthetic_manifest()
     cfg = AggregatorConfig(manifest=m, initial_adapter=random_adapter(m, 0),
-                           broker=BrokerConfig.from_url("mqtt://127.0.0.1:1"), state_dir=state_dir, federation="fed",
+                           broker=OFFLINE_BROKER, state_dir=state_dir, federation="fed",
                            **kw)
     return Aggregator(cfg, client if client is not None else FakeMqttClient(), clock=clock)
+
+
+class FakeTrainer(Trainer):
+    """A trainer in numpy, for the agent's logic: logits are a fixed random projection of the inputs, and each
+    step moves every LoRA tensor by -lr (so an update differs from the global it trained from). It checks
+    batches and adapters as a real trainer does and records what it was asked: `steps` (batch sizes),
+    `evaluated` (batch sizes), `resets` (reset_optimizer calls). `fail_with` makes train_step raise it."""
+
+    name = "fake"
+
+    def __init__(self, bundle: Bundle) -> None:
+        super().__init__(bundle)
+        m = self.manifest
+        width = int(np.prod(m.input_shape(1)[1:]))
+        self._projection = np.random.default_rng(0).standard_normal((width, m.num_classes)).astype(np.float32)
+        self._tensors = {t.name: np.zeros(t.shape, np.float32) for t in m.trainable}
+        self.steps: List[int] = []
+        self.evaluated: List[int] = []
+        self.resets = 0
+        self.fail_with: Optional[Exception] = None
+
+    def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
+        self.check_batch(inputs, labels)
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.steps.append(len(labels))
+        for value in self._tensors.values():
+            value -= np.float32(self.lr)
+        return score_logits(self.logits(inputs), labels)
+
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        return inputs.reshape(len(inputs), -1).astype(np.float32) @ self._projection
+
+    def evaluate_batch(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
+        self.evaluated.append(len(labels))
+        return super().evaluate_batch(inputs, labels)
+
+    def get_adapter(self) -> Dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._tensors.items()}
+
+    def set_adapter(self, tensors: Dict[str, np.ndarray]) -> None:
+        self.check_adapter(tensors)
+        self._tensors = {k: np.array(v, np.float32) for k, v in tensors.items()}
+
+    def reset_optimizer(self) -> None:
+        self.resets += 1
+
+
+def feature_data(manifest: Manifest, n: int, seed: int = 0) -> LocalData:
+    """`n` random feature vectors with labels cycling through the classes."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % manifest.num_classes
+    return LocalData(labels, features=rng.standard_normal((n, manifest.feature_dim)).astype(np.float32))
+
+
+def offline_agent(state_dir: Path, *, manifest: Optional[Manifest] = None, train: int = 18, val: int = 6,
+                  client: Optional[FakeMqttClient] = None, trainer: Optional[Trainer] = None, **overrides: Any
+                  ) -> Agent:
+    """Agent `dev-1` of federation `fed` on a synthetic manifest, with a FakeTrainer, `train` + `val` random
+    feature vectors and a FakeMqttClient (`agent.client`); its state dir is opened as `Agent.open` does."""
+    m = manifest or synthetic_manifest()
+    bundle = Bundle(state_dir.parent / "no-bundle", m)  # never read: the parts are given
+    cfg = AgentConfig(bundle=bundle.root, data=state_dir.parent / "no-data", broker=OFFLINE_BROKER, client_id="dev-1",
+                      federation="fed", state_dir=state_dir, progress_every_s=0.0, publish_timeout_s=0.2)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    store = StateStore(state_dir)
+    state = open_state(store, cfg.client_id, m.model_id, cfg.federation)
+    return Agent(cfg, bundle=bundle, trainer=trainer or FakeTrainer(bundle),
+                 data=DeviceData(feature_data(m, train, 0), feature_data(m, val, 1)), store=store, state=state,
+                 client=client if client is not None else FakeMqttClient())
+
+
+def offer_round(agent: Agent, round_: int, run_id: str = "run-a", protocol: int = 1,
+                tensors: Optional[Mapping[str, np.ndarray]] = None, epochs: int = 1, **announced: Any) -> bytes:
+    """Queue `global` and `round` for a round (batch 4), as the broker delivers the retained messages; the
+    global's bytes. `tensors` default to random_adapter(manifest, 0); `announced` overrides announcement fields."""
+    m = agent.manifest
+    tensors = tensors if tensors is not None else random_adapter(m, 0)
+    blob = adapter.encode(tensors, model_id=m.model_id, round=round_, kind="global")
+    fields = dict(round=round_, model_id=m.model_id, state="training",
+                  config=TrainConfig(epochs=epochs, lr=5e-3, batch_size=4), clients="all",
+                  deadline=time.time() + 600, global_sha256=sha256_bytes(blob), total_rounds=5, protocol=protocol,
+                  run_id=run_id)
+    fields.update(announced)
+    agent.events.put(("global", blob))
+    agent.events.put(("round", RoundAnnouncement(**fields).to_json()))
+    return blob
+
+
+def updates(agent: Agent) -> List[adapter.Adapter]:
+    """The updates the agent published (decoded against its manifest)."""
+    return [adapter.decode(p, agent.manifest.trainable) for p in agent.client.of("update")]

@@ -1,0 +1,261 @@
+"""The agent's rules as pure decisions: what a message means for this device and what to do next.
+
+No I/O, no clock, no logging. `flora.edge.agent` is the thin layer around them: it turns each message
+into a decision here, carries the decision out (train, publish, persist) and logs a decision's `Note`
+once per key. The rules see the agent through a frozen `AgentView` of its state:
+
+- `adopt_state`: at start-up, whether the state dir's record belongs to this model and federation.
+- `read_round` / `read_global`: a `round` or `global` payload, accepted or refused with a reason.
+- `enter_round`: what an accepted announcement changes: a new federation run forgets the record of
+  submitted rounds (`StartRun`); after a restart the stored, unacknowledged update is re-sent once
+  (`Resend`).
+- `next_action`: `Train`, `Idle` (with its reason) or `Finish` for the round announced now.
+
+New rules for the agent's side of the protocol (docs/protocol.md) belong here, with tests in
+tests/test_agent_rules.py that need no bundle, torch or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import FrozenSet, Optional, Tuple, Union
+
+from . import adapter
+from .bundle import Manifest
+from .fileio import sha256_bytes
+from .protocol import PROTOCOL_VERSION, ROUND_DONE, ProtocolError, RoundAnnouncement
+from .state import AgentState
+
+INFO, WARNING, ERROR = "info", "warning", "error"
+
+# Why the agent does not train now (`Idle.reason`).
+NO_ROUND = "no-round"
+MODEL_MISMATCH = "model-mismatch"
+FINISHED = "finished"
+NOT_ASKED = "not-asked"
+SUBMITTED = "submitted"
+FAILED = "failed-in-this-process"
+WAITING_FOR_GLOBAL = "waiting-for-global"
+
+# Why start-up does not keep the stored record (`Adoption.reset`).
+OTHER_MODEL = "other-model"
+OTHER_FEDERATION = "other-federation"
+
+
+@dataclass(frozen=True)
+class Note:
+    """A log line a decision asks for; the agent logs each non-empty `key` once per process."""
+
+    level: str  # INFO, WARNING or ERROR
+    text: str
+    key: str = ""  # "" : every time
+
+
+@dataclass(frozen=True)
+class AgentView:
+    """What the rules see of the agent: its identity, its record of submitted rounds (the state dir), and
+    what this process remembers (a re-send still owed, an update in flight, rounds that failed here)."""
+
+    client_id: str
+    model_id: str
+    run_id: str = ""  # the federation run the record of submitted rounds is for
+    last_submitted_round: Optional[int] = None
+    outbox_round: Optional[int] = None
+    outbox_pending: bool = False  # an update is stored that the broker has not acknowledged
+    resend_pending: bool = False  # ... stored before this process started, and not re-sent yet
+    in_flight: bool = False  # this process published an update the broker has not acknowledged yet
+    failed: FrozenSet[Tuple[str, int]] = field(default_factory=frozenset)  # (run_id, round) failed here
+    global_sha256: Optional[str] = None  # of the last global adapter received (and accepted)
+    finished: bool = False  # this process has seen the federation done
+
+    @classmethod
+    def of(cls, state: AgentState, client_id: str, model_id: str, **process) -> AgentView:
+        """The view of a persisted state plus this process's memory (`resend_pending`, `in_flight`, ...)."""
+        return cls(client_id, model_id, state.run_id, state.last_submitted_round, state.outbox_round,
+                   state.outbox_pending, **process)
+
+    def submitted(self, round_: int) -> bool:
+        return self.last_submitted_round is not None and round_ <= self.last_submitted_round
+
+
+# -- start-up ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """What start-up does with the stored state: keep it (`reset` None) or start afresh, and what to say."""
+
+    reset: Optional[str]  # None, OTHER_MODEL (a fresh state) or OTHER_FEDERATION (a fresh record of rounds)
+    notes: Tuple[Note, ...] = ()
+
+
+def adopt_state(stored: AgentState, model_id: str, federation: str, where: str = "state dir") -> Adoption:
+    """A state dir of another model starts a fresh state; one that recorded another federation's rounds
+    starts a fresh record of submitted rounds; otherwise the agent resumes from it."""
+    if stored.model_id not in (None, model_id):
+        return Adoption(OTHER_MODEL, (Note(WARNING, f"{where} belongs to model {stored.model_id[:16]}; this bundle "
+                                                    f"is {model_id[:16]}: starting a fresh state"),))
+    if stored.federation not in (None, federation):
+        return Adoption(OTHER_FEDERATION, (Note(WARNING, f"{where} recorded the rounds of federation "
+                                                         f"{stored.federation!r}, this is {federation!r}: starting "
+                                                         "a fresh record of submitted rounds"),))
+    notes = []
+    if stored.last_submitted_round is not None:
+        notes.append(Note(INFO, f"resuming: last submitted round {stored.last_submitted_round} "
+                                f"(run {stored.run_id or 'unnamed'})"))
+    if stored.outbox_pending:
+        notes.append(Note(INFO, f"the update of round {stored.outbox_round} is stored but was not acknowledged: "
+                                "it is sent once more when the round message arrives"))
+    return Adoption(None, tuple(notes))
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A message the agent does not act on; `status_error` (if any) goes out as a retained `error` status."""
+
+    note: Note
+    status_error: Optional[str] = None
+    forget_round: bool = False  # the announcement held so far no longer stands
+
+
+def newer_protocol(payload: bytes) -> Optional[int]:
+    """The `protocol` of a JSON message when it is newer than this agent's, else None."""
+    try:
+        version = json.loads(payload).get("protocol")
+    except (ValueError, AttributeError):  # not JSON, or not an object: from_json says why
+        return None
+    return version if isinstance(version, int) and version > PROTOCOL_VERSION else None
+
+
+def read_round(payload: bytes) -> Union[RoundAnnouncement, Refused]:
+    """A `round` payload as an announcement; refused when its protocol is newer (the agent then waits for
+    one it understands, and says so once per version) or when it is malformed (the last one stands)."""
+    newer = newer_protocol(payload)
+    if newer is not None:
+        reason = f"round message of protocol {newer}, newer than this agent's {PROTOCOL_VERSION}"
+        note = Note(ERROR, f"refused a {reason}: upgrade flora-agent; waiting for a round message it understands",
+                    key=f"protocol-{newer}")
+        return Refused(note, status_error=f"refused {reason}", forget_round=True)
+    try:
+        return RoundAnnouncement.from_json(payload)
+    except ProtocolError as exc:
+        return Refused(Note(WARNING, f"ignored a malformed round message: {exc}"))
+
+
+@dataclass(frozen=True)
+class GlobalAdapter:
+    """An accepted `global` payload: the bytes, their sha256 (what a round names) and the decoded adapter."""
+
+    blob: bytes
+    sha256: str
+    adapter: adapter.Adapter
+
+
+def read_global(payload: bytes, manifest: Manifest) -> Union[GlobalAdapter, Refused]:
+    """A `global` payload checked against the bundle (model, tensors, size, finite values) and its kind."""
+    try:
+        decoded = adapter.decode(payload, manifest.trainable, model_id=manifest.model_id,
+                                 max_bytes=adapter.max_blob_bytes(manifest.trainable))
+    except adapter.AdapterError as exc:
+        return Refused(Note(ERROR, f"refused the global adapter: {exc}"), status_error=f"refused global adapter: {exc}")
+    if decoded.meta.kind not in ("global", "initial"):
+        return Refused(Note(ERROR, f"refused the global adapter: its kind is {decoded.meta.kind!r}"))
+    return GlobalAdapter(payload, sha256_bytes(payload), decoded)
+
+
+# -- an announcement arrives -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartRun:
+    """A round of another federation run: start a fresh record of submitted rounds (the outbox goes, and
+    with it any re-send still owed and the update in flight)."""
+
+    run_id: str
+    note: Note
+
+
+@dataclass(frozen=True)
+class Resend:
+    """Send the stored, unacknowledged update of `round` once more (a restarted agent, nothing in flight)."""
+
+    round: int
+
+
+def enter_round(announcement: RoundAnnouncement, view: AgentView) -> Tuple[Union[StartRun, Resend], ...]:
+    """What an accepted announcement changes, in order: another run_id starts a fresh record (an empty
+    run_id, from an older aggregator, keeps it); then a re-send still owed goes out, never beside an
+    update in flight."""
+    effects = []
+    run_id = announcement.run_id
+    starts = bool(run_id) and run_id != view.run_id
+    if starts:
+        effects.append(StartRun(run_id, _start_run_note(run_id, view)))
+    elif view.resend_pending and view.outbox_pending and not view.in_flight and view.outbox_round is not None:
+        effects.append(Resend(view.outbox_round))
+    return tuple(effects)
+
+
+def _start_run_note(run_id: str, view: AgentView) -> Note:
+    if view.last_submitted_round is None and not view.outbox_pending:
+        return Note(INFO, f"federation run {run_id}")
+    dropped = f", dropping the unsent update of round {view.outbox_round}" if view.outbox_pending else ""
+    return Note(WARNING, f"federation run {run_id} (the record was for run {view.run_id or 'unnamed'}): forgetting "
+                         f"that rounds up to {view.last_submitted_round} were submitted{dropped}")
+
+
+# -- what to do now ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Train:
+    round: int
+
+
+@dataclass(frozen=True)
+class Idle:
+    reason: str
+    note: Optional[Note] = None
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The federation is done: go idle (and exit with --exit-when-done)."""
+
+    total_rounds: int
+    note: Note
+
+
+Action = Union[Train, Idle, Finish]
+
+
+def next_action(announcement: Optional[RoundAnnouncement], view: AgentView) -> Action:
+    """Train the announced round only if it is for this model, asks this client, was neither submitted in
+    this run nor failed in this process, and its global (by sha256) is the one received. Checked in
+    that order; the first that does not hold is the `Idle` reason."""
+    r = announcement
+    if r is None:
+        return Idle(NO_ROUND)
+    tag = f"{r.run_id}/{r.round}"
+    if r.model_id != view.model_id:
+        return Idle(MODEL_MISMATCH, Note(ERROR, f"round {r.round} is for model {r.model_id[:16]}, this bundle is "
+                                                f"{view.model_id[:16]}: not training", key=f"model-{tag}"))
+    if r.state == ROUND_DONE:
+        if view.finished:
+            return Idle(FINISHED)
+        return Finish(r.total_rounds, Note(INFO, f"the federation is done after {r.total_rounds} rounds"))
+    if not r.asks(view.client_id):
+        return Idle(NOT_ASKED, Note(INFO, f"round {r.round} does not ask this client", key=f"skip-{tag}"))
+    if view.submitted(r.round):
+        return Idle(SUBMITTED, Note(INFO, f"round {r.round} was already submitted", key=f"done-{tag}"))
+    if (r.run_id, r.round) in view.failed:
+        return Idle(FAILED, Note(INFO, f"round {r.round} failed in this process: not retrying it; waiting for the "
+                                       "next round", key=f"failed-{tag}"))
+    if view.global_sha256 != r.global_sha256:
+        return Idle(WAITING_FOR_GLOBAL, Note(INFO, f"round {r.round}: waiting for its global adapter",
+                                             key=f"wait-{tag}-{view.global_sha256}"))
+    return Train(r.round)
