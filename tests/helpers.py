@@ -56,3 +56,14 @@ def gray_pngs(folder: Path, n: int) -> List[Path]:
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(p)
         paths.append(p)
     return paths
+
+
+def batches(dim: int, steps: int = 20, n: int = 16, seed: int = 0, distinct: int = 4):
+    """A learnable task: labels of a random linear teacher on random features, `distinct` batches cycled."""
+    rng = np.random.default_rng(seed)
+    teacher = rng.standard_normal((dim, 10))
+    pool = []
+    for _ in range(distinct):
+        x = rng.standard_normal((n, dim)).astype(np.float32)
+        pool.append((x, (x @ teacher).argmax(axis=1).astype(np.int64)))
+    return [pool[i % distinct] for i in range(steps)]

@@ -8,7 +8,7 @@ import numpy as np
 from flora.edge.trainers import open_trainer
 from flora.edge.trainers.shared import SharedStepTrainer
 
-from .test_step_backend import batches
+from .helpers import batches
 
 
 def test_interleaved_clients_train_exactly_as_separate_trainers(tiny_all_bundle):

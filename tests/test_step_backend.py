@@ -24,20 +24,9 @@ from flora.export.lora import LoraSpec, attach_lora, load_lora_
 from flora.export.onnx_export import TESTED_ONNXRUNTIME
 from flora.export.presets import get_preset
 
-from .helpers import DIGITS, export_tiny, install_wheel
+from .helpers import DIGITS, batches, export_tiny, install_wheel
 
 LR = 5e-3
-
-
-def batches(dim: int, steps: int = 20, n: int = 16, seed: int = 0, distinct: int = 4):
-    """A learnable task: labels of a random linear teacher on random features, `distinct` batches cycled."""
-    rng = np.random.default_rng(seed)
-    teacher = rng.standard_normal((dim, 10))
-    pool = []
-    for _ in range(distinct):
-        x = rng.standard_normal((n, dim)).astype(np.float32)
-        pool.append((x, (x @ teacher).argmax(axis=1).astype(np.int64)))
-    return [pool[i % distinct] for i in range(steps)]
 
 
 def run_backend(bundle, backend: str, data, weight_decay: float = 0.0, lr: float = LR):
