@@ -64,6 +64,23 @@ class Topics:
         return f"{self.base}/metrics/{check_id(client_id)}"
 
     @property
+    def secagg_stage(self) -> str:
+        """Secure aggregation: the aggregator opens each stage here (retained, signed)."""
+        return f"{self.base}/secagg/stage"
+
+    def secagg_inbox(self, client_id: str) -> str:
+        """Secure aggregation: what one client needs for a stage (signed by the aggregator)."""
+        return f"{self.base}/secagg/inbox/{check_id(client_id)}"
+
+    def secagg_up(self, client_id: str) -> str:
+        """Secure aggregation: a client's messages to the aggregator."""
+        return f"{self.base}/secagg/up/{check_id(client_id)}"
+
+    @property
+    def all_secagg_up(self) -> str:
+        return f"{self.base}/secagg/up/+"
+
+    @property
     def all_updates(self) -> str:
         return f"{self.base}/update/+"
 
