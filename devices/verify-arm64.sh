@@ -48,7 +48,7 @@ DEB_PACKAGES=(python3.11-minimal libpython3.11-stdlib libstdc++6 libgcc-s1)
 # The `edge` extra of pyproject.toml evaluated for aarch64 + CPython 3.11. pip evaluates environment
 # markers for the host even with --platform, so they are resolved here by hand;
 # tests/test_arm64.py::test_requirements_match_pyproject keeps this list in sync.
-EDGE_REQUIREMENTS=("numpy>=1.21" "pillow>=9.0" "paho-mqtt>=2.0,<3" "safetensors>=0.4" "onnxruntime>=1.16.3" "prometheus_client>=0.17")
+EDGE_REQUIREMENTS=("numpy>=1.21" "pillow>=9.0" "paho-mqtt>=2.0,<3" "safetensors>=0.4" "onnxruntime>=1.16.3" "prometheus_client>=0.17" "cryptography>=42" "pycryptodome>=3.19")
 # Bumped whenever the layout of the cache changes, so old caches are rebuilt.
 readonly LAYOUT=1
 

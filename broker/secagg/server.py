@@ -28,10 +28,8 @@ from flora.edge.secagg.messages import (
     MASKED,
     P_INBOX,
     P_KEYS,
-    P_REVEAL,
     P_SHARES,
     P_STAGE,
-    P_STATEMENT,
     P_UNMASK,
     REVEAL,
     SHARE,
@@ -61,7 +59,8 @@ ABORTED = "aborted"
 
 #: the message each stage waits for
 EXPECTS = {ADVERTISE: "keys", SHARE: "shares", MASKED: "masked", UNMASK: "unmask", REVEAL: "reveal"}
-NEXT = {ADVERTISE: SHARE, SHARE: MASKED, MASKED: UNMASK, UNMASK: REVEAL}
+#: the client messages signed by the sender's identity key, and their signature purposes
+SIGNED = {"keys": P_KEYS, "shares": P_SHARES, "unmask": P_UNMASK}
 
 
 @dataclass(frozen=True)
@@ -172,8 +171,8 @@ class SecAggServer:
             raise _Reject("late", f"the attempt is {self.status}")
         if client not in self.registry:
             raise _Reject("not-enrolled", f"{client} is not an enrolled device (or was revoked)")
-        masked = payload[:5] == b"FLSA1"
-        body = payload if masked else signing.split(payload)[1]
+        signed = signing.is_signed(payload)
+        body = signing.split(payload)[1] if signed else payload
         kind, parsed = client_kind(body)
         if kind != EXPECTS[self.stage]:
             raise _Reject("late" if _order(kind) < _order(EXPECTS[self.stage]) else "early",
@@ -183,9 +182,10 @@ class SecAggServer:
         expected = {ADVERTISE: self.asked, SHARE: self.u1, MASKED: self.u2, UNMASK: self.u3, REVEAL: self.u3}
         if client not in expected[self.stage]:
             raise _Reject("not-member", f"{client} is not in the {self.stage} stage")
-        if not masked:
-            purpose = {"keys": P_KEYS, "shares": P_SHARES, "unmask": P_UNMASK, "reveal": P_REVEAL}[kind]
-            signing.verify(self.registry[client], purpose, self.ctx.federation, payload)
+        if kind in SIGNED:  # a masked input carries a tag, a revealed seed is checked against its commitment
+            if not signed:
+                raise _Reject(signing.UNSIGNED, f"an unsigned {kind} message")
+            signing.verify(self.registry[client], SIGNED[kind], self.ctx.federation, payload)
         getattr(self, f"_on_{kind}")(client, parsed, payload)
         self.answered.add(client)
 
@@ -222,8 +222,8 @@ class SecAggServer:
     def _on_unmask(self, client: str, body, payload: bytes) -> None:
         msg = UnmaskMsg.from_body(body, self.ctx, self.params.shares)
         self._same_client(msg.client, client)
-        st = StatementMsg.from_body(signing.verify(self.registry[client], P_STATEMENT, self.ctx.federation,
-                                                   msg.statement), self.ctx)
+        # the statement is relayed to the neighbours, who check its signature; here only what it says
+        st = StatementMsg.from_body(signing.body_of(msg.statement), self.ctx)
         ring = set(self.rings[client]) & self.u2
         if (st.client, set(st.active), set(st.dropped)) != (client, ring & self.u3, ring & self.dropped):
             raise _Reject("inconsistent", "the statement is not the unmask request the client was sent")

@@ -32,7 +32,6 @@ from .messages import (
     MASKED,
     P_INBOX,
     P_KEYS,
-    P_REVEAL,
     P_SHARES,
     P_STAGE,
     P_STATEMENT,
@@ -311,4 +310,4 @@ class SecAggClient:
             self._fail(BELOW_THRESHOLD, f"{len(vouched)} neighbours vouched that this client is active, "
                                         f"{need} needed before it reveals its seed")
         self.state, self.stage, self.inbox = DONE, None, None
-        return self._sign(P_REVEAL, RevealMsg(self.me, self.seed).to_body(self.ctx))
+        return RevealMsg(self.me, self.seed).to_body(self.ctx)  # authenticated by the signed commitment

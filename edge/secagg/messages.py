@@ -42,7 +42,6 @@ P_KEYS = "secagg-keys"
 P_SHARES = "secagg-shares"
 P_UNMASK = "secagg-unmask"
 P_STATEMENT = "secagg-statement"
-P_REVEAL = "secagg-reveal"
 
 MASKED_MAGIC = b"FLSA1"
 TAG_BYTES = 16
