@@ -46,7 +46,7 @@ python3 -m venv "$PREFIX/venv"
 # The edge extra without its onnxruntime (which would clash with onnxruntime-gpu: both are `onnxruntime`).
 "$PREFIX/venv/bin/pip" install -q --no-deps "$SRC"
 "$PREFIX/venv/bin/pip" install -q "$NUMPY" "pillow>=9.0" "paho-mqtt>=2.0,<3" "safetensors>=0.4" "prometheus_client>=0.17" \
-    "tomli>=2.0; python_version < '3.11'"
+    "cryptography>=42" "pycryptodome>=3.19" "tomli>=2.0; python_version < '3.11'"
 if [ -n "$WHEEL" ]; then
     "$PREFIX/venv/bin/pip" install -q "$WHEEL" "$NUMPY"   # the pin again, so the wheel's deps keep it
 else
