@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from flora.edge.errors import FloraError
 from flora.edge.fileio import atomic_write_bytes, atomic_write_json
 from flora.edge.identity import CA_CERT, IDENTITY_CERT, IDENTITY_KEY, IDENTITY_OU, load_private_key
 from flora.edge.protocol import check_id
@@ -47,7 +48,7 @@ CA_DAYS = 3650
 CERT_DAYS = 825
 
 
-class EnrollError(RuntimeError):
+class EnrollError(FloraError, RuntimeError):
     """Enrollment cannot proceed (an unknown device, a state dir of another federation, unreadable files)."""
 
 

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
+from .errors import FloraError
+
 IDENTITY_OU = "flora-device-identity"
 IDENTITY_KEY = "identity.key"
 IDENTITY_CERT = "identity.crt"
@@ -27,7 +29,7 @@ CA_CERT = "ca.crt"
 MAX_CERT_BYTES = 4096
 
 
-class IdentityError(ValueError):
+class IdentityError(FloraError, ValueError):
     """An identity key or certificate that is missing, unreadable, or does not check out."""
 
 

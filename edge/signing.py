@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .errors import FloraError
+
 MAGIC = b"FLORA-SIG1"
 SIGNATURE_BYTES = 64
 PUBLIC_KEY_BYTES = 32
@@ -29,7 +31,7 @@ BAD_SIGNATURE = "bad-signature"
 ROUND_JUMP = "round-jump"
 
 
-class SignatureError(ValueError):
+class SignatureError(FloraError, ValueError):
     """A message that does not verify; `reason` is one of the refusal reasons above."""
 
     def __init__(self, reason: str, detail: str) -> None:

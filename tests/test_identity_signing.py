@@ -133,3 +133,17 @@ def test_a_round_that_jumps_too_far_is_refused():
     assert e.value.reason == signing.ROUND_JUMP
     guard.seen(3)
     assert guard.last == 5
+
+
+def test_the_new_errors_are_flora_errors_with_the_bad_input_status():
+    from flora.broker.enroll import EnrollError
+    from flora.edge.errors import EXIT_BAD_INPUT, FloraError
+    from flora.edge.identity import IdentityError
+    from flora.edge.secagg.encoding import EncodingError
+    from flora.edge.secagg.messages import MessageError
+    from flora.edge.secagg.params import ParamsError
+    from flora.edge.secagg.primitives import CryptoError
+
+    for cls in (EnrollError, IdentityError, EncodingError, MessageError, ParamsError, CryptoError,
+                signing.SignatureError):
+        assert issubclass(cls, FloraError) and cls.exit_code == EXIT_BAD_INPUT, cls

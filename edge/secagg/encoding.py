@@ -24,11 +24,13 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from ..errors import FloraError
+
 WIDTHS = (32, 64)
 MAX_EXACT = 2 ** 52  # float64 holds every integer and its fractions' first bit up to here
 
 
-class EncodingError(ValueError):
+class EncodingError(FloraError, ValueError):
     """A configuration that could overflow, or an input that cannot be encoded."""
 
 

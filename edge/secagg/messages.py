@@ -19,6 +19,7 @@ from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
+from ..errors import FloraError
 from ..protocol import ProtocolError, check_id
 from .primitives import KEY_BYTES, NONCE_BYTES, SECRET_BYTES, Context
 
@@ -50,7 +51,7 @@ _HEADER_LEN = struct.Struct("<I")
 MAX_CERT_B64 = 8192
 
 
-class MessageError(ValueError):
+class MessageError(FloraError, ValueError):
     """A message that does not follow the protocol."""
 
     def __init__(self, detail: str, reason: str = MALFORMED) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict
 
+from ..errors import FloraError
 from .encoding import Encoding, EncodingError
 from .messages import MessageError, exact_keys, get_float, get_int
 
 
-class ParamsError(ValueError):
+class ParamsError(FloraError, ValueError):
     """Secure-aggregation parameters that are unsound or unusable."""
 
 

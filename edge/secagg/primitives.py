@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
+from ..errors import FloraError
+
 KEY_BYTES = 32
 NONCE_BYTES = 12
 SECRET_BYTES = 32  # the self-mask seed and an X25519 private key
@@ -32,7 +34,7 @@ DOMAIN = b"flora-secagg-v1"
 _ZERO_NONCE = bytes(16)  # ChaCha20's 16-byte counter||nonce: every mask key is used for one stream only
 
 
-class CryptoError(ValueError):
+class CryptoError(FloraError, ValueError):
     """A ciphertext, tag or key that does not check out."""
 
 
