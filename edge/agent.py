@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING, Any, List, Optional, Set, Tuple
 
 from . import adapter as adapter_blob
 from . import agent_rules as rules
-from .bundle import Bundle, load_bundle
+from .bundle import Bundle
 from .local_data import DeviceData, load_device_data
 from .mqtt import BrokerConfig, Connection, make_client
 from .preprocess import ImageError
-from .protocol import QOS, Metrics, RoundAnnouncement, Status, Topics, check_id, round_config_warnings
+from .protocol import QOS, Metrics, RoundAnnouncement, Status, Topics, check_id
 from .state import AgentState, StateStore
-from .trainers import Trainer, TrainerError, available_backends, open_trainer
+from .trainers import Trainer, TrainerError, open_bundle, open_trainer
 from .training import Evaluation, RoundResult, Stopped, eval_batch_size, evaluate, train_round
 
 if TYPE_CHECKING:
@@ -100,10 +100,7 @@ class InFlight:
 
 def open_bundle_and_trainer(cfg: AgentConfig) -> Tuple[Bundle, Trainer]:
     """The bundle, verified for the backend that will run it, and its trainer."""
-    unverified = load_bundle(cfg.bundle, verify=False)
-    usable = available_backends(unverified)
-    backend = cfg.backend if cfg.backend != "auto" else (usable[0] if usable else "auto")
-    bundle = load_bundle(cfg.bundle, backends=[backend] if backend != "auto" else None)
+    bundle, backend = open_bundle(cfg.bundle, cfg.backend)
     trainer = open_trainer(bundle, backend, threads=cfg.threads, providers=cfg.providers)
     m = bundle.manifest
     log.info("bundle %s: %s, LoRA %s tower rank %d, %d classes, model_id %s; trainer %s", bundle.root, m.preset,
@@ -328,16 +325,10 @@ class Agent:
         self._recover_trainer()
 
     def _recover_trainer(self) -> None:
-        """Fresh optimizer state after a failed round: a non-finite step may have poisoned AdamW's moments,
-        and ort-training cannot reset them, so its trainer is reopened (the weights come from the next global)."""
-        reset = getattr(self.trainer, "reset_optimizer", None)
-        if callable(reset):
-            reset()
-            return
-        name = self.trainer.name
-        del self.trainer  # free the old session before the new one is built
-        self.trainer = open_trainer(self.bundle, name, threads=self.cfg.threads, providers=self.cfg.providers)
-        log.info("reopened the %s trainer after the failed round", name)
+        """Fresh optimizer state after a failed round: a non-finite step may have poisoned AdamW's moments
+        (the weights come from the next global)."""
+        self.trainer.reset_optimizer()
+        log.info("reset the %s trainer's optimizer after the failed round", self.trainer.name)
 
     def _apply_global(self) -> None:
         """Load the round's global adapter into the live session and persist it as the last applied."""
@@ -353,9 +344,11 @@ class Agent:
         self.publish_status("training")
         self._apply_global()
         self.trainer.set_lr(cfg.lr)
-        self.trainer.set_weight_decay(cfg.weight_decay)
-        for warning in round_config_warnings(cfg, self.manifest, self.trainer.name):
-            log.warning(warning)
+        if not self.trainer.set_weight_decay(cfg.weight_decay):
+            self._say(rules.Note(rules.WARNING, f"round asks weight_decay={cfg.weight_decay:g}, but the "
+                                 f"{self.trainer.name} trainer cannot change the {self.trainer.weight_decay:g} the "
+                                 "bundle was exported with; using the exported value",
+                                 key=f"weight-decay-{cfg.weight_decay}"))
         result = train_round(
             self.trainer, self.train_data, epochs=cfg.epochs, batch_size=cfg.batch_size,
             seed=self.cfg.seed * 100003 + r.round, progress=lambda line: log.info("round %d: %s", r.round, line),

@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -222,9 +221,7 @@ def probe_main(argv: List[str]) -> int:
 
 
 def _probe_command(spec: ProbeSpec) -> List[str]:
-    root = str(Path(__file__).resolve().parents[1])  # a fallback only: an installed edge comes first
-    code = (f"import sys; sys.path.append({root!r}); from edge.doctor import probe_main; "
-            "sys.exit(probe_main(sys.argv[1:]))")
+    code = "import sys; from flora.edge.doctor import probe_main; sys.exit(probe_main(sys.argv[1:]))"
     return [sys.executable, "-c", code, *spec.argv()]
 
 
@@ -364,20 +361,17 @@ def _check_runtime(r: Report) -> bool:
 
 def _check_bundle(r: Report, args: argparse.Namespace):
     """The verified bundle and the backend to use, or (None, None) after a FAIL line."""
-    from .bundle import BundleError, load_bundle
-    from .trainers import available_backends
+    from .trainers import available_backends, open_bundle
 
     if not args.bundle:
         r.fail("bundle", "no --bundle given")
         return None, None
     try:
-        unverified = load_bundle(args.bundle, verify=False)
-        usable = available_backends(unverified)
-        backend = args.backend if args.backend != "auto" else (usable[0] if usable else "auto")
-        bundle = load_bundle(args.bundle, backends=[backend] if backend != "auto" else None)
-    except (BundleError, ValueError) as exc:
+        bundle, backend = open_bundle(args.bundle, args.backend)
+    except FloraError as exc:
         r.fail("bundle", str(exc))
         return None, None
+    usable = available_backends(bundle)
     m = bundle.manifest
     r.ok("bundle", f"{bundle.root}: {m.preset}, LoRA {m.lora.tower} tower rank {m.lora.rank}, "
                    f"{m.num_classes} classes, files verified")
@@ -481,11 +475,3 @@ def run_doctor(args: argparse.Namespace, out=print) -> int:
     r.emit(out)
     out(r.verdict())
     return 1 if r.failures else 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    if sys.argv[1:2] == ["--probe"]:
-        sys.exit(probe_main(sys.argv[2:]))
-    from .cli import main
-
-    sys.exit(main(["doctor", *sys.argv[1:]]))

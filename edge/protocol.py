@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 
-from .bundle import Manifest
 from .errors import FloraError
 
 PREFIX = "flora"
@@ -246,13 +245,3 @@ def _load_object(payload: Union[bytes, str], what: str) -> Dict[str, Any]:
     if not isinstance(d, dict):
         raise ProtocolError(f"{what} message is not a JSON object")
     return d
-
-
-def round_config_warnings(config: TrainConfig, manifest: Manifest, backend: str) -> Sequence[str]:
-    """Settings a backend cannot honour (ORT's optimizer graph fixes the weight decay)."""
-    if backend == "ort-training" and abs(config.weight_decay - manifest.optimizer.weight_decay) > 1e-12:
-        return [
-            f"round asks weight_decay={config.weight_decay}, but the ort-training optimizer graph was "
-            f"exported with {manifest.optimizer.weight_decay}; using the exported value"
-        ]
-    return []

@@ -199,6 +199,14 @@ class FakeTrainer(Trainer):
         self.check_adapter(tensors)
         self._tensors = {k: np.array(v, np.float32) for k, v in tensors.items()}
 
+    @classmethod
+    def runs_here(cls) -> bool:
+        return True
+
+    def set_weight_decay(self, weight_decay: float) -> bool:
+        self.weight_decay = float(weight_decay)
+        return True
+
     def reset_optimizer(self) -> None:
         self.resets += 1
 

@@ -54,19 +54,23 @@ def test_agent_submits_exactly_its_training_split_size(tiny_text_bundle, digits_
     assert StateStore(tmp_path / "state").load().outbox_sent is True
 
 
-def test_after_a_failed_round_an_ort_training_trainer_is_reopened_and_trains_the_next(
+def test_after_a_failed_round_the_ort_training_optimizer_is_reset_and_the_next_round_trains(
         tiny_text_bundle, digits_folder, tmp_path):
     agent = open_agent(tiny_text_bundle, digits_folder, tmp_path / "state")
-    broken = agent.trainer
+    trainer, resets = agent.trainer, []
+    real_step, real_reset = trainer.train_step, trainer.reset_optimizer
 
-    def non_finite(inputs, labels):
-        raise TrainerError("training step 1 produced a non-finite loss (nan)")
+    def non_finite_once(inputs, labels):
+        if not resets:
+            raise TrainerError("training step 1 produced a non-finite loss (nan)")
+        return real_step(inputs, labels)
 
-    broken.train_step = non_finite
+    trainer.train_step = non_finite_once
+    trainer.reset_optimizer = lambda: (resets.append(True), real_reset())  # ort-training: reopens its sessions
     offer_round(agent, 0, tensors=initial(tiny_text_bundle))
     assert agent.pump() is True
     assert agent.client.statuses()[-1].state == "error" and agent.client.of("update") == []
-    assert agent.trainer is not broken  # ort-training reopened: a NaN step may have poisoned AdamW's moments
+    assert resets == [True]  # a NaN step may have poisoned AdamW's moments
     offer_round(agent, 1, tensors=initial(tiny_text_bundle))
     agent.pump()
     assert [u.meta.round for u in updates(agent)] == [1] and agent.client.statuses()[-1].state == "idle"

@@ -297,3 +297,39 @@ def test_step_evaluation_uses_the_step_graph_at_lr_zero_and_changes_nothing(tiny
     assert trainer.steps == steps
     assert_same_adapter(trainer.get_adapter(), before, rtol=0, atol=0)
     assert_same_adapter(trainer.optimizer_state(), moments, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["ort-training", "step"])
+def test_reset_optimizer_starts_adamw_afresh_and_keeps_the_adapter(tiny_all_bundle, backend):
+    m = tiny_all_bundle.manifest
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, m.feature_dim)).astype(np.float32)
+    y = np.array([0, 1, 2, 3])
+    trained = open_trainer(tiny_all_bundle, backend)
+    trained.set_lr(1e-2)
+    for _ in range(3):
+        trained.train_step(x, y)
+    adapter = trained.get_adapter()
+    continued = open_trainer(tiny_all_bundle, backend)  # the same three steps, its moments kept
+    continued.set_lr(1e-2)
+    for _ in range(3):
+        continued.train_step(x, y)
+    trained.reset_optimizer()
+    after = trained.get_adapter()
+    assert all(np.array_equal(after[k], adapter[k]) for k in adapter) and trained.lr == 1e-2
+    fresh = open_trainer(tiny_all_bundle, backend)  # a new trainer from the same adapter: zero moments
+    fresh.set_lr(1e-2)
+    fresh.set_adapter(adapter)
+    for trainer in (trained, fresh, continued):
+        trainer.train_step(x, y)
+    reset_step, fresh_step, moment_step = trained.get_adapter(), fresh.get_adapter(), continued.get_adapter()
+    for name in adapter:
+        np.testing.assert_allclose(reset_step[name], fresh_step[name], rtol=0, atol=1e-7)
+    assert max(float(np.abs(moment_step[k] - fresh_step[k]).max()) for k in adapter) > 1e-5  # moments matter
+
+
+def test_each_backend_says_whether_it_can_change_the_weight_decay(tiny_all_bundle):
+    assert open_trainer(tiny_all_bundle, "step").set_weight_decay(0.1) is True
+    ort_trainer = open_trainer(tiny_all_bundle, "ort-training")
+    assert ort_trainer.set_weight_decay(0.0) is True  # the exported value
+    assert ort_trainer.set_weight_decay(0.1) is False and ort_trainer.weight_decay == 0.0

@@ -3,6 +3,8 @@ ONNX graph per training step, for devices where only plain onnxruntime installs)
 
 from __future__ import annotations
 
-from .base import StepResult, Trainer, TrainerError, available_backends, open_trainer
+from .backends import TRAINERS, available_backends, choose_backend, open_bundle, open_trainer
+from .base import StepResult, Trainer, TrainerError
 
-__all__ = ["StepResult", "Trainer", "TrainerError", "available_backends", "open_trainer"]
+__all__ = ["TRAINERS", "StepResult", "Trainer", "TrainerError", "available_backends", "choose_backend",
+           "open_bundle", "open_trainer"]

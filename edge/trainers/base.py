@@ -1,18 +1,16 @@
-"""The trainer interface both backends implement, and the backend choice."""
+"""The trainer interface every backend implements (the backend choice is trainers/backends.py)."""
 
 from __future__ import annotations
 
 import abc
-import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from ..bundle import Bundle, BundleError
+from ..bundle import Bundle
 from ..errors import FloraError
-from ..ort import has_training_api, torch_hidden
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +36,29 @@ def score_logits(logits: np.ndarray, labels: np.ndarray) -> StepResult:
 
 
 class Trainer(abc.ABC):
-    """Trains a bundle's LoRA tensors with AdamW; reads and writes them by adapter name."""
+    """Trains a bundle's LoRA tensors with AdamW; reads and writes them by adapter name.
+
+    A backend says itself whether it runs on this machine (`runs_here`), what it needs where it does
+    not (`requirement`), whether it can change the weight decay (`set_weight_decay`) and how it
+    starts AdamW afresh (`reset_optimizer`).
+    """
 
     name: str
+    #: what this backend needs to run, for the error where it cannot
+    requirement: str = ""
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: Bundle, threads: Optional[int] = None,
+                 providers: Optional[Sequence[str]] = None) -> None:
         self.bundle = bundle
         self.manifest = bundle.manifest
+        self.threads = threads
         self.lr = 1e-3
+        self.weight_decay = self.manifest.optimizer.weight_decay
+
+    @classmethod
+    @abc.abstractmethod
+    def runs_here(cls) -> bool:
+        """Whether this machine has the runtime the backend needs (nothing is loaded for it)."""
 
     @abc.abstractmethod
     def train_step(self, inputs: np.ndarray, labels: np.ndarray) -> StepResult:
@@ -73,9 +86,14 @@ class Trainer(abc.ABC):
             raise TrainerError(f"learning rate must be > 0, got {lr}")
         self.lr = float(lr)
 
+    @abc.abstractmethod
     def set_weight_decay(self, weight_decay: float) -> bool:
-        """Returns False if this backend cannot change weight decay (fixed at export)."""
-        return abs(weight_decay - self.manifest.optimizer.weight_decay) < 1e-12
+        """Use this AdamW weight decay from the next step on; False if the backend cannot change it (it then
+        keeps `self.weight_decay`, the value the bundle was exported with)."""
+
+    @abc.abstractmethod
+    def reset_optimizer(self) -> None:
+        """Start AdamW afresh (zero moments, step count 0), keeping the current LoRA tensors and lr."""
 
     def check_batch(self, inputs: np.ndarray, labels: Optional[np.ndarray] = None) -> None:
         want = self.manifest.input_shape(inputs.shape[0] if inputs.ndim else 0)
@@ -98,57 +116,3 @@ class Trainer(abc.ABC):
                 raise TrainerError(
                     f"adapter tensor {name} has shape {list(arr.shape)}, expected {list(specs[name].shape)}"
                 )
-
-
-def _importable(module: str) -> bool:
-    try:
-        with torch_hidden():  # find_spec imports the parent package (see edge.ort)
-            return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def available_backends(bundle: Bundle) -> List[str]:
-    """Backends that both this machine and this bundle support, preferred first."""
-    found = []
-    if bundle.has("ort-training") and has_training_api():
-        found.append("ort-training")
-    if bundle.has("step") and _importable("onnxruntime"):
-        found.append("step")
-    return found
-
-
-def open_trainer(
-    bundle: Bundle,
-    backend: str = "auto",
-    *,
-    threads: Optional[int] = None,
-    providers: Optional[Sequence[str]] = None,
-) -> Trainer:
-    """`ort-training` where onnxruntime-training imports and the bundle has its artifacts, else `step`."""
-    usable = available_backends(bundle)
-    if backend == "auto":
-        if not usable:
-            raise TrainerError(
-                f"no trainer backend can run bundle {bundle.root} here: it holds {list(bundle.manifest.backends)}; "
-                "ort-training needs onnxruntime-training (x86-64 Linux, Windows or macOS, Python 3.8-3.12), "
-                "step needs onnxruntime and a bundle exported with --backend step or all"
-            )
-        backend = usable[0]
-    if backend not in ("ort-training", "step"):
-        raise TrainerError(f"unknown trainer backend {backend!r}; use auto, ort-training or step")
-    if backend not in usable:
-        why = "the bundle was not exported with it" if not bundle.has(backend) else "its runtime is not installed"
-        raise TrainerError(f"backend {backend!r} cannot run here: {why}")
-    try:
-        if backend == "ort-training":
-            from .ort_training import OrtTrainingTrainer
-
-            return OrtTrainingTrainer(bundle, threads=threads)
-        from .step import StepTrainer
-
-        return StepTrainer(bundle, threads=threads, providers=providers)
-    except BundleError:
-        raise
-    except Exception as exc:
-        raise TrainerError(f"cannot start the {backend} trainer: {exc}") from exc

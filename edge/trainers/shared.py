@@ -45,12 +45,17 @@ class SharedStepTrainer:
 class ClientTrainer(Trainer):
     """One client's view of the shared step trainer (the `step` backend, with this client's state)."""
 
-    name = "step"
+    name = StepTrainer.name
+    requirement = StepTrainer.requirement
 
     def __init__(self, shared: SharedStepTrainer, state: StepState) -> None:
         super().__init__(shared.trainer.bundle)
         self._shared = shared
         self._state = state
+
+    @classmethod
+    def runs_here(cls) -> bool:
+        return StepTrainer.runs_here()
 
     @property
     def _t(self) -> StepTrainer:

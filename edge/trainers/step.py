@@ -8,6 +8,7 @@ same OrtValues.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
@@ -15,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..bundle import INFERENCE_MODEL, TRAIN_STEP_MODEL, Bundle
-from ..ort import import_onnxruntime, inference_session, resolve_providers
+from ..ort import import_onnxruntime, inference_session, resolve_providers, torch_hidden
 from ..step_io import STEP_OUTPUTS, moment_names, new_names
 from .base import StepResult, Trainer, TrainerError
 
@@ -36,17 +37,17 @@ class StepState:
 
 class StepTrainer(Trainer):
     name = "step"
+    requirement = "onnxruntime"
 
     def __init__(self, bundle: Bundle, threads: Optional[int] = None,
                  providers: Optional[Sequence[str]] = None) -> None:
-        super().__init__(bundle)
+        super().__init__(bundle, threads, providers)
         self._ort = import_onnxruntime()
         try:
             self.providers = resolve_providers(providers)
         except ValueError as exc:
             raise TrainerError(str(exc)) from None
         self._device = "cuda" if self.providers[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
-        self._threads = threads
         self._session = inference_session(bundle.path(TRAIN_STEP_MODEL), threads, self.providers, lean=True)
         self._infer = None  # the inference model, loaded on the first logits() call
         self._names = self.manifest.trainable_names
@@ -60,7 +61,6 @@ class StepTrainer(Trainer):
                                f"{[(a, b) for a, b in zip(got, expected) if a != b][:2]})")
         self._outputs = [*STEP_OUTPUTS, *new_names(self._names), *new_names(self._m_names),
                          *new_names(self._v_names)]
-        self.weight_decay = self.manifest.optimizer.weight_decay
         self.steps = 0
         self._params: List = []
         self._m: List = []
@@ -70,6 +70,14 @@ class StepTrainer(Trainer):
         initial = load_file(bundle.path("adapter.safetensors"), self.manifest.trainable)
         self.set_adapter(initial.tensors)
         self.reset_optimizer()
+
+    @classmethod
+    def runs_here(cls) -> bool:
+        try:
+            with torch_hidden():  # find_spec imports the parent package (see edge.ort)
+                return importlib.util.find_spec("onnxruntime") is not None
+        except ModuleNotFoundError:
+            return False
 
     def _value(self, array: np.ndarray):
         return self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, np.float32), self._device, 0)
@@ -124,7 +132,7 @@ class StepTrainer(Trainer):
     def logits(self, inputs: np.ndarray) -> np.ndarray:
         self.check_batch(inputs)
         if self._infer is None:
-            self._infer = inference_session(self.bundle.path(INFERENCE_MODEL), self._threads, self.providers)
+            self._infer = inference_session(self.bundle.path(INFERENCE_MODEL), self.threads, self.providers)
         io = self._infer.io_binding()
         io.bind_cpu_input(self.manifest.input_kind, np.ascontiguousarray(inputs, np.float32))
         for name, value in zip(self._names, self._params):
