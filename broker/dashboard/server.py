@@ -20,6 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from flora.edge.errors import FloraError
+
 log = logging.getLogger("flora.dashboard")
 
 TOKEN_ENV = "FLORA_DASHBOARD_TOKEN"
@@ -31,10 +33,8 @@ KEEPALIVE_S = 15.0
 CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'"
 
 
-class DashboardError(ValueError):
+class DashboardError(FloraError, ValueError):
     """The dashboard cannot serve (a bad --http address, a port in use)."""
-
-    exit_code = 2
 
 
 class Snapshots:
