@@ -27,6 +27,7 @@ from flora.edge import adapter
 from flora.edge.bundle import Manifest
 from flora.edge.errors import EXIT_UNAVAILABLE, ConfigError, FloraError
 from flora.edge.fileio import sha256_bytes
+from flora.edge.logs import fields
 from flora.edge.mqtt import BrokerConfig, Connection, make_client
 from flora.edge.protocol import (
     QOS,
@@ -41,9 +42,12 @@ from flora.edge.protocol import (
 )
 
 from .checkpoint import AggregatorState, Checkpoint, CheckpointError
+from .dashboard.server import Snapshots
+from .dashboard.snapshot import FederationInfo
 from .rounds import CLOSE, EXTEND, GIVE_UP, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
 from .strategies import make_strategy
 from .validation import DEFAULT_MAX_NUM_SAMPLES, Rejected, RoundView, validate_update
+from .watch import Watch
 
 if TYPE_CHECKING:
     from paho.mqtt.client import Client as MqttClient
@@ -91,6 +95,7 @@ class AggregatorConfig:
     on_round_closed: Optional[RoundHook] = None
     on_start: Optional[StartHook] = None
     client_id: str = "flora-aggregator"
+    snapshots: Optional[Snapshots] = None  # where live dashboard snapshots go (`--http`), if anywhere
 
 
 class ClientsAbsent(FloraError, TimeoutError):
@@ -135,7 +140,9 @@ class Aggregator:
         self._room = threading.Semaphore(cfg.max_queued_updates)  # free places for updates in `events`
         self.stop_event = threading.Event()
         self.online: Set[str] = set()
-        self.errored: Set[str] = set()  # online clients whose latest status is `error`
+        self.watch = Watch(self.checkpoint, FederationInfo(cfg.federation, "sync", self.strategy.name,
+                                                           cfg.sampling.min_clients, cfg.round_timeout_s),
+                           cfg.snapshots, clock)
         self.current: Optional[RoundRecord] = None
         self.no_round: Optional[NoRoundUpdates] = None
         self.connections = 0  # (re)connections so far: an ack token is good on its own connection only
@@ -237,6 +244,10 @@ class Aggregator:
                                   f"{self.state.round}")
         self.global_blob = blob
         self.global_tensors = decoded.as_float32()
+        if self.state.extra.get("federation") != self.watch.info.to_json():  # what `dashboard --state-dir` shows
+            self.state.extra["federation"] = self.watch.info.to_json()
+            self.checkpoint.save(self.state)
+        self.watch.load()
         if not self.state.done:
             self._restore_open_round()
 
@@ -285,7 +296,7 @@ class Aggregator:
         self.checkpoint.save_open_round(rec.number, rec.to_json())
 
     def _open_round(self) -> None:
-        rec = self.rounds.open(self.state.round, self.online)
+        rec = self.rounds.open(self.state.round, self.online, self.watch.errors)
         if self.no_round is not None and self.no_round.round == rec.number:
             self.no_round.merge_into(rec)
             log.info("round %d: counts %d update(s) that came while no round was open", rec.number,
@@ -349,6 +360,7 @@ class Aggregator:
     def _close_round(self) -> None:
         rec = self.current
         assert rec is not None and self.state is not None
+        t0 = time.perf_counter()
         try:
             new = self.strategy.finalize()
         except ValueError as exc:
@@ -360,7 +372,9 @@ class Aggregator:
         if bad is not None:
             self._fail_round(rec, f"the {self.strategy.name} aggregate of tensor {bad} is not finite")
             return
+        aggregation_s = time.perf_counter() - t0  # finalize and check, not the evaluation hook nor the commit
         row = self._history_row(rec, new)
+        row["aggregation_s"] = round(aggregation_s, 6)
         self._commit(rec, new, row)
         log.info("round %d closed: %d update(s), %d sample(s), %d rejected%s, %.1f s%s; global for round %d published",
                  rec.number, len(rec.reported), row["samples"], rec.num_rejected,
@@ -385,6 +399,7 @@ class Aggregator:
         self.state = self.checkpoint.commit(self.state, next_round, blob, row, next_round >= self.state.rounds_total)
         self.global_blob, self.global_tensors = blob, tensors
         self.current = None
+        self.watch.round_closed(row)
         self._publish(self.topics.global_, blob, retain=True)
 
     def _history_row(self, rec: RoundRecord, new: Optional[Dict[str, np.ndarray]]) -> Dict[str, Any]:
@@ -445,7 +460,7 @@ class Aggregator:
     def _handle_status(self, client: str, payload: bytes) -> None:
         if not payload:  # a cleared retained status: the client is gone
             self.online.discard(client)
-            self.errored.discard(client)
+            self.watch.status(client, None)
             return
         try:
             status = Status.from_json(payload)
@@ -457,10 +472,8 @@ class Aggregator:
             self.online.add(client)
         else:
             self.online.discard(client)
-        if status.state == "error" and client in self.online:
-            self.errored.add(client)
-        else:
-            self.errored.discard(client)
+        if status.client_id == client:
+            self.watch.status(client, status)
         if was_online != (client in self.online):
             log.info("client %s is %s (%d online)", client, status.state, len(self.online))
 
@@ -470,17 +483,26 @@ class Aggregator:
         except ProtocolError as exc:
             log.warning("ignored malformed metrics from %s: %s", client, exc)
             return
+        if metrics.client_id != client:
+            log.debug("metrics from %s that name client %s: ignored", client, metrics.client_id)
+            return
+        self.watch.metrics(client, metrics)
         rec = self.current
-        if rec is None or metrics.client_id != client or metrics.round != rec.number or client not in rec.reported:
+        if rec is None or metrics.round != rec.number or client not in rec.reported:
             log.debug("metrics from %s for round %s not recorded", client, metrics.round)
             return
         rec.metrics[client] = {k: getattr(metrics, k, None) for k in METRIC_FIELDS}
         self._save_round(rec)
 
     @property
+    def errored(self) -> Set[str]:
+        """Online clients whose latest status is `error`."""
+        return self.online & set(self.watch.errors)
+
+    @property
     def available(self) -> Set[str]:
         """Clients that can train now: online and not in `error` (what an extension counts and samples)."""
-        return self.online - self.errored
+        return self.online - set(self.watch.errors)
 
     def _handle_event(self, kind: str, client: str, payload: bytes, token: Optional[AckToken]) -> None:
         """Handle one queued message, then acknowledge it if it is an update (its outcome is on disk by then).
@@ -505,12 +527,14 @@ class Aggregator:
         try:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
+            self.watch.tick(self.state, self.current)
             return
         while True:
             self._handle_event(*event)
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
+                self.watch.tick(self.state, self.current)
                 return
 
     def _wait_for_clients(self, need: int, timeout: Optional[float] = None) -> None:
@@ -562,13 +586,21 @@ class Aggregator:
         finally:
             self.stop_event.set()  # frees paho's thread if it waits for room in the queue
             self.connection.stop()
+            self.watch.tick(self.state, self.current, force=True)
             self.checkpoint.unlock()
 
     def _tick(self) -> None:
         """Close, extend (and re-announce) or give up on the open round, as the round clock says."""
         rec = self.current
         assert rec is not None
-        step = self.rounds.step(rec, self.available)
+        step = self.rounds.step(rec, self.available, self.watch.errors)
+        for client in step.errored:  # once per round each
+            error = self.watch.errors[client]
+            log.warning("round %d: %s is in error (%s), not waiting for it: %s", rec.number, client,
+                        error.code or "no code", error.message or "no message",
+                        extra=fields("client-error", round=rec.number, client=client, reason=error.code))
+        if step.errored:
+            self._save_round(rec)
         if step.action == CLOSE:
             self._close_round()
         elif step.action == EXTEND:

@@ -1,9 +1,12 @@
-"""`flora-aggregator`: run a federation (`run`, the default), show its state (`status`), plot it (`plot`).
+"""`flora-aggregator`: run a federation (`run`, the default), show its state (`status`, `dashboard`), plot it
+(`plot`), retire a device (`clear-status`).
 
-    flora-aggregator --bundle DIR --broker mqtt://HOST:PORT --rounds R --state-dir DIR [options]
+    flora-aggregator --bundle DIR --broker mqtt://HOST:PORT --rounds R --state-dir DIR [--http HOST:PORT] [options]
     flora-aggregator --config aggregator.toml
-    flora-aggregator status --state-dir DIR [--plot FILE.png]
+    flora-aggregator status --state-dir DIR [--clients] [--plot FILE.png]
+    flora-aggregator dashboard --state-dir DIR [--http HOST:PORT]
     flora-aggregator plot --state-dir DIR --out FILE.png
+    flora-aggregator clear-status DEVICE --broker mqtt://HOST:PORT [--federation NAME]
 
 A TOML `--config` file takes the same keys as the long options (`round_timeout = 600`); the command
 line wins over it. The broker password comes from FLORA_MQTT_PASSWORD (and the username from
@@ -31,13 +34,15 @@ from flora.edge.config import (
     with_default_command,
 )
 from flora.edge.errors import EXIT_UNAVAILABLE, FloraError, report
+from flora.edge.logs import FORMATS, setup_logging
 from flora.edge.mqtt import BrokerConfig, add_connection_options
 
 from .validation import DEFAULT_MAX_NUM_SAMPLES
 
 PROG = "flora-aggregator"
 DEFAULT_STATE_DIR = Path("flora-aggregator-state")
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DEFAULT_HTTP = "127.0.0.1:8080"
+LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 def build_parser() -> CommandParser:
@@ -82,7 +87,12 @@ def build_parser() -> CommandParser:
     run.add_argument("--eval-data", type=Path, help="held-out images (folder or CSV) to test every global on")
     m = add_connection_options(run.add_argument_group("broker connection"))
     m.add_argument("--client-id", default="flora-aggregator", help="MQTT client id (and, by convention, username)")
-    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--http", metavar="HOST:PORT",
+                     help="serve the live dashboard and /metrics here (off by default; a bare PORT is loopback; "
+                          "FLORA_DASHBOARD_TOKEN asks for a token)")
+    run.add_argument("--log-level", default="INFO", choices=LEVELS)
+    run.add_argument("--log-format", default="plain", choices=FORMATS,
+                     help="plain lines, or one JSON object per line (journald, log shippers)")
 
     status = sub.add_parser("status", help="current round and the history of a state dir")
     status.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
@@ -92,6 +102,19 @@ def build_parser() -> CommandParser:
     plot = sub.add_parser("plot", help="PNG of accuracy and bytes per round")
     plot.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     plot.add_argument("--out", type=Path, required=True)
+    dash = sub.add_parser("dashboard", help="serve the dashboard and /metrics of a state dir, read-only (a running "
+                                            "federation's, or a copy of one)")
+    dash.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    dash.add_argument("--http", default=DEFAULT_HTTP, metavar="HOST:PORT", help="where (default %(default)s)")
+    dash.add_argument("--log-level", default="INFO", choices=LEVELS)
+    clear = sub.add_parser("clear-status", help="remove the retained status of a retired device (it then no "
+                                                "longer shows as a device nor counts as online)")
+    clear.add_argument("device", help="the device's client id")
+    clear.add_argument("--federation", default="default", help="federation name (topics flora/<name>/...)")
+    add_connection_options(clear.add_argument_group("broker connection (an operator account that may write "
+                                                    "flora/<federation>/status/+; see devices/mosquitto/acl)"))
+    clear.add_argument("--client-id", default="flora-operator",
+                       help="MQTT client id (not the aggregator's: that would take over its session)")
     return parser
 
 
@@ -107,12 +130,73 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .report import write_plot
 
         return write_plot(args.state_dir, args.out)
+    if args.command == "dashboard":
+        setup_logging(args.log_level)
+        return serve_dashboard(args.state_dir, args.http)
+    if args.command == "clear-status":
+        setup_logging("WARNING")
+        return clear_status(args)
     try:
         args = apply_config(parser.commands["run"], args, argv[1:], load_toml(args.config))
     except ConfigError as exc:
         return report(PROG, exc)
-    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stdout, format=LOG_FORMAT)
+    setup_logging(args.log_level, args.log_format)
     return run(args)
+
+
+def _until_signalled() -> None:
+    """Block until SIGINT or SIGTERM."""
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def serve_dashboard(state_dir: Path, address: str) -> int:
+    """`dashboard`: the read-only page and /metrics of a state dir, until SIGINT/SIGTERM."""
+    import os
+
+    from .dashboard.server import TOKEN_ENV, state_dir_dashboard
+
+    if not (Path(state_dir) / "state.json").exists():
+        return report(PROG, ConfigError(f"no aggregator state (state.json) in {state_dir}"))
+    try:
+        dash = state_dir_dashboard(state_dir, address, os.environ.get(TOKEN_ENV)).start()
+    except FloraError as exc:
+        return report(PROG, exc)
+    print(f"dashboard of {state_dir} on {dash.url} (read-only; Ctrl-C stops)", flush=True)
+    try:
+        _until_signalled()
+    finally:
+        dash.stop()
+    return 0
+
+
+def clear_status(args: argparse.Namespace) -> int:
+    """`clear-status DEVICE`: publish an empty retained message on its status topic (MQTT's way to delete one)."""
+    from flora.edge.mqtt import Connection, make_client
+    from flora.edge.protocol import QOS, Topics, check_id
+
+    try:
+        topic = Topics(args.federation).status(check_id(args.device))
+        broker = BrokerConfig.from_args(args)
+        client = make_client(broker, args.client_id)
+        connection = Connection(broker, client)
+        connection.start(timeout=30)
+    except FloraError as exc:
+        return report(PROG, exc)
+    try:
+        info = client.publish(topic, b"", qos=QOS, retain=True)
+        info.wait_for_publish(timeout=30)
+        if not info.is_published():
+            return report(PROG, RuntimeError(f"no acknowledgement from the broker for {topic}"), EXIT_UNAVAILABLE)
+    finally:
+        connection.stop()
+    print(f"cleared the retained status of {args.device} ({topic})")
+    return 0
 
 
 def _load_inputs(args: argparse.Namespace):
@@ -154,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
     from .strategies import STRATEGIES
 
     log = logging.getLogger("flora.aggregator")
+    dashboard = None
     if args.strategy not in STRATEGIES:
         return report(PROG, ConfigError(f"unknown --strategy {args.strategy!r}; known: {sorted(STRATEGIES)}"))
     try:
@@ -171,8 +256,12 @@ def run(args: argparse.Namespace) -> int:
             max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
             client_id=args.client_id, **_hooks(bundle, args.eval_data),
         )
+        if args.http:
+            cfg.snapshots, dashboard = _live_dashboard(args.http)
         aggregator = Aggregator.open(cfg)
     except FloraError as exc:
+        if dashboard is not None:
+            dashboard.stop()
         return report(PROG, exc)
     except OSError as exc:  # e.g. a state dir that cannot be created
         return report(PROG, exc, EXIT_UNAVAILABLE)
@@ -191,6 +280,22 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # the disk under the state dir (full, read-only), a socket
         log.error("%s", exc)
         return report(PROG, exc, EXIT_UNAVAILABLE)
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
+
+
+def _live_dashboard(address: str):
+    """(snapshots the aggregator publishes into, the started dashboard serving them) for `--http`."""
+    import os
+
+    from .dashboard.metrics import metrics_endpoint
+    from .dashboard.server import TOKEN_ENV, Dashboard, Snapshots
+
+    snapshots = Snapshots()
+    dashboard = Dashboard(address, snapshots, metrics_endpoint(snapshots.latest), os.environ.get(TOKEN_ENV)).start()
+    logging.getLogger("flora.aggregator").info("dashboard and /metrics on %s", dashboard.url)
+    return snapshots, dashboard
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from .training import Evaluation, RoundResult, Stopped, eval_batch_size, evaluat
 if TYPE_CHECKING:
     from paho.mqtt.client import Client as MqttClient
 
+    from .prometheus import AgentMetrics
+
 log = logging.getLogger("flora.agent")
 LEVELS = {rules.INFO: logging.INFO, rules.WARNING: logging.WARNING, rules.ERROR: logging.ERROR}
 
@@ -56,6 +58,8 @@ class AgentConfig:
     feature_batch_size: int = 32
     connect_timeout_s: float = 30.0
     publish_timeout_s: float = 60.0  # how long a round waits for the broker to acknowledge its update
+    metrics_port: Optional[int] = None  # serve this agent's figures for Prometheus (`--metrics-port`)
+    metrics_host: str = "127.0.0.1"
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else Path("flora-state") / self.client_id
@@ -131,7 +135,8 @@ class Agent:
     """
 
     def __init__(self, cfg: AgentConfig, *, bundle: Bundle, trainer: Trainer, data: DeviceData,
-                 store: StateStore, state: AgentState, client: MqttClient) -> None:
+                 store: StateStore, state: AgentState, client: MqttClient,
+                 metrics: Optional[AgentMetrics] = None) -> None:
         self.cfg = cfg
         check_id(cfg.client_id)
         self.topics = Topics(cfg.federation)
@@ -150,6 +155,7 @@ class Agent:
         self._resend_pending = state.outbox_pending  # an update stored before a restart, not acked
         self._acks = Acks()
         self.broker_cfg = cfg.broker
+        self.metrics = metrics  # served in run() when given
         self.client = client
         client.on_message = self._on_message
         client.on_publish = self._acks.on_publish
@@ -170,7 +176,13 @@ class Agent:
             will = Status(cfg.client_id, "offline", None, None, len(data.train), trainer.name, time.time())
             client = make_client(cfg.broker, cfg.client_id, will_topic=Topics(cfg.federation).status(cfg.client_id),
                                  will_payload=will.to_json())
-        return cls(cfg, bundle=bundle, trainer=trainer, data=data, store=store, state=state, client=client)
+        metrics = None
+        if cfg.metrics_port is not None:  # prometheus_client is imported only when asked for
+            from .prometheus import AgentMetrics
+
+            metrics = AgentMetrics(cfg.client_id, trainer.name)
+        return cls(cfg, bundle=bundle, trainer=trainer, data=data, store=store, state=state, client=client,
+                   metrics=metrics)
 
     def view(self) -> rules.AgentView:
         """The frozen view of this agent the rules decide on."""
@@ -322,6 +334,8 @@ class Agent:
         else:
             log.exception("round %d failed, not submitted: %s", r.round, exc)
         self.publish_status("error", f"round {r.round} failed: {type(exc).__name__}: {exc}")
+        if self.metrics is not None:
+            self.metrics.record_failure()
         self._recover_trainer()
 
     def _recover_trainer(self) -> None:
@@ -363,6 +377,10 @@ class Agent:
         self.store.stash_update(self.state, r.round, blob)  # from here on this round counts as submitted
         sent = self._publish_update(r.round, blob)
         self._publish_metrics(r, result, val, len(blob))
+        if self.metrics is not None:
+            self.metrics.record_round(r.round, step_time_s=result.step_time_s, wall_time_s=result.wall_time_s,
+                                      samples=result.samples, peak_rss_mb=result.peak_rss_mb, loss=result.loss,
+                                      accuracy=val.accuracy if val else None)
         log.info("round %d: sent update (%d bytes%s): train loss %.4f acc %.3f, val acc %s, %.1f s, "
                  "%.1f ms/step, peak RSS %.0f MiB", r.round, len(blob),
                  "" if sent else ", not acknowledged yet: paho re-sends it on reconnect", result.loss,
@@ -386,6 +404,9 @@ class Agent:
     def run(self) -> int:
         log.info("client %s joining federation %r at %s", self.cfg.client_id, self.cfg.federation,
                  self.broker_cfg.describe())
+        if self.metrics is not None and self.cfg.metrics_port is not None:
+            port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
+            log.info("metrics for Prometheus on http://%s:%d/metrics", self.cfg.metrics_host, port)
         self.connection.start(timeout=self.cfg.connect_timeout_s)
         try:
             while not self.stop_event.is_set() and self.pump(timeout=0.5):
@@ -421,6 +442,8 @@ class Agent:
         except (RuntimeError, ValueError):
             pass
         self.connection.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -22,6 +22,7 @@ from .config import (
     with_default_command,
 )
 from .errors import FloraError, report
+from .logs import FORMATS, setup_logging
 from .mqtt import BrokerConfig, add_connection_options
 
 PROG = "flora-agent"
@@ -70,7 +71,13 @@ def build_parser() -> CommandParser:
     run.add_argument("--exit-when-done", action="store_true", help="exit once the federation announces done")
     run.add_argument("--progress-every-s", type=Bounded(float, minimum=0.0), default=5.0,
                      help="seconds between progress lines")
+    run.add_argument("--metrics-port", type=Bounded(int, minimum=0, maximum=65535), metavar="PORT",
+                     help="serve this agent's step time, round time, samples, peak RSS and last round for "
+                          "Prometheus at http://HOST:PORT/metrics (off by default)")
+    run.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default: loopback)")
     run.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
+    run.add_argument("--log-format", default="plain", choices=FORMATS,
+                     help="plain lines, or one JSON object per line (journald, log shippers)")
 
     doctor = sub.add_parser("doctor", help="check this device: runtime, backend, memory, one timed step, broker",
                             description=DOCTOR_DESCRIPTION)
@@ -88,11 +95,6 @@ def build_parser() -> CommandParser:
     return parser
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stdout)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     argv = with_default_command(sys.argv[1:] if argv is None else argv, parser, "run")
@@ -104,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = apply_config(command, args, argv[1:], load_toml(args.config), ignore=shared)
     except ConfigError as exc:
         return report(PROG, exc)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level, getattr(args, "log_format", "plain"))
     if args.command == "doctor":
         from .doctor import run_doctor
 
@@ -126,7 +128,7 @@ def run_agent(args: argparse.Namespace) -> int:
             state_dir=Path(args.state_dir) if args.state_dir else None, backend=args.backend, threads=args.threads,
             providers=args.providers, shots=args.shots, val_fraction=args.val_fraction, seed=args.seed,
             fp16_updates=args.fp16_updates, exit_when_done=args.exit_when_done,
-            progress_every_s=args.progress_every_s,
+            progress_every_s=args.progress_every_s, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         )
         agent = Agent.open(cfg)
     except FloraError as exc:

@@ -73,6 +73,8 @@ def build_parser() -> CommandParser:
                    help="give up on the whole federation after this many seconds (default: %(default)s)")
     r.add_argument("--out", type=Path, default=Path("runs/sim"), metavar="DIR",
                    help="run folder: bundle, data shards, logs, report.json, report.png (default: %(default)s)")
+    r.add_argument("--http", metavar="HOST:PORT",
+                   help="the aggregator serves its live dashboard and /metrics here while the federation runs")
     return p
 
 
@@ -84,7 +86,7 @@ def config_from_args(args: argparse.Namespace):
         out=args.out, shots=args.shots, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         compare=args.compare, backend=args.backend, fp16_updates=args.fp16_updates, bundle=args.bundle,
         val_fraction=args.val_fraction, round_timeout=args.round_timeout, timeout=args.timeout,
-        random_init=args.random_init,
+        random_init=args.random_init, http=args.http,
     )
 
 

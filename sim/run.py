@@ -68,6 +68,7 @@ class SimConfig:
     round_timeout: float = 120.0
     timeout: float = 1800.0
     random_init: bool = False
+    http: Optional[str] = None  # the aggregator's dashboard address, if any
 
 
 class SimError(FloraError, RuntimeError):
@@ -247,7 +248,8 @@ def federate(cfg: SimConfig, bundle: Bundle, t_start: float, say: Say) -> Tuple[
     try:
         with signals_deferred():  # a Ctrl-C while mosquitto starts up is held until `broker` is set
             broker = start_mosquitto(cfg.out / "mosquitto")
-        say(f"mosquitto on {broker.url}; logs in {cfg.out / 'logs'}")
+        say(f"mosquitto on {broker.url}; logs in {cfg.out / 'logs'}"
+            + (f"; dashboard on http://{cfg.http}/" if cfg.http else ""))
         group.start("aggregator", "flora.broker.cli", aggregator_args(cfg, bundle, broker.url))
         agents = [group.start(f"client-{i}", "flora.edge.cli", agent_args(cfg, bundle, broker.url, i))
                   for i in range(cfg.clients)]
@@ -276,7 +278,7 @@ def aggregator_args(cfg: SimConfig, bundle: Bundle, url: str) -> List[str]:
             "--wait-for-clients", str(cfg.clients), "--min-clients", str(cfg.clients),
             "--round-timeout", str(cfg.round_timeout), "--epochs", str(cfg.epochs), "--lr", str(cfg.lr),
             "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--eval-data", str(cfg.out / "test.csv"),
-            "--wait-timeout", "300"]
+            "--wait-timeout", "300", *(["--http", cfg.http] if cfg.http else [])]
 
 
 def agent_args(cfg: SimConfig, bundle: Bundle, url: str, i: int) -> List[str]:

@@ -308,3 +308,43 @@ def test_the_read_only_dashboard_of_a_state_dir_renders_in_chromium(tmp_path):
     assert rows == ["dev-a", "dev-b", "dev-c"] and devices == 3
     assert "&lt;img src=x onerror=alert(1)&gt;" in dom and "<img src=x" not in dom  # device text is text
     assert "read-only (state dir)" in dom
+
+
+@pytest.mark.mqtt
+def test_the_live_dashboard_of_a_running_three_agent_federation_renders_in_chromium(tmp_path, mosquitto_binary,
+                                                                                     tiny_text_bundle):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    chromium_binary()  # skip (or fail under CI) before starting a federation
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flora.sim.cli", "--bundle", str(tiny_text_bundle.root), "--clients", "3", "--rounds",
+         "200", "--epochs", "1", "--out", str(out), "--http", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        history = out / "aggregator" / "history.jsonl"
+        deadline = time.monotonic() + 300
+        while not (history.exists() and len(history.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no two rounds within 300 s"
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/"
+        dom = browse(url, artifacts_dir() / "dashboard-live.png",
+                     ready=lambda d: page_facts(d)[0] >= 3 and len(page_facts(d)[1]) == 3)
+        points, rows, devices, loaded = page_facts(dom)
+        assert loaded and points >= 3 and sorted(rows) == ["client-0", "client-1", "client-2"] and devices == 3
+        assert "live" in dom and "read-only" not in dom
+        body = get(url + "metrics")[2].decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for fam in text_string_to_metric_families(body) for s in fam.samples}
+        assert samples[("flora_rounds_completed_total", ())] >= 2
+        assert sum(v for (name, _), v in samples.items() if name == "flora_devices") == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)

@@ -59,13 +59,14 @@ function renderCards(snap) {
   if (eps) setText("epsilon", fmt(snap.epsilon, 2));
 }
 
-function lineChart(canvas, label) {
+function lineChart(canvas, label, yType) {
   return new window.Chart(canvas, {
     type: "line",
     data: { labels: [], datasets: [] },
     options: {
       animation: false, responsive: true, maintainAspectRatio: false, spanGaps: true,
-      scales: { x: { title: { display: true, text: "rounds completed" } }, y: { title: { display: true, text: label } } },
+      scales: { x: { title: { display: true, text: "rounds completed" } },
+        y: { type: yType || "linear", title: { display: true, text: label } } },
       plugins: { legend: { position: "bottom" } },
     },
   });
@@ -79,7 +80,7 @@ function renderCharts(snap) {
   if (!window.Chart) return;  // the page still shows the cards and the device table
   if (!state.charts.acc) {
     state.charts.acc = lineChart($("accuracy-chart"), "accuracy");
-    state.charts.loss = lineChart($("loss-chart"), "loss");
+    state.charts.loss = lineChart($("loss-chart"), "loss (log scale)", "logarithmic");
   }
   const labels = points.map((p) => p.rounds_completed);
   const sets = {
