@@ -23,14 +23,35 @@ check_paths() {
     done
 }
 
-# render_unit TEMPLATE: the systemd unit with this install's paths and user, on stdout.
+# render_unit TEMPLATE: the systemd unit with this install's paths and user, on stdout. MEMORY_MAX (default
+# 80%: of the RAM) is its MemoryMax; self_test sets it from the doctor's measurement.
 render_unit() {
     local state=""
     case "$VAR" in
         /var/lib/?*) state=${VAR#/var/lib/} ;; # StateDirectory= is relative to /var/lib
     esac
-    sed -e "s#@PREFIX@#$PREFIX#g" -e "s#@ETC@#$ETC#g" -e "s#@VAR@#$VAR#g" -e "s#@USER@#$SERVICE_USER#g" "$1" |
+    sed -e "s#@PREFIX@#$PREFIX#g" -e "s#@ETC@#$ETC#g" -e "s#@VAR@#$VAR#g" -e "s#@USER@#$SERVICE_USER#g" \
+        -e "s#@MEMORY_MAX@#${MEMORY_MAX:-80%}#g" "$1" |
         if [ -n "$state" ]; then sed "s#@STATE_DIRECTORY@#$state#"; else sed '/@STATE_DIRECTORY@/d'; fi
+}
+
+# install_unit: render the agent's unit into UNIT_DIR (atomically) and reload systemd.
+install_unit() {
+    render_unit "$SRC/devices/systemd/flora-agent.service.in" >"$UNIT_DIR/flora-agent.service.tmp"
+    chmod 644 "$UNIT_DIR/flora-agent.service.tmp"
+    mv "$UNIT_DIR/flora-agent.service.tmp" "$UNIT_DIR/flora-agent.service"
+    systemctl daemon-reload 2>/dev/null || true
+}
+
+# memory_max_from FILE: the unit's MemoryMax from `flora-agent doctor` output in FILE: twice the agent peak it
+# measured ("agent peak N MiB"), at least 512M; nothing when it measured none.
+memory_max_from() {
+    local peak
+    peak=$(sed -n 's/.*agent peak \([0-9][0-9]*\) MiB.*/\1/p' "$1" | head -n 1)
+    [ -n "$peak" ] || return 0
+    peak=$((peak * 2))
+    [ "$peak" -ge 512 ] || peak=512
+    echo "${peak}M"
 }
 
 # render_config EXAMPLE: the example agent config with this install's folders, on stdout.
@@ -57,10 +78,7 @@ install_service() {
         echo "# FLORA_MQTT_PASSWORD=" >"$ETC/agent.env"
     fi
     install -d -m 755 "$UNIT_DIR"
-    render_unit "$SRC/devices/systemd/flora-agent.service.in" >"$UNIT_DIR/flora-agent.service.tmp"
-    chmod 644 "$UNIT_DIR/flora-agent.service.tmp"
-    mv "$UNIT_DIR/flora-agent.service.tmp" "$UNIT_DIR/flora-agent.service"
-    systemctl daemon-reload 2>/dev/null || true
+    install_unit
 }
 
 # install_bundle DIR: copy a bundle into VAR/bundles; prints its installed path. The copy goes to a
@@ -117,12 +135,23 @@ runtime_check() {
         "import onnxruntime as o; print('onnxruntime', o.__version__, 'providers', o.get_available_providers())"
 }
 
-# self_test BUNDLE [DOCTOR OPTIONS...]: `flora-agent doctor` on the bundle, as the service user.
+# self_test BUNDLE [DOCTOR OPTIONS...]: `flora-agent doctor` on the bundle, as the service user; the unit's
+# MemoryMax is then set from the peak it measured. Returns the doctor's status.
 self_test() {
-    local bundle=$1
+    local bundle=$1 out rc measured
     shift
     echo "== self-test of $bundle, as $SERVICE_USER"
-    as_service_user "$PREFIX/venv/bin/flora-agent" doctor --bundle "$bundle" "$@"
+    out=$(mktemp)
+    rc=0
+    as_service_user "$PREFIX/venv/bin/flora-agent" doctor --bundle "$bundle" "$@" | tee "$out" || rc=${PIPESTATUS[0]}
+    measured=$(memory_max_from "$out")
+    rm -f "$out"
+    if [ -n "$measured" ]; then
+        MEMORY_MAX=$measured
+        echo "== MemoryMax=$MEMORY_MAX in $UNIT_DIR/flora-agent.service (twice the measured peak)"
+        install_unit
+    fi
+    return "$rc"
 }
 
 next_steps() {

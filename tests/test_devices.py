@@ -23,6 +23,7 @@ from .helpers import REPO
 
 DEVICES = REPO / "devices"
 UNIT_TEMPLATE = DEVICES / "systemd" / "flora-agent.service.in"
+AGGREGATOR_UNIT = DEVICES / "systemd" / "flora-aggregator.service.in"
 
 
 # -- flora-agent doctor ------------------------------------------------------------------------
@@ -253,7 +254,10 @@ def fakes(tmp_path):
         "fake-pip": 'exit 0',
         "fake-python": 'case "$*" in *"import torch"*) exit 1 ;;\n'
                        '  *onnxruntime*) echo "onnxruntime 1.99 providers [CPU]" ;; esac',
-        "fake-agent": 'echo "password=${FLORA_MQTT_PASSWORD:-}"\necho "VERDICT: ready"\nexit "${FAKE_DOCTOR_RC:-0}"',
+        "fake-agent": 'echo "password=${FLORA_MQTT_PASSWORD:-}"\n'
+                      '[ -z "${FAKE_DOCTOR_PEAK:-}" ] || '
+                      'echo "OK   memory  agent peak $FAKE_DOCTOR_PEAK MiB at batch 32"\n'
+                      'echo "VERDICT: ready"\nexit "${FAKE_DOCTOR_RC:-0}"',
     }
     for name, body in scripts.items():
         path = bin_dir / name
@@ -279,7 +283,7 @@ def test_unit_is_rendered_with_the_install_paths(tmp_path, fakes):
     agent.chmod(0o755)
     proc = sh(f'render_unit "{UNIT_TEMPLATE}"', {**env, "VAR": "/var/lib/flora-test"})
     assert proc.returncode == 0, proc.stderr
-    assert "@" not in "".join(ln for ln in proc.stdout.splitlines() if not ln.startswith("#"))
+    assert not re.search(r"@[A-Z_]+@", proc.stdout)  # every placeholder filled
     service = read_unit(proc.stdout)["Service"]
     assert service["ExecStart"] == f"{agent} run --config {env['ETC']}/agent.toml"
     assert service["EnvironmentFile"] == f"-{env['ETC']}/agent.env"
@@ -300,6 +304,82 @@ def test_unit_is_rendered_with_the_install_paths(tmp_path, fakes):
     assert "StateDirectory" not in service and service["ReadWritePaths"] == env["VAR"]
     bad = sh("check_paths", {**env, "PREFIX": "/opt/my flora"})
     assert bad.returncode == 2 and "use only letters" in bad.stderr
+
+
+#: What every rendered unit must say (the hardening `systemd-analyze security` scores), and the worst
+#: exposure it may score (the unhardened agent unit scored 8.6 "EXPOSED").
+HARDENING = {"NoNewPrivileges": "true", "ProtectSystem": "strict", "ProtectKernelTunables": "true",
+             "ProtectKernelModules": "true", "ProtectControlGroups": "true", "LockPersonality": "true",
+             "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK", "CapabilityBoundingSet": "",
+             "RestrictNamespaces": "true", "SystemCallArchitectures": "native", "SystemCallErrorNumber": "EPERM"}
+MAX_EXPOSURE = 2.5
+
+
+def systemd_analyze() -> str:
+    """The systemd-analyze binary (apt-get install systemd); skips only where it cannot be had."""
+    found = shutil.which("systemd-analyze")
+    if not found:
+        if os.environ.get("FLORA_REQUIRE_SYSTEMD_ANALYZE"):  # set by .ci/run, which installs it
+            pytest.fail("systemd-analyze is missing: apt-get install -y systemd")
+        pytest.skip("systemd-analyze is not installed (apt-get install -y systemd)")
+    return found
+
+
+def rendered(template: Path, env: Dict[str, str], tmp_path: Path, executable: str, **extra: str) -> Path:
+    """`render_unit template` with a fake executable at ExecStart, written to tmp_path."""
+    exe = Path(env["PREFIX"]) / "venv" / "bin" / executable
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    proc = sh(f'render_unit "{template}"', {**env, "VAR": "/var/lib/flora-test", **extra})
+    assert proc.returncode == 0, proc.stderr
+    assert not re.search(r"@[A-Z_]+@", proc.stdout)  # every placeholder filled
+    out = tmp_path / template.name[: -len(".in")]
+    out.write_text(proc.stdout)
+    return out
+
+
+@pytest.mark.parametrize("template, executable", [(UNIT_TEMPLATE, "flora-agent"),
+                                                  (AGGREGATOR_UNIT, "flora-aggregator")])
+def test_units_are_hardened_verified_and_score_ok(template, executable, tmp_path, fakes):
+    analyze = systemd_analyze()
+    env = install_env(fakes[0], tmp_path)
+    unit_file = rendered(template, env, tmp_path, executable, MEMORY_MAX="1400M")
+    service = read_unit(unit_file.read_text())["Service"]
+    assert {k: service.get(k) for k in HARDENING} == HARDENING
+    assert service["MemoryMax"] == "1400M" and service["RestartPreventExitStatus"] == "2"
+    filters = [ln.split("=", 1)[1] for ln in unit_file.read_text().splitlines() if ln.startswith("SystemCallFilter=")]
+    assert filters[0] == "@system-service" and "@privileged" in filters[1] and filters[1].startswith("~")
+    if executable == "flora-agent":  # a Jetson's GPU device nodes must stay reachable
+        assert "PrivateDevices" not in service and "DevicePolicy" not in service
+    else:
+        assert service["PrivateDevices"] == "true"
+    check = subprocess.run([analyze, "verify", str(unit_file)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and not re.search(r"Unknown|Invalid|Failed|not executable", check.stderr), \
+        check.stderr
+    score = subprocess.run([analyze, "security", "--offline=yes", str(unit_file)], capture_output=True, text=True,
+                           timeout=60)
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", score.stdout + score.stderr)
+    assert found, score.stdout[-2000:] + score.stderr[-2000:]
+    assert float(found.group(1)) <= MAX_EXPOSURE, score.stdout[-3000:]
+
+
+def test_the_self_test_sets_memory_max_from_the_measured_peak(tmp_path, fakes):
+    env = install_env(fakes[0], tmp_path)
+    Path(env["FLORA_UNIT_DIR"]).mkdir(parents=True)
+    Path(env["VAR"]).mkdir(parents=True)
+    unit = Path(env["FLORA_UNIT_DIR"]) / "flora-agent.service"
+    agent = Path(env["PREFIX"]) / "venv" / "bin" / "flora-agent"
+    agent.parent.mkdir(parents=True)
+    shutil.copy(tmp_path / "fakebin" / "fake-agent", agent)
+    assert sh("install_unit", env).returncode == 0
+    assert read_unit(unit.read_text())["Service"]["MemoryMax"] == "80%"  # before any measurement
+    proc = sh("self_test /b --batch-size 32", {**env, "FAKE_DOCTOR_PEAK": "700"})
+    assert proc.returncode == 0 and "MemoryMax=1400M" in proc.stdout, proc.stdout + proc.stderr
+    assert read_unit(unit.read_text())["Service"]["MemoryMax"] == "1400M"
+    proc = sh("self_test /b", {**env, "FAKE_DOCTOR_PEAK": "100", "FAKE_DOCTOR_RC": "1"})
+    assert proc.returncode == 1  # the doctor's verdict is kept; a small peak still gets 512 MiB
+    assert read_unit(unit.read_text())["Service"]["MemoryMax"] == "512M"
 
 
 def make_bundle(path: Path, content: str) -> Path:
