@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set, Tuple
 
 import numpy as np
 
-from flora.edge import adapter
+from flora.edge import adapter, wire
 from flora.edge.bundle import Manifest
 from flora.edge.errors import EXIT_UNAVAILABLE, ConfigError, FloraError
 from flora.edge.fileio import sha256_bytes
@@ -46,7 +46,7 @@ from .dashboard.server import Snapshots
 from .dashboard.snapshot import FederationInfo
 from .rounds import CLOSE, EXTEND, GIVE_UP, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
 from .strategies import make_strategy
-from .validation import DEFAULT_MAX_NUM_SAMPLES, Rejected, RoundView, validate_update
+from .validation import BAD_CLIENT_ID, DEFAULT_MAX_NUM_SAMPLES, Rejected, RoundView, validate_update
 from .watch import Watch
 
 if TYPE_CHECKING:
@@ -69,6 +69,8 @@ AckToken = Tuple[int, int, int]
 #: (kind, client, payload, ack token or None) as paho's thread queues it.
 Event = Tuple[str, str, bytes, Optional[AckToken]]
 KINDS = ("update", "status", "metrics")
+#: The queue's kind for an update whose topic id is outside the id grammar.
+BAD_UPDATE = "bad-update"
 #: The largest --max-num-samples accepted: every weight a strategy gets is then a finite float64.
 MAX_WEIGHT = 10 ** 300
 
@@ -167,16 +169,20 @@ class Aggregator:
                           (self.topics.all_metrics, QOS)])
 
     def _route(self, topic: str) -> Tuple[Optional[str], str]:
-        for kind in KINDS:
-            who = self.topics.client_of(topic, kind)
-            if who is not None:
-                return kind, who
-        return None, ""
+        """(kind, client) of a subscribed topic; kind `bad-update` for an update whose topic id is outside the
+        id grammar (counted, not folded); (None, "") for anything else."""
+        parts = self.topics.split(topic)
+        if parts is None or parts[0] not in KINDS:
+            return None, ""
+        kind, who = parts
+        if self.topics.client_of(topic, kind) is None:
+            return (BAD_UPDATE, wire.short(who, 80)) if kind == "update" else (None, "")
+        return kind, who
 
     def _on_message(self, client, userdata, msg) -> None:
         """Queue the message; acknowledge all but updates at once (an update is acked once it is durable)."""
         kind, who = self._route(msg.topic)
-        if kind == "update":
+        if kind in ("update", BAD_UPDATE):
             self._wait_for_room()
             self.events.put((kind, who, bytes(msg.payload), (msg.mid, msg.qos, self.connections)))
             return
@@ -300,7 +306,7 @@ class Aggregator:
         if self.no_round is not None and self.no_round.round == rec.number:
             self.no_round.merge_into(rec)
             log.info("round %d: counts %d update(s) that came while no round was open", rec.number,
-                     self.no_round.count)
+                     self.no_round.total)
         self._begin(rec)
         self.checkpoint.clear_no_round(rec.number)  # after round.json holds them
         self.no_round = None
@@ -324,10 +330,11 @@ class Aggregator:
         view = RoundView(rec.number, rec.asked, rec.reported.keys())
         try:
             update = validate_update(blob, client, self.manifest, view, self.max_bytes, self.cfg.max_num_samples)
-            num_samples = int(update.meta.num_samples or 0)
-            self.strategy.accumulate(update.tensors, num_samples)  # checks the weight before touching a sum
         except Rejected as why:
             return self._reject(rec, client, why.reason, why.detail, len(blob), save=spool)
+        num_samples = int(update.meta.num_samples or 0)
+        try:
+            self.strategy.accumulate(update.tensors, num_samples)  # checks the weight before touching a sum
         except ValueError as exc:  # the strategy refused the weight: the sums are untouched
             return self._reject(rec, client, "bad-num-samples", str(exc), len(blob), save=spool)
         if spool:
@@ -345,15 +352,20 @@ class Aggregator:
             self._save_round(rec)
         return False
 
+    def _no_round_record(self) -> NoRoundUpdates:
+        """The record of updates counted while no round is open, for the next round to open."""
+        assert self.state is not None
+        if self.no_round is None or self.no_round.round != self.state.round:
+            self.no_round = NoRoundUpdates(self.state.round)
+        return self.no_round
+
     def _count_no_round(self, client: str, blob: bytes) -> None:
         """An update while no round is open: counted as `no-round` in the next round's record (saved)."""
-        assert self.state is not None
-        number = self.state.round
-        if self.no_round is None or self.no_round.round != number:
-            self.no_round = NoRoundUpdates(number)
+        record = self._no_round_record()
+        number = record.round
         detail = f"no round was open (the next is round {number}); the update says round {_claimed_round(blob)}"
-        self.no_round.add(client, detail, len(blob))
-        self.checkpoint.save_no_round(number, self.no_round.to_json())
+        record.add(client, detail, len(blob))
+        self.checkpoint.save_no_round(number, record.to_json())
         log.warning("update from %s while no round is open: not folded, counted as no-round in round %d", client,
                     number)
 
@@ -452,10 +464,22 @@ class Aggregator:
                 self._count_no_round(client, payload)
             else:
                 self._fold(client, payload)
+        elif kind == BAD_UPDATE:
+            self._count_bad_topic(client, payload)
         elif kind == "status":
             self._handle_status(client, payload)
         elif kind == "metrics":
             self._handle_metrics(client, payload)
+
+    def _count_bad_topic(self, topic_id: str, payload: bytes) -> None:
+        """An update on `update/<id>` with an id outside the grammar: counted as `bad-client-id` in the open
+        round's record (or the next round's, while none is open), never folded."""
+        detail = f"topic id {topic_id} is not 1-64 letters, digits, '_', '-' or '.'"
+        if self.current is not None:
+            self._reject(self.current, topic_id, BAD_CLIENT_ID, detail, len(payload), save=True)
+            return
+        self._no_round_record().add(topic_id, detail, len(payload), BAD_CLIENT_ID)
+        self.checkpoint.save_no_round(self.no_round.round, self.no_round.to_json())
 
     def _handle_status(self, client: str, payload: bytes) -> None:
         if not payload:  # a cleared retained status: the client is gone
@@ -511,16 +535,26 @@ class Aggregator:
         """
         try:
             self.handle(kind, client, payload)
-        except (ValueError, TypeError, KeyError) as exc:  # a message that slipped past validation
-            log.exception("a %s message from %s could not be handled: %s", kind, client, exc)
-            if kind == "update" and self.current is not None:
-                self._reject(self.current, client, "malformed", f"could not be handled: {type(exc).__name__}: "
-                             f"{exc}", len(payload), save=True)
+        except OSError:  # the state dir failed: fatal, and the update stays unacknowledged
+            raise
+        except Exception as exc:  # a message that slipped past validation: never a crash (nor a crash loop)
+            log.exception("a %s message from %s could not be handled: %s", kind, client, wire.short(str(exc), 200))
+            if kind in ("update", BAD_UPDATE):
+                self._count_unhandled(client, exc, len(payload))
         finally:
-            if kind == "update":
+            if kind in ("update", BAD_UPDATE):
                 self._room.release()
         if token is not None:
             self._ack(token)
+
+    def _count_unhandled(self, client: str, exc: Exception, size: int) -> None:
+        """Count an update whose handling raised as `malformed` (saved before it is acknowledged)."""
+        detail = f"could not be handled: {type(exc).__name__}: {wire.short(str(exc), 120)}"
+        if self.current is not None:
+            self._reject(self.current, client, "malformed", detail, size, save=True)
+        else:
+            self._no_round_record().add(client, detail, size, "malformed")
+            self.checkpoint.save_no_round(self.no_round.round, self.no_round.to_json())
 
     def _drain(self, timeout: float) -> None:
         """Handle every queued message, waiting up to `timeout` for the first."""

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from flora.edge.errors import EXIT_UNAVAILABLE, FloraError
-from flora.edge.fileio import PathLike, append_line, atomic_write_bytes, atomic_write_json, sha256_bytes
+from flora.edge.fileio import PathLike, append_line, atomic_write_bytes, atomic_write_json, sha256_bytes, strict_json
 
 STATE = "state.json"
 HISTORY = "history.jsonl"
@@ -126,7 +126,18 @@ class Checkpoint:
             raise CheckpointError(f"the checkpointed global {blob_path} does not match its sha256 in {path}")
         self._reconcile_history(state)
         self._drop_stale_spools(state.round)
+        self._sweep_leftovers(state.global_file)
         return state, blob
+
+    def _sweep_leftovers(self, current_global: str) -> None:
+        """Files a kill inside a commit or a write leaves: globals other than state.json's (the next one,
+        written before state.json switched to it, or the previous one, not yet deleted) and the temporary
+        files of atomic writes (`.NAME.XXXX.tmp`) here and in the spool."""
+        for path in self.dir.glob("global-*.safetensors"):
+            if path.name != current_global:
+                path.unlink(missing_ok=True)
+        for path in (*self.dir.glob(".*.tmp"), *(self.dir / SPOOL).glob("round-*/.*.tmp")):
+            path.unlink(missing_ok=True)
 
     def _reconcile_history(self, state: AggregatorState) -> None:
         row = state.last_row
@@ -134,7 +145,7 @@ class Checkpoint:
             return
         rows = self.history()
         if not rows or rows[-1].get("round") != row.get("round"):
-            append_line(self.dir / HISTORY, json.dumps(row, sort_keys=True))
+            append_line(self.dir / HISTORY, strict_json(row))
 
     def start(self, model_id: str, rounds_total: int, initial_global: bytes,
               run_id: Optional[str] = None) -> AggregatorState:
@@ -154,7 +165,7 @@ class Checkpoint:
         new = replace(state, round=next_round, done=done, last_row=row, extra=dict(state.extra))
         self._write_global(new, next_round, global_blob)
         atomic_write_json(self.dir / STATE, asdict(new))
-        append_line(self.dir / HISTORY, json.dumps(row, sort_keys=True))
+        append_line(self.dir / HISTORY, strict_json(row))
         if previous and previous != new.global_file:
             (self.dir / previous).unlink(missing_ok=True)
         self.clear_spool(row["round"])

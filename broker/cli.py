@@ -202,18 +202,19 @@ def clear_status(args: argparse.Namespace) -> int:
 def _load_inputs(args: argparse.Namespace):
     """(bundle or None, manifest, initial adapter tensors) from --bundle or --manifest."""
     from flora.edge import adapter
-    from flora.edge.bundle import ADAPTER, load_bundle, load_manifest
+    from flora.edge.bundle import ADAPTER, load_bundle, load_manifest, verify_file
 
     if bool(args.bundle) == bool(args.manifest):
         raise ConfigError("give exactly one of --bundle and --manifest")
     bundle = None
-    if args.bundle:
+    if args.bundle:  # the model files are read (and so verified) only to evaluate
         bundle = load_bundle(args.bundle, verify=bool(args.eval_data))
-        manifest = bundle.manifest
-        initial_path = args.initial_adapter or bundle.path(ADAPTER)
+        manifest, root = bundle.manifest, bundle.root
     else:
-        manifest = load_manifest(args.manifest)
-        initial_path = args.initial_adapter or args.manifest.parent / ADAPTER
+        manifest, root = load_manifest(args.manifest), args.manifest.parent
+    if args.initial_adapter is None:  # the bundle's own initial adapter: checked against its manifest sha256
+        verify_file(root, manifest, ADAPTER)
+    initial_path = args.initial_adapter or Path(root) / ADAPTER
     initial = adapter.load_file(initial_path, manifest.trainable, model_id=manifest.model_id)
     return bundle, manifest, initial.as_float32()
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set
 
 from flora.edge.errors import EXIT_QUORUM, ConfigError, FloraError
 
-from .validation import NO_ROUND
+from .validation import BAD_CLIENT_ID, NO_ROUND
 
 Clock = Callable[[], float]
 
@@ -26,7 +26,7 @@ EXTEND = "extend"
 GIVE_UP = "give-up"
 
 #: Rejections that say nothing about the client's submission for *this* round (it may still send one).
-OTHER_ROUND_REASONS = ("late", "early", NO_ROUND)
+OTHER_ROUND_REASONS = ("late", "early", NO_ROUND, BAD_CLIENT_ID)
 #: Status error codes of a device that cannot take part until someone fixes it (a bundle of another model, a
 #: newer protocol): it is not asked while its latest status says so.
 PERMANENT_ERRORS = frozenset({"model-mismatch", "protocol-mismatch"})
@@ -149,25 +149,35 @@ class RoundRecord:
 
 @dataclass
 class NoRoundUpdates:
-    """Updates that arrived while no round was open, counted (reason `no-round`) in round `round`'s record."""
+    """Updates that arrived while no round was open, counted in round `round`'s record: `no-round` (or another
+    reason the aggregator gave, e.g. `bad-client-id`)."""
 
     round: int
     count: int = 0
     bytes: int = 0
     details: List[Dict[str, str]] = field(default_factory=list)  # the first 100
+    counts: Dict[str, int] = field(default_factory=dict)  # reason -> count, for reasons other than no-round
 
-    def add(self, client: str, detail: str, size: int) -> None:
+    def add(self, client: str, detail: str, size: int, reason: str = NO_ROUND) -> None:
         if len(self.details) < MAX_REJECTION_DETAILS:
-            self.details.append({"client": client, "reason": NO_ROUND, "detail": detail})
-        self.count += 1
+            self.details.append({"client": client, "reason": reason, "detail": detail})
+        if reason == NO_ROUND:
+            self.count += 1
+        else:
+            self.counts[reason] = self.counts.get(reason, 0) + 1
         self.bytes += size
 
     def merge_into(self, rec: RoundRecord) -> None:
         room = max(MAX_REJECTION_DETAILS - len(rec.rejected), 0)
         rec.rejected.extend(self.details[:room])
-        if self.count:
-            rec.rejection_counts[NO_ROUND] = rec.rejection_counts.get(NO_ROUND, 0) + self.count
+        for reason, count in ((NO_ROUND, self.count), *self.counts.items()):
+            if count:
+                rec.rejection_counts[reason] = rec.rejection_counts.get(reason, 0) + count
         rec.bytes_rejected += self.bytes
+
+    @property
+    def total(self) -> int:
+        return self.count + sum(self.counts.values())
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)

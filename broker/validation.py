@@ -12,11 +12,13 @@ from typing import AbstractSet, Callable, Mapping, Optional, Tuple
 
 from flora.edge import adapter
 from flora.edge.bundle import Manifest
+from flora.edge.wire import short as _short
 
 #: Every reason `validate_update` rejects an update for (the history rows count them by these codes).
 VALIDATION_REASONS = (
     "oversized",        # the blob is larger than the manifest's tensors can need
-    "malformed",        # not a readable FLORA adapter blob, not an update, or inconsistent byte offsets
+    "malformed",        # not a readable FLORA adapter blob (edge.wire refused its header), not an update, or
+                        # inconsistent byte offsets
     "bad-dtype",        # not float32/float16, or tensors of another dtype than the metadata says
     "bad-num-samples",  # num_samples missing, not a plain positive decimal integer, or above the cap
     "client-mismatch",  # the metadata names another client than the topic it came on
@@ -31,7 +33,9 @@ VALIDATION_REASONS = (
 )
 #: Counted by the aggregator itself: an update that arrived while no round was open (in the next round's row).
 NO_ROUND = "no-round"
-REASONS = (*VALIDATION_REASONS, NO_ROUND)
+#: Counted by the aggregator itself: an update on `update/<id>` whose id is outside the id grammar.
+BAD_CLIENT_ID = "bad-client-id"
+REASONS = (*VALIDATION_REASONS, NO_ROUND, BAD_CLIENT_ID)
 
 #: The default cap on an update's num_samples (`--max-num-samples`): far above any edge device's data set,
 #: and low enough that the exact integer total of a round stays below 2**53 (exact in float64) for
@@ -76,12 +80,6 @@ def check_num_samples(meta: Mapping[str, str], cap: int = DEFAULT_MAX_NUM_SAMPLE
     if value > cap:
         raise Rejected("bad-num-samples", f"num_samples={_short(text)} is above the cap of {cap} (--max-num-samples)")
     return value
-
-
-def _short(value: object, limit: int = 32) -> str:
-    """repr(value), cut to `limit` characters (a forged header can hold megabytes)."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}…({len(text)} chars)"
 
 
 def _tensors(blob: bytes, entries, meta: adapter.AdapterMeta, manifest: Manifest):

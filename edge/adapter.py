@@ -8,7 +8,7 @@ metadata) before it decodes a single tensor, and the finite-ness of the values a
 from __future__ import annotations
 
 import functools
-import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple, Unio
 import numpy as np
 from safetensors.numpy import save as _st_save
 
+from . import wire
 from .bundle import TensorSpec
 from .errors import FloraError
 from .fileio import PathLike, atomic_write_bytes
@@ -32,12 +33,27 @@ PARTIAL_DTYPE = "float64"
 _DTYPES = {"float32": ("F32", np.float32), "float16": ("F16", np.float16), "float64": ("F64", np.float64)}
 _ST_TO_NAME = {st: name for name, (st, _) in _DTYPES.items()}
 _MAX_HEADER = 4 << 20
+MAX_TENSORS = 20_000
+_DECIMAL = re.compile(r"0|[1-9][0-9]*")  # at most 512 characters: the header schema bounds every value
 
 Buffer = Union[bytes, bytearray, memoryview]
 
+#: The safetensors header as edge.wire checks it before anything reads a field: tensor entries of exactly
+#: {dtype, shape, data_offsets} (shapes of at most 8 dims), and `__metadata__` of string to string of at most 512 characters (room for
+#: a 301-digit num_samples, the largest cap; a 5,000-digit one is malformed before anything parses it).
+_ENTRY = wire.Object({
+    "dtype": wire.Str(16),
+    "shape": wire.Array(wire.Int(0, 2 ** 40), max_len=8),
+    "data_offsets": wire.Array(wire.Int(0, 2 ** 62), min_len=2, max_len=2),
+})
+_HEADER = wire.Object(
+    {"__metadata__": wire.optional(wire.Nullable(wire.Map(wire.Str(64), wire.Str(512), max_len=64)))},
+    others=wire.Map(wire.Str(512), _ENTRY, max_len=MAX_TENSORS),
+)
 
-class AdapterError(FloraError, ValueError):
-    """An adapter blob is malformed or does not fit the bundle it is meant for."""
+
+class AdapterError(wire.WireError):
+    """An adapter blob is malformed or does not fit the bundle it is meant for (reason `malformed`)."""
 
 
 @dataclass(frozen=True)
@@ -107,10 +123,10 @@ class AdapterMeta:
 
 
 def _parse_int(text: str, what: str) -> int:
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        raise AdapterError(f"adapter metadata {what}={text!r} is not an integer") from None
+    """A canonical decimal (`str(int)`: no sign, space, '_' or leading zero)."""
+    if not _DECIMAL.fullmatch(text):
+        raise AdapterError(f"adapter metadata {what}={wire.short(text)} is not a plain decimal integer")
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -158,30 +174,15 @@ def read_header(blob: Buffer) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, str]
     if header_len > _MAX_HEADER or header_len > len(view) - 8:
         raise AdapterError(f"adapter header length {header_len} is implausible for a {len(view)}-byte blob")
     try:
-        header = json.loads(bytes(view[8 : 8 + header_len]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"adapter header is not JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise AdapterError("adapter header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise AdapterError("adapter metadata must map strings to strings")
+        header = _HEADER.check(wire.loads(view[8 : 8 + header_len], _MAX_HEADER, what="adapter header"), "header")
+    except wire.WireError as exc:
+        raise AdapterError(exc.detail) from None
+    meta = header.pop("__metadata__") or {}
     for name, entry in header.items():
-        _check_entry(name, entry)
+        begin, end = entry["data_offsets"]
+        if begin > end:
+            raise AdapterError(f"adapter header entry {wire.short(name)} has data_offsets {begin} > {end}")
     return header, meta
-
-
-def _check_entry(name: str, entry: Any) -> None:
-    """A header entry must be {dtype: str, shape: [n, ...], data_offsets: [begin, end]} of non-negative ints."""
-    try:
-        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    except (TypeError, KeyError):
-        raise AdapterError(f"adapter header entry {name!r} is malformed") from None
-    if type(dtype) is not str or type(shape) is not list or any(type(d) is not int or d < 0 for d in shape):
-        raise AdapterError(f"adapter header entry {name!r} has a malformed dtype or shape")
-    if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
-            or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1]):
-        raise AdapterError(f"adapter header entry {name!r} has malformed data_offsets {offsets!r}")
 
 
 def check_header(

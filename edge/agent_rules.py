@@ -17,14 +17,13 @@ tests/test_agent_rules.py that need no bundle, torch or onnxruntime.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import FrozenSet, Optional, Tuple, Union
 
 from . import adapter
 from .bundle import Manifest
 from .fileio import sha256_bytes
-from .protocol import PROTOCOL_VERSION, ROUND_DONE, ProtocolError, RoundAnnouncement
+from .protocol import PROTOCOL_VERSION, ROUND_DONE, ProtocolError, RoundAnnouncement, newer_protocol
 from .state import AgentState
 
 INFO, WARNING, ERROR = "info", "warning", "error"
@@ -120,15 +119,6 @@ class Refused:
     note: Note
     status_error: Optional[str] = None
     forget_round: bool = False  # the announcement held so far no longer stands
-
-
-def newer_protocol(payload: bytes) -> Optional[int]:
-    """The `protocol` of a JSON message when it is newer than this agent's, else None."""
-    try:
-        version = json.loads(payload).get("protocol")
-    except (ValueError, AttributeError):  # not JSON, or not an object: from_json says why
-        return None
-    return version if isinstance(version, int) and version > PROTOCOL_VERSION else None
 
 
 def read_round(payload: bytes) -> Union[RoundAnnouncement, Refused]:

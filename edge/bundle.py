@@ -327,14 +327,21 @@ def load_bundle(root: PathLike, verify: bool = True, backends: Optional[Sequence
         raise BundleError(f"manifest of {root_p} does not list required files {missing}")
     if verify:
         for name in needed:
-            fpath = root_p / name
-            if not fpath.is_file():
-                raise BundleError(f"bundle {root_p} is missing {name}")
-            digest = sha256_file(fpath)
-            if digest != manifest.files[name]:
-                raise BundleError(
-                    f"bundle file {fpath} does not match its manifest sha256 "
-                    f"(have {digest[:12]}…, manifest says {manifest.files[name][:12]}…): "
-                    "the bundle is corrupt or was modified; export it again"
-                )
+            verify_file(root_p, manifest, name)
     return Bundle(root_p, manifest)
+
+
+def verify_file(root: PathLike, manifest: Manifest, name: str) -> None:
+    """BundleError unless `root/name` is a regular file listed in the manifest with a matching sha256."""
+    fpath = Path(root) / name
+    if name not in manifest.files:
+        raise BundleError(f"manifest of {root} does not list {name}")
+    if not fpath.is_file():
+        raise BundleError(f"bundle {root} is missing {name}")
+    digest = sha256_file(fpath)
+    if digest != manifest.files[name]:
+        raise BundleError(
+            f"bundle file {fpath} does not match its manifest sha256 "
+            f"(have {digest[:12]}…, manifest says {manifest.files[name][:12]}…): "
+            "the bundle is corrupt or was modified; export it again"
+        )

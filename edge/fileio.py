@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -71,8 +72,28 @@ def atomic_write_bytes(path: PathLike, data: bytes, mode: Optional[int] = None) 
     _fsync_dir(target.parent)
 
 
+def json_safe(value: Any) -> Any:
+    """`value` as strict JSON can hold it: non-finite floats (a diverged loss or accuracy) become None, numpy
+    scalars and arrays Python numbers and lists, tuples lists."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):  # numpy scalar or array
+        return json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def strict_json(obj: Any, indent: Optional[int] = None) -> str:
+    """Strict JSON text of `obj` (sorted keys; never NaN or Infinity, which other parsers refuse)."""
+    return json.dumps(json_safe(obj), indent=indent, sort_keys=True, allow_nan=False)
+
+
 def atomic_write_json(path: PathLike, obj: Any, mode: Optional[int] = None) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
+    """Strict JSON (`strict_json`), written atomically."""
+    atomic_write_bytes(path, (strict_json(obj, indent=2) + "\n").encode(), mode)
 
 
 def append_line(path: PathLike, line: str) -> None:

@@ -1,37 +1,60 @@
 """The MQTT wire protocol between agents and the aggregator (docs/protocol.md says the same in prose).
 
 Topics live under `flora/<federation>/`. Adapter blobs travel as safetensors bytes (edge.adapter);
-everything else is UTF-8 JSON, built and parsed here so that both sides agree on every field.
+everything else is UTF-8 JSON, built and parsed here so that both sides agree on every field. Each
+JSON message has one schema (`ROUND_MESSAGE`, `STATUS_MESSAGE`, `METRICS_MESSAGE`, edge.wire): its
+receiver decodes it through that schema (bounded size and nesting, exact keys and types, finite
+numbers in range) and its sender encodes through it too, so a sender never writes what a receiver
+refuses.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from typing import Dict, List, Optional, Union
 
-from .errors import FloraError
+from . import wire
+from .fileio import json_safe
+from .wire import Array, Const, Float, Int, Map, Message, Nullable, Object, OneOf, Str, optional
 
 PREFIX = "flora"
 QOS = 1
 PROTOCOL_VERSION = 1
 
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID = wire.ID_PATTERN
 
 ROUND_TRAINING = "training"
 ROUND_DONE = "done"
 
+#: Bounds of the protocol's numbers and lists (far beyond any real federation, far below an overflow).
+MAX_ROUND = 10 ** 9
+MAX_CLIENTS = 100_000  # ids in one round's asked list
+MAX_SAMPLES = 10 ** 15
+MAX_ERROR_CHARS = 1000  # a status's last_error (the agent cuts longer ones)
+MAX_TIME = 1e11  # unix seconds (year 5138)
 
-class ProtocolError(FloraError, ValueError):
-    """A message does not follow the protocol."""
+#: The one error of every decoder in this module (and edge.wire, edge.adapter's header): a message that
+#: does not follow the protocol; `reason` says how callers count it.
+ProtocolError = wire.WireError
 
 
 def check_id(value: str, what: str = "client id") -> str:
-    """Client ids and federation names: 1-64 of letters, digits, '_', '-', '.' (no MQTT wildcards)."""
-    if not isinstance(value, str) or not _ID.match(value):
-        raise ProtocolError(f"invalid {what} {value!r}: use 1-64 letters, digits, '_', '-' or '.'")
+    """Client ids and federation names: 1-64 of letters, digits, '_', '-', '.' (no MQTT wildcards), the whole
+    string (a trailing newline is not allowed)."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ProtocolError(f"invalid {what} {wire.short(value, 80)}: use 1-64 letters, digits, '_', '-' or '.'")
     return value
+
+
+def newer_protocol(payload: bytes) -> Optional[int]:
+    """The `protocol` of a JSON message when it is newer than this side's, else None (also for a payload that
+    is not a bounded JSON object: its decoder says why)."""
+    try:
+        value = wire.loads(payload, ROUND_MESSAGE.max_bytes, what="round")
+    except wire.WireError:
+        return None
+    version = value.get("protocol") if isinstance(value, dict) else None
+    return version if type(version) is int and version > PROTOCOL_VERSION else None
 
 
 @dataclass(frozen=True)
@@ -92,12 +115,27 @@ class Topics:
         return f"{self.base}/metrics/+"
 
     def client_of(self, topic: str, kind: str) -> Optional[str]:
-        """The client id in `flora/<fed>/<kind>/<id>`, or None if the topic is not of that kind."""
-        prefix = f"{self.base}/{kind}/"
+        """The client id in `flora/<fed>/<kind>/<id>`, or None if the topic is not of that kind (or its id is
+        outside the grammar: `split` tells those apart)."""
+        parts = self.split(topic)
+        return parts[1] if parts is not None and parts[0] == kind and _ID.fullmatch(parts[1]) else None
+
+    def split(self, topic: str) -> Optional[tuple]:
+        """(kind, the rest) of a topic `flora/<fed>/<kind>/<rest>` of this federation, else None; `rest` is
+        the sender's id as the topic spells it, which may be outside the id grammar."""
+        prefix = f"{self.base}/"
         if not topic.startswith(prefix):
             return None
-        client = topic[len(prefix) :]
-        return client if _ID.match(client) else None
+        kind, sep, rest = topic[len(prefix):].partition("/")
+        return (kind, rest) if sep else None
+
+
+_CONFIG = Object({
+    "epochs": Int(1, 10_000),
+    "lr": Float(gt=0.0, hi=1e3),
+    "batch_size": Int(1, 1 << 20),
+    "weight_decay": Float(0.0, 1e3),
+})
 
 
 @dataclass(frozen=True)
@@ -114,6 +152,22 @@ class TrainConfig:
             raise ProtocolError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
         if not (self.lr > 0) or self.weight_decay < 0:
             raise ProtocolError(f"lr must be > 0 and weight_decay >= 0 (got {self.lr}, {self.weight_decay})")
+        _CONFIG.check(asdict(self), "config")  # within what a receiver accepts
+
+
+#: The retained `round` message.
+ROUND_MESSAGE = Message("round", Object({
+    "round": Int(0, MAX_ROUND),
+    "model_id": Str(128),
+    "state": Str(choices=(ROUND_TRAINING, ROUND_DONE)),
+    "config": _CONFIG,
+    "clients": OneOf((Const("all"), Array(Str(64, _ID), MAX_CLIENTS, unique=True))),
+    "deadline": Float(0.0, MAX_TIME),
+    "global_sha256": Str(64, wire.HEX64),
+    "total_rounds": Int(0, MAX_ROUND),
+    "protocol": optional(Int(0, 2 ** 31), PROTOCOL_VERSION),
+    "run_id": optional(Str(64), ""),
+}), max_bytes=8 << 20)
 
 
 @dataclass(frozen=True)
@@ -137,37 +191,27 @@ class RoundAnnouncement:
         return self.state == ROUND_TRAINING and (self.clients == "all" or client_id in self.clients)
 
     def to_json(self) -> bytes:
-        d = asdict(self)
-        return json.dumps(d, sort_keys=True).encode()
+        return ROUND_MESSAGE.encode(asdict(self))
 
     @classmethod
     def from_json(cls, payload: Union[bytes, str]) -> RoundAnnouncement:
-        d = _load_object(payload, "round")
-        try:
-            clients = d["clients"]
-            if clients != "all":
-                clients = [check_id(c) for c in clients]
-            if d["state"] not in (ROUND_TRAINING, ROUND_DONE):
-                raise ProtocolError(f"round state {d['state']!r} is unknown")
-            return cls(
-                round=int(d["round"]),
-                model_id=str(d["model_id"]),
-                state=str(d["state"]),
-                config=TrainConfig(**d["config"]),
-                clients=clients,
-                deadline=float(d["deadline"]),
-                global_sha256=str(d["global_sha256"]),
-                total_rounds=int(d["total_rounds"]),
-                protocol=int(d.get("protocol", PROTOCOL_VERSION)),
-                run_id=str(d.get("run_id", "")),
-            )
-        except ProtocolError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"malformed round message: {type(exc).__name__}: {exc}") from exc
+        d = ROUND_MESSAGE.decode(payload)
+        d["config"] = TrainConfig(**d["config"])
+        return cls(**d)
 
 
 STATUS_STATES = ("online", "idle", "training", "offline", "error")
+
+#: The retained `status/<id>` message.
+STATUS_MESSAGE = Message("status", Object({
+    "client_id": Str(64, _ID),
+    "state": Str(choices=STATUS_STATES),
+    "round": optional(Nullable(Int(0, MAX_ROUND))),
+    "last_error": optional(Nullable(Str(MAX_ERROR_CHARS))),
+    "num_samples": optional(Nullable(Int(0, MAX_SAMPLES))),
+    "backend": optional(Nullable(Str(64))),
+    "ts": optional(Float(0.0, MAX_TIME), 0.0),
+}), max_bytes=16 << 10)
 
 
 @dataclass(frozen=True)
@@ -183,28 +227,33 @@ class Status:
     ts: float = 0.0
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        d = asdict(self)
+        if d["last_error"] is not None and len(d["last_error"]) > MAX_ERROR_CHARS:
+            d["last_error"] = d["last_error"][: MAX_ERROR_CHARS - 1] + "…"
+        return STATUS_MESSAGE.encode(d)
 
     @classmethod
     def from_json(cls, payload: Union[bytes, str]) -> Status:
-        d = _load_object(payload, "status")
-        try:
-            state = str(d["state"])
-            if state not in STATUS_STATES:
-                raise ProtocolError(f"status state {state!r} is not one of {STATUS_STATES}")
-            return cls(
-                client_id=check_id(str(d["client_id"])),
-                state=state,
-                round=None if d.get("round") is None else int(d["round"]),
-                last_error=d.get("last_error"),
-                num_samples=None if d.get("num_samples") is None else int(d["num_samples"]),
-                backend=d.get("backend"),
-                ts=float(d.get("ts", 0.0)),
-            )
-        except ProtocolError:
-            raise
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"malformed status message: {exc}") from exc
+        return cls(**STATUS_MESSAGE.decode(payload))
+
+
+#: The `metrics/<id>` message: every number finite (a non-finite one is sent as null), `extra` a small map
+#: of named numbers.
+METRICS_MESSAGE = Message("metrics", Object({
+    "client_id": Str(64, _ID),
+    "round": Int(0, MAX_ROUND),
+    "loss": Nullable(Float()),
+    "accuracy": Nullable(Float(0.0, 1.0)),
+    "train_accuracy": Nullable(Float(0.0, 1.0)),
+    "samples": Int(0, MAX_SAMPLES),
+    "steps": Int(0, MAX_SAMPLES),
+    "epochs": Int(0, 10_000),
+    "wall_time_s": Float(0.0, MAX_TIME),
+    "step_time_s": Float(0.0, MAX_TIME),
+    "peak_rss_mb": Float(0.0, 1e9),
+    "backend": Str(64),
+    "extra": optional(Map(Str(64, _ID), Nullable(Float()), 32), {}),
+}), max_bytes=16 << 10)
 
 
 @dataclass(frozen=True)
@@ -213,7 +262,7 @@ class Metrics:
 
     client_id: str
     round: int
-    loss: float
+    loss: Optional[float]
     accuracy: Optional[float]  # on the local validation split, if any
     train_accuracy: Optional[float]
     samples: int
@@ -223,25 +272,11 @@ class Metrics:
     step_time_s: float
     peak_rss_mb: float
     backend: str
-    extra: Dict[str, Any] = field(default_factory=dict)
+    extra: Dict[str, Optional[float]] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), sort_keys=True).encode()
+        return METRICS_MESSAGE.encode(json_safe(asdict(self)))
 
     @classmethod
     def from_json(cls, payload: Union[bytes, str]) -> Metrics:
-        d = _load_object(payload, "metrics")
-        try:
-            return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})  # type: ignore[arg-type]
-        except TypeError as exc:
-            raise ProtocolError(f"malformed metrics message: {exc}") from exc
-
-
-def _load_object(payload: Union[bytes, str], what: str) -> Dict[str, Any]:
-    try:
-        d = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what} message is not JSON: {exc}") from exc
-    if not isinstance(d, dict):
-        raise ProtocolError(f"{what} message is not a JSON object")
-    return d
+        return cls(**METRICS_MESSAGE.decode(payload))

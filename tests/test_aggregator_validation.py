@@ -13,6 +13,7 @@ from safetensors.numpy import load as safetensors_load
 from flora.broker.fedbuff import BufferConfig, FedBuff
 from flora.broker.strategies import FedAvg
 from flora.broker.validation import (
+    BAD_CLIENT_ID,
     DEFAULT_MAX_NUM_SAMPLES,
     NO_ROUND,
     REASONS,
@@ -161,13 +162,17 @@ def cases() -> Dict[str, list]:
                       update() + b"\0" * 8,  # trailing bytes
                       _bad_offsets(),
                       _forged_meta(kind="global"), _forged_meta(format="other"), _forged_meta(client_id=None),
-                      adapter.encode(good, model_id=M.model_id, round=3, kind="global")],
+                      adapter.encode(good, model_id=M.model_id, round=3, kind="global"),
+                      # a metadata value longer than the header schema's 512 characters: a 5,000-digit
+                      # num_samples is malformed, never parsed as a number
+                      _forged_meta(num_samples="9" * 5000), _forged_meta(num_samples="1" * 513),
+                      _forged_meta(round="1" + "0" * 600), _forged_meta(round="+3"), _forged_meta(round="03")],
         "bad-dtype": [_forged_meta(dtype="float64"), _forged_meta(dtype="int8"), _mixed_dtype()],
         "bad-num-samples": [_forged_meta(num_samples="0"), _forged_meta(num_samples="-4"),
                             _forged_meta(num_samples="many"), _forged_meta(num_samples=None),
                             # implausible: a float64 weighted sum would overflow, or float() would raise
                             update(n=DEFAULT_MAX_NUM_SAMPLES + 1), update(n=10 ** 308), update(n=10 ** 400),
-                            _forged_meta(num_samples="9" * 5000),  # longer than int() parses by default
+                            _forged_meta(num_samples="9" * 512),
                             # not the canonical decimal an agent writes (int() would accept each of these)
                             _forged_meta(num_samples="+5"), _forged_meta(num_samples=" 5"),
                             _forged_meta(num_samples="1_000"), _forged_meta(num_samples="05")],
@@ -188,7 +193,8 @@ def cases() -> Dict[str, list]:
 
 def test_every_rejection_reason_is_detected_with_a_readable_detail():
     all_cases = cases()
-    assert set(all_cases) == set(VALIDATION_REASONS) and set(REASONS) == {*VALIDATION_REASONS, NO_ROUND}
+    assert set(all_cases) == set(VALIDATION_REASONS)
+    assert set(REASONS) == {*VALIDATION_REASONS, NO_ROUND, BAD_CLIENT_ID}
     for reason, blobs in all_cases.items():
         for i, item in enumerate(blobs):
             blob, client, view = (*item, ROUND)[:3] if isinstance(item, tuple) else (item, "c1", ROUND)
