@@ -197,13 +197,19 @@ class _Acks:
         return SimpleNamespace(mid=0, is_published=lambda: True, rc=0)
 
 
+def _broker_arg(url: str):
+    """AggregatorConfig's broker: a URL in older versions, a BrokerConfig since they share BrokerConfig.from_args."""
+    from flora.edge import mqtt
+    return mqtt.BrokerConfig.from_url(url) if hasattr(mqtt.BrokerConfig, "from_args") else url
+
+
 def _offline_aggregator(state_dir: Path, **kw):
     from flora.broker.aggregator import Aggregator, AggregatorConfig
     from flora.broker.rounds import Sampling
     from flora.edge.synthetic import random_adapter
 
     m = _manifest()
-    cfg = AggregatorConfig(manifest=m, initial_adapter=random_adapter(m, 0), broker="mqtt://127.0.0.1:1",
+    cfg = AggregatorConfig(manifest=m, initial_adapter=random_adapter(m, 0), broker=_broker_arg("mqtt://127.0.0.1:1"),
                            state_dir=state_dir, rounds=2, federation=FED, sampling=Sampling(min_clients=1), **kw)
     agg = Aggregator(cfg)
     agg._resume_or_start()

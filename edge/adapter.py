@@ -39,8 +39,9 @@ _DECIMAL = re.compile(r"0|[1-9][0-9]*")  # at most 512 characters: the header sc
 Buffer = Union[bytes, bytearray, memoryview]
 
 #: The safetensors header as edge.wire checks it before anything reads a field: tensor entries of exactly
-#: {dtype, shape, data_offsets} (shapes of at most 8 dims), and `__metadata__` of string to string of at most 512 characters (room for
-#: a 301-digit num_samples, the largest cap; a 5,000-digit one is malformed before anything parses it).
+#: {dtype, shape, data_offsets} (shapes of at most 8 dims), and `__metadata__` of string to string of at most
+#: 512 characters (room for a 301-digit num_samples, the largest cap; a 5,000-digit one is malformed before
+#: anything parses it).
 _ENTRY = wire.Object({
     "dtype": wire.Str(16),
     "shape": wire.Array(wire.Int(0, 2 ** 40), max_len=8),

@@ -189,7 +189,7 @@ def test_the_running_aggregator_stays_up_under_a_fuzzed_device_and_counts_every_
     import signal
     import time
 
-    from bench.bench_hostile import FED, _Devices, _history, _start_aggregator, json_corpus, update_corpus
+    from bench.bench_hostile import _Devices, _history, _start_aggregator, json_corpus, update_corpus
     from flora.edge.protocol import Metrics, Status
     from flora.edge.synthetic import write_bundle
 
