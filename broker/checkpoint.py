@@ -126,15 +126,17 @@ class Checkpoint:
             raise CheckpointError(f"the checkpointed global {blob_path} does not match its sha256 in {path}")
         self._reconcile_history(state)
         self._drop_stale_spools(state.round)
-        self._sweep_leftovers(state.global_file)
+        self._sweep_leftovers(state)
         return state, blob
 
-    def _sweep_leftovers(self, current_global: str) -> None:
-        """Files a kill inside a commit or a write leaves: globals other than state.json's (the next one,
-        written before state.json switched to it, or the previous one, not yet deleted) and the temporary
-        files of atomic writes (`.NAME.XXXX.tmp`) here and in the spool."""
+    def _sweep_leftovers(self, state: AggregatorState) -> None:
+        """Files a kill inside a commit or a write leaves: globals that state.json names nowhere (the next one,
+        written before state.json switched to it, or the previous one, not yet deleted; the globals an async
+        window keeps are named in `extra['async']['window']`) and the temporary files of atomic writes
+        (`.NAME.XXXX.tmp`) here and in the spool."""
+        keep = {state.global_file, *_strings_in(state.extra.get("async", {}).get("window"))}
         for path in self.dir.glob("global-*.safetensors"):
-            if path.name != current_global:
+            if path.name not in keep:
                 path.unlink(missing_ok=True)
         for path in (*self.dir.glob(".*.tmp"), *(self.dir / SPOOL).glob("round-*/.*.tmp")):
             path.unlink(missing_ok=True)
@@ -265,3 +267,14 @@ class Checkpoint:
 
     def clear_no_round(self, round_: int) -> None:
         (self.spool_dir(round_) / NO_ROUND).unlink(missing_ok=True)
+
+
+def _strings_in(value: Any) -> List[str]:
+    """Every string inside nested lists and dicts (file names a state keeps, wherever it keeps them)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings_in(v)]
+    return []

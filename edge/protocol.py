@@ -10,6 +10,7 @@ refuses.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Union
 
@@ -201,6 +202,7 @@ class RoundAnnouncement:
 
 
 STATUS_STATES = ("online", "idle", "training", "offline", "error")
+ERROR_CODE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")  # a status's error_code: lower-case words joined by '-'
 
 #: The retained `status/<id>` message.
 STATUS_MESSAGE = Message("status", Object({
@@ -211,6 +213,7 @@ STATUS_MESSAGE = Message("status", Object({
     "num_samples": optional(Nullable(Int(0, MAX_SAMPLES))),
     "backend": optional(Nullable(Str(64))),
     "ts": optional(Float(0.0, MAX_TIME), 0.0),
+    "error_code": optional(Nullable(Str(32, ERROR_CODE))),
 }), max_bytes=16 << 10)
 
 
@@ -225,6 +228,8 @@ class Status:
     num_samples: Optional[int] = None
     backend: Optional[str] = None
     ts: float = 0.0
+    # with state `error`: why, as a code (model-mismatch, protocol-mismatch, bad-global, round-failed, ...)
+    error_code: Optional[str] = None
 
     def to_json(self) -> bytes:
         d = asdict(self)

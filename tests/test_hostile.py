@@ -142,6 +142,14 @@ def test_load_sweeps_the_globals_and_temporary_files_a_kill_inside_a_commit_leav
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
         "global-000001.safetensors", "history.jsonl", "state.json"]
     assert list(spool.iterdir()) == []
+    # the globals an async window keeps are named in state.extra and survive the sweep
+    loaded.extra["async"] = {"window": [{"round": 0, "file": "global-000000.safetensors"}]}
+    cp.save(loaded)
+    (tmp_path / "global-000000.safetensors").write_bytes(blob0)
+    (tmp_path / "global-000002.safetensors").write_bytes(blob1)
+    cp.load()
+    assert sorted(p.name for p in tmp_path.glob("global-*")) == ["global-000000.safetensors",
+                                                                "global-000001.safetensors"]
 
 
 def test_the_aggregator_refuses_a_bundle_whose_adapter_does_not_match_its_manifest(tmp_path, capsys):

@@ -191,6 +191,11 @@ def test_messages_round_trip_and_senders_write_what_receivers_accept():
     assert RoundAnnouncement.from_json(ROUND.to_json()) == ROUND
     assert Status.from_json(STATUS.to_json()) == STATUS
     assert Metrics.from_json(METRICS.to_json()) == METRICS
+    coded = Status("c1", "error", 3, "bundle of another model", error_code="model-mismatch")
+    assert Status.from_json(coded.to_json()) == coded
+    for bad_code in ("Model Mismatch", "x" * 33, "-a", 7):
+        with pytest.raises(ProtocolError, match="error_code"):
+            Status.from_json(json.dumps({**json.loads(coded.to_json()), "error_code": bad_code}))
     long_error = Status("c1", "error", 3, "x" * 50_000)
     assert len(Status.from_json(long_error.to_json()).last_error) == 1000  # cut, not refused by the aggregator
     diverged = Metrics(**{**asdict(METRICS), "loss": float("nan"), "extra": {"val_loss": float("inf")}})
