@@ -29,6 +29,7 @@ Writes bench/results/hostile-<label>.json and .md.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import multiprocessing
@@ -194,7 +195,10 @@ class _Acks:
         return 0
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False):
-        return SimpleNamespace(mid=0, is_published=lambda: True, rc=0)
+        return SimpleNamespace(mid=0, is_published=lambda: True, rc=0, wait_for_publish=lambda timeout=None: None)
+
+    def manual_ack_set(self, on: bool) -> None:
+        pass
 
 
 def _broker_arg(url: str):
@@ -211,9 +215,12 @@ def _offline_aggregator(state_dir: Path, **kw):
     m = _manifest()
     cfg = AggregatorConfig(manifest=m, initial_adapter=random_adapter(m, 0), broker=_broker_arg("mqtt://127.0.0.1:1"),
                            state_dir=state_dir, rounds=2, federation=FED, sampling=Sampling(min_clients=1), **kw)
-    agg = Aggregator(cfg)
+    if "client" in inspect.signature(Aggregator.__init__).parameters:  # since it takes its MQTT client
+        agg = Aggregator(cfg, _Acks())
+    else:
+        agg = Aggregator(cfg)
+        agg.client = _Acks()
     agg._resume_or_start()
-    agg.client = _Acks()
     agg.connections = 1
     return agg
 

@@ -19,7 +19,6 @@ from safetensors.numpy import save as _st_save
 
 from . import wire
 from .bundle import TensorSpec
-from .errors import FloraError
 from .fileio import PathLike, atomic_write_bytes
 
 FORMAT = "flora-adapter"

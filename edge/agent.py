@@ -277,12 +277,20 @@ class Agent:
 
     # -- message handling (main thread) ------------------------------------------------------
     def handle(self, kind: str, payload: bytes) -> None:
-        if kind == "connected":
-            self.publish_status("online")
-        elif kind == "global":
-            self._handle_global(payload)
-        elif kind == "round":
-            self._handle_round(payload)
+        """Apply one message. What the rules refuse is logged there; anything else one raises (a bug a message
+        reached) is logged with its traceback and the message dropped: no payload stops the agent (a state-dir
+        OSError still does)."""
+        try:
+            if kind == "connected":
+                self.publish_status("online")
+            elif kind == "global":
+                self._handle_global(payload)
+            elif kind == "round":
+                self._handle_round(payload)
+        except OSError:
+            raise
+        except Exception:
+            log.exception("a %s message (%d bytes) could not be handled; it is ignored", kind, len(payload))
 
     def _handle_global(self, payload: bytes) -> None:
         received = rules.read_global(payload, self.manifest)

@@ -3,6 +3,8 @@ image folders. Test modules import from here (and from tests.fakes), never from 
 
 from __future__ import annotations
 
+import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -67,3 +69,44 @@ def batches(dim: int, steps: int = 20, n: int = 16, seed: int = 0, distinct: int
         x = rng.standard_normal((n, dim)).astype(np.float32)
         pool.append((x, (x @ teacher).argmax(axis=1).astype(np.int64)))
     return [pool[i % distinct] for i in range(steps)]
+
+
+# -- hostile payloads (tests/test_wire.py, tests/test_hostile.py) ---------------------------------------
+def nested(depth: int, leaf: str = "1") -> str:
+    return "[" * depth + leaf + "]" * depth
+
+
+def header_blob(header_json: bytes, data: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header_json)) + header_json + data
+
+
+#: The shapes that crashed processes before this layer existed, and their neighbours.
+ADVERSARIAL: List[bytes] = [
+    nested(1000).encode(),                         # RecursionError inside json.loads (2 KB)
+    nested(100_000).encode(),                      # far deeper
+    ('{"a":' * 5000 + "1" + "}" * 5000).encode(),  # deep objects
+    nested(10, '"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["').encode(),  # brackets inside a string are not nesting
+    b'{"round": 1e400}', b'{"round": -1e400}', b'{"round": Infinity}', b'{"round": NaN}', b'{"round": -Infinity}',
+    b'{"round": ' + b"9" * 5000 + b"}",             # int() of 5,000 digits: ValueError in 3.11, slow before
+    b'{"round": 1, "round": 2}',                   # duplicate keys: parsers disagree on which wins
+    b'{"round": "\\ud800"}',                        # a lone surrogate: UnicodeEncodeError when written out
+    b"\xff\xfe{}", b"\xef\xbb\xbf{}", b"\x00" * 16, b"", b"null", b"[]", b"1", b'"x"', b"{",
+    b'{"' + b"k" * 100_000 + b'": 1}',
+    json.dumps({"clients": ["c"] * 200_000}).encode(),
+    json.dumps({"x": "y" * (9 << 20)}).encode(),   # over every message's size limit
+]
+
+
+def adversarial_headers() -> List[bytes]:
+    """Safetensors blobs whose JSON header is each adversarial payload (the aggregator's crash loop)."""
+    return [header_blob(p) for p in ADVERSARIAL] + [
+        header_blob(json.dumps({"t": {"dtype": "F32", "shape": [10 ** 30], "data_offsets": [0, 4]}}).encode()),
+        header_blob(json.dumps({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}).encode()),
+        header_blob(json.dumps({"t": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}).encode(), b"\0" * 4),
+        header_blob(json.dumps({"t": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}).encode(), b"\0" * 4),
+        header_blob(json.dumps({"__metadata__": {"num_samples": "9" * 5000}}).encode()),
+        header_blob(json.dumps({"__metadata__": {"a": 1}}).encode()),
+        header_blob(json.dumps({"__metadata__": "x"}).encode()),
+        header_blob(b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": 1}}', b"\0" * 4),
+        struct.pack("<Q", 2 ** 64 - 1) + b"{}",
+    ]

@@ -14,11 +14,11 @@ import pytest
 from flora.broker.checkpoint import Checkpoint
 from flora.broker.rounds import Sampling
 from flora.edge import adapter
+from flora.edge.protocol import ProtocolError, RoundAnnouncement
 from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
 
-from .test_aggregator_acks import RecordingClient
-from .test_aggregator_rounds import FakeClock, metrics, offline_aggregator, status
-from .test_wire import ADVERSARIAL, adversarial_headers, nested
+from .fakes import FakeClock, FakeMqttClient, metrics, offline_aggregator, status
+from .helpers import ADVERSARIAL, adversarial_headers, nested
 
 M = synthetic_manifest()
 
@@ -38,9 +38,9 @@ def publish(agg, fake, topic_tail: str, payload: bytes, mid: int) -> None:
 
 @pytest.fixture
 def agg(tmp_path):
-    a = offline_aggregator(tmp_path / "state", FakeClock(), rounds=2, sampling=Sampling(min_clients=1))
+    a = offline_aggregator(tmp_path / "state", FakeClock(), client=FakeMqttClient(), rounds=2,
+                           sampling=Sampling(min_clients=1))
     a._resume_or_start()
-    a.client = RecordingClient(a)
     a.connections = 1
     return a
 
@@ -243,3 +243,43 @@ def test_the_running_aggregator_stays_up_under_a_fuzzed_device_and_counts_every_
     counts = rows[0]["rejection_counts"]
     assert sum(counts.values()) == len(updates) and set(counts) == {"no-round", "bad-client-id"}
     assert counts["bad-client-id"] == len(range(0, len(updates), 10))
+
+
+# -- the agent ----------------------------------------------------------------------------------------------
+def test_the_agent_stays_up_under_thousands_of_hostile_round_and_global_messages_then_trains(tmp_path):
+    """A seeded corpus of adversarial and random `round` and `global` payloads (deep nesting, 1e400, NaN,
+    huge integers, forged headers, wrong types) while a valid round is announced: the agent ignores every one,
+    keeps the valid round and global, and trains and submits it."""
+    import random
+
+    from bench.bench_hostile import json_corpus, update_corpus
+
+    from .fakes import offer_round, offline_agent, updates
+
+    agent = offline_agent(tmp_path / "state")
+    m = agent.manifest
+    rng = random.Random(7)
+    good_global = offer_round(agent, 0, tensors=random_adapter(m, 4))  # queues the genuine global and round
+    good_round = json.loads(agent.events.queue[-1][1])
+    hostile = [("round", p) for p in json_corpus(good_round, 1200, rng)] + [
+        ("round", p) for p in ADVERSARIAL] + [
+        ("global", b) for b in update_corpus(good_global, 800, rng)] + [("global", b) for b in adversarial_headers()]
+    rng.shuffle(hostile)
+    for kind, payload in hostile:  # after the genuine pair: none of them may displace it
+        if kind == "round" and payload != json.dumps(good_round).encode():
+            try:  # a mutation can be valid (an optional key dropped): that is not hostile, leave it out
+                RoundAnnouncement.from_json(payload)
+                continue
+            except ProtocolError:
+                pass
+        if kind == "global":
+            try:
+                adapter.decode(payload, m.trainable, model_id=m.model_id)
+                continue
+            except adapter.AdapterError:
+                pass
+        agent.events.put((kind, payload))
+    assert agent.pump() is True  # raises on today's code (RecursionError, OverflowError)
+    assert agent.round is not None and agent.round.round == 0
+    got = updates(agent)
+    assert len(got) == 1 and got[0].meta.round == 0 and got[0].meta.kind == "update"

@@ -8,7 +8,7 @@ import json
 import struct
 import time
 from dataclasses import asdict
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import numpy as np
 import pytest
@@ -31,6 +31,8 @@ from flora.edge.protocol import (
 )
 from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
 
+from .helpers import ADVERSARIAL, adversarial_headers, header_blob, nested
+
 M = synthetic_manifest()
 LIMIT = adapter.max_blob_bytes(M.trainable)
 FUZZ = settings(max_examples=400, deadline=None, derandomize=True, database=None,
@@ -42,48 +44,8 @@ STATUS = Status("c1", "idle", 3, None, 120, "step", 1.7e9)
 METRICS = Metrics("c1", 3, 0.5, 0.8, 0.75, 120, 4, 1, 2.0, 0.01, 300.0, "step", {"val_loss": 0.6, "update_bytes": 9e4})
 
 
-def nested(depth: int, leaf: str = "1") -> str:
-    return "[" * depth + leaf + "]" * depth
-
-
-def header_blob(header_json: bytes, data: bytes = b"") -> bytes:
-    return struct.pack("<Q", len(header_json)) + header_json + data
-
-
 def good_update() -> bytes:
     return encode_update(M, random_adapter(M, 1), "c1", 3, 10)
-
-
-#: The shapes that crashed processes before this layer existed, and their neighbours.
-ADVERSARIAL: List[bytes] = [
-    nested(1000).encode(),                         # RecursionError inside json.loads (2 KB)
-    nested(100_000).encode(),                      # far deeper
-    ('{"a":' * 5000 + "1" + "}" * 5000).encode(),  # deep objects
-    nested(10, '"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["').encode(),  # brackets inside a string are not nesting
-    b'{"round": 1e400}', b'{"round": -1e400}', b'{"round": Infinity}', b'{"round": NaN}', b'{"round": -Infinity}',
-    b'{"round": ' + b"9" * 5000 + b"}",             # int() of 5,000 digits: ValueError in 3.11, slow before
-    b'{"round": 1, "round": 2}',                   # duplicate keys: parsers disagree on which wins
-    b'{"round": "\\ud800"}',                        # a lone surrogate: UnicodeEncodeError when written out
-    b"\xff\xfe{}", b"\xef\xbb\xbf{}", b"\x00" * 16, b"", b"null", b"[]", b"1", b'"x"', b"{",
-    b'{"' + b"k" * 100_000 + b'": 1}',
-    json.dumps({"clients": ["c"] * 200_000}).encode(),
-    json.dumps({"x": "y" * (9 << 20)}).encode(),   # over every message's size limit
-]
-
-
-def adversarial_headers() -> List[bytes]:
-    """Safetensors blobs whose JSON header is each adversarial payload (the aggregator's crash loop)."""
-    return [header_blob(p) for p in ADVERSARIAL] + [
-        header_blob(json.dumps({"t": {"dtype": "F32", "shape": [10 ** 30], "data_offsets": [0, 4]}}).encode()),
-        header_blob(json.dumps({"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 0]}}).encode()),
-        header_blob(json.dumps({"t": {"dtype": "F32", "shape": [True], "data_offsets": [0, 4]}}).encode(), b"\0" * 4),
-        header_blob(json.dumps({"t": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}).encode(), b"\0" * 4),
-        header_blob(json.dumps({"__metadata__": {"num_samples": "9" * 5000}}).encode()),
-        header_blob(json.dumps({"__metadata__": {"a": 1}}).encode()),
-        header_blob(json.dumps({"__metadata__": "x"}).encode()),
-        header_blob(b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": 1}}', b"\0" * 4),
-        struct.pack("<Q", 2 ** 64 - 1) + b"{}",
-    ]
 
 
 def json_messages_of(seed_value: Dict) -> st.SearchStrategy[bytes]:
