@@ -45,8 +45,8 @@ from .checkpoint import AggregatorState, Checkpoint, CheckpointError
 from .dashboard.server import Snapshots
 from .dashboard.snapshot import FederationInfo
 from .rounds import CLOSE, EXTEND, GIVE_UP, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
-from .strategies import make_strategy
-from .validation import BAD_CLIENT_ID, DEFAULT_MAX_NUM_SAMPLES, Rejected, RoundView, validate_update
+from .strategies import StrategyFull, make_strategy
+from .validation import BAD_CLIENT_ID, DEFAULT_MAX_NUM_SAMPLES, STRATEGY_FULL, Rejected, RoundView, validate_update
 from .watch import Watch
 
 if TYPE_CHECKING:
@@ -90,6 +90,7 @@ class AggregatorConfig:
     wait_timeout_s: float = 600.0
     metrics_grace_s: float = 1.0
     strategy: str = "fedavg"
+    strategy_options: Dict[str, Any] = field(default_factory=dict)  # `--strategy-option KEY=VALUE`
     max_update_bytes: Optional[int] = None
     max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES
     max_extensions: int = 0  # 0: extend a round below quorum for as long as it takes
@@ -133,7 +134,7 @@ class Aggregator:
             raise ConfigError(f"--max-num-samples must be >= 1 and <= 1e300 (a float64 weight), got "
                              f"{str(cfg.max_num_samples)[:24]}")
         self.rounds = RoundClock(cfg.sampling, cfg.round_timeout_s, clock, cfg.metrics_grace_s, cfg.max_extensions)
-        self.strategy = make_strategy(cfg.strategy)
+        self.strategy = make_strategy(cfg.strategy, cfg.strategy_options)
         self.checkpoint = Checkpoint(cfg.state_dir)
         self.max_bytes = cfg.max_update_bytes or adapter.max_blob_bytes(self.manifest.trainable)
         if cfg.max_queued_updates < 1:
@@ -287,6 +288,7 @@ class Aggregator:
     def _begin(self, rec: RoundRecord) -> None:
         self.current = rec
         self.strategy.begin_round(self.manifest.trainable, self.global_tensors)
+        self.strategy.set_round_size(len(rec.asked))
         restored = 0
         for client, blob in self.checkpoint.spooled(rec.number):  # accepted before a restart
             rec.asked.add(client)  # it was asked when its update was accepted
@@ -335,6 +337,8 @@ class Aggregator:
         num_samples = int(update.meta.num_samples or 0)
         try:
             self.strategy.accumulate(update.tensors, num_samples)  # checks the weight before touching a sum
+        except StrategyFull as exc:  # a strategy that keeps every update holds as many as it may
+            return self._reject(rec, client, STRATEGY_FULL, str(exc), len(blob), save=spool)
         except ValueError as exc:  # the strategy refused the weight: the sums are untouched
             return self._reject(rec, client, "bad-num-samples", str(exc), len(blob), save=spool)
         if spool:
@@ -442,6 +446,8 @@ class Aggregator:
             "mean_client_accuracy": float(np.mean(accs)) if accs else None,
             "mean_client_loss": float(np.mean(losses)) if losses else None,
         }
+        if new is not None:
+            row.update(self.strategy.round_info())  # e.g. {"clipped": 2}, {"dp": {...}}
         if self.cfg.on_round_closed is not None and new is not None:
             row.update(self._call_hook(f"round {rec.number}: on_round_closed", self.cfg.on_round_closed,
                                        rec.number, new))
@@ -642,6 +648,7 @@ class Aggregator:
                         len(rec.reported), self.rounds.min_clients, self.cfg.round_timeout_s,
                         f", also asking {step.added}" if step.added else "")
             self._save_round(rec)
+            self.strategy.set_round_size(len(rec.asked))
             self._announce(rec)
         elif step.action == GIVE_UP:
             self._save_round(rec)

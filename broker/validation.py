@@ -35,7 +35,10 @@ VALIDATION_REASONS = (
 NO_ROUND = "no-round"
 #: Counted by the aggregator itself: an update on `update/<id>` whose id is outside the id grammar.
 BAD_CLIENT_ID = "bad-client-id"
-REASONS = (*VALIDATION_REASONS, NO_ROUND, BAD_CLIENT_ID)
+#: Counted by the aggregator itself: a strategy that keeps every update (median, trimmed mean) holds as many as
+#: its memory bound allows.
+STRATEGY_FULL = "strategy-full"
+REASONS = (*VALIDATION_REASONS, NO_ROUND, BAD_CLIENT_ID, STRATEGY_FULL)
 
 #: The default cap on an update's num_samples (`--max-num-samples`): far above any edge device's data set,
 #: and low enough that the exact integer total of a round stays below 2**53 (exact in float64) for

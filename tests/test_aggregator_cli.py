@@ -35,7 +35,7 @@ def bundle(tmp_path) -> Path:
     (["--bundle", "{bundle}", "--broker", "mqtt://h", "--min-clients", "0"], None, "--min-clients must be >= 1"),
     (["--bundle", "{bundle}", "--broker", "mqtt://h", "--round-timeout", "0"], None, "--round-timeout must be > 0"),
     (["--bundle", "{bundle}", "--broker", "mqtt://h", "--rounds", "0"], None, "--rounds must be >= 1"),
-    (["--bundle", "{bundle}", "--broker", "mqtt://h", "--strategy", "median"], None, "unknown --strategy 'median'"),
+    (["--bundle", "{bundle}", "--broker", "mqtt://h", "--strategy", "krum"], None, "unknown --strategy 'krum'"),
     (["--bundle", "{bundle}", "--broker", "mqtt://h", "--lr", "-1"], None, "lr must be > 0"),
     (["--bundle", "{bundle}", "--broker", "mqtt://h", "--max-num-samples", "0"], None,
      "--max-num-samples must be >= 1"),

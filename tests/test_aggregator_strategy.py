@@ -121,14 +121,14 @@ def test_a_strategy_is_one_class_in_the_registry(monkeypatch):
         def count(self) -> int:
             return int(self._last is not None)
 
-    assert sorted(STRATEGIES) == ["fedavg"]
+    assert "fedavg" in STRATEGIES and "latest" not in STRATEGIES
     monkeypatch.setitem(STRATEGIES, "latest", Latest)
     s = make_strategy("latest")
     s.begin_round([], {})
     s.accumulate({"x": np.ones(2)}, 1)
     assert s.count == 1 and s.finalize()["x"].tolist() == [1.0, 1.0]
-    with pytest.raises(ValueError, match=r"unknown aggregation strategy 'median'; known: \['fedavg', 'latest'\]"):
-        make_strategy("median")
+    with pytest.raises(ValueError, match=r"unknown aggregation strategy 'nope'; known: \[.*'fedavg', 'latest'"):
+        make_strategy("nope")
 
 
 def test_a_weight_float64_cannot_hold_is_refused_before_any_sum_changes():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -16,9 +16,21 @@ class Strategy(abc.ABC):
     Memory must not grow with the number of updates: a strategy keeps running state, never a list.
     `accumulate` gets validated tensors (float32 or float16, possibly read-only views of the message)
     and must not keep references to them.
+
+    A strategy that must see every update before it can compute anything (an order statistic) sets
+    `needs_all_updates`, keeps them in a buffer bounded by `max_updates`, and refuses one more with
+    `StrategyFull`. A strategy that must see each update on its own (not only their sum) sets
+    `needs_individual_updates`: it cannot run on a securely aggregated sum.
     """
 
     name: str
+    #: keeps every update of the round (memory grows with them, up to `max_updates`)
+    needs_all_updates: ClassVar[bool] = False
+    #: looks at each update by itself (a norm, an order statistic): impossible under secure aggregation
+    #: (read it on the instance: it may depend on the options)
+    needs_individual_updates: bool = False
+    #: updates a round can hold (None: no limit, the strategy keeps running sums only)
+    max_updates: Optional[int] = None
 
     @abc.abstractmethod
     def begin_round(self, specs: Sequence[TensorSpec], current_global: Mapping[str, np.ndarray]) -> None:
@@ -51,3 +63,20 @@ class Strategy(abc.ABC):
         """(weighted sum, total weight) of what was accumulated, for a site to send upstream; None if nothing
         was; ValueError if this strategy's aggregate is not a sum."""
         raise ValueError(f"the {self.name} strategy cannot make a partial: its aggregate is not a sum")
+
+    def set_round_size(self, asked: int) -> None:
+        """How many clients the round asked (after begin_round, again if an extension asks more). Most
+        strategies ignore it; DP-FedAvg divides by it, a number fixed before any update is seen."""
+        return None
+
+    def describe(self) -> Dict[str, object]:
+        """The strategy and its options, for the log and the history rows."""
+        return {"name": self.name}
+
+    def round_info(self) -> Dict[str, object]:
+        """Facts about the round just finalized (updates clipped, trimmed, noise added), for its history row."""
+        return {}
+
+
+class StrategyFull(ValueError):
+    """A strategy that keeps every update holds as many as it may (`max_updates`): this one is refused."""
