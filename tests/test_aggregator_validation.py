@@ -17,6 +17,7 @@ from flora.broker.validation import (
     DEFAULT_MAX_NUM_SAMPLES,
     NO_ROUND,
     REASONS,
+    STRATEGY_FULL,
     VALIDATION_REASONS,
     Rejected,
     RoundView,
@@ -194,7 +195,7 @@ def cases() -> Dict[str, list]:
 def test_every_rejection_reason_is_detected_with_a_readable_detail():
     all_cases = cases()
     assert set(all_cases) == set(VALIDATION_REASONS)
-    assert set(REASONS) == {*VALIDATION_REASONS, NO_ROUND, BAD_CLIENT_ID}
+    assert set(REASONS) == {*VALIDATION_REASONS, NO_ROUND, BAD_CLIENT_ID, STRATEGY_FULL}
     for reason, blobs in all_cases.items():
         for i, item in enumerate(blobs):
             blob, client, view = (*item, ROUND)[:3] if isinstance(item, tuple) else (item, "c1", ROUND)
