@@ -27,8 +27,11 @@ IMAGE_ENCODER = "image_encoder.onnx"
 INFERENCE_MODEL = "inference_model.onnx"
 TRAIN_STEP_MODEL = "train_step.onnx"
 ADAPTER = "adapter.safetensors"
+#: FFA-LoRA bundles: the frozen A tensors (plain safetensors, by `<name>.lora_A`), constants of the graphs too
+FROZEN_FACTORS = "frozen_factors.safetensors"
 
 TOWERS = ("text", "vision", "both")
+LORA_VARIANTS = ("lora", "ffa")
 TARGETS = ("q", "k", "v", "out", "fc", "proj")
 BACKENDS = ("ort-training", "step")
 
@@ -66,6 +69,10 @@ class LoraConfig:
     rank: int
     alpha: float
     targets: Tuple[str, ...]
+    #: "lora": A and B trained and sent; "ffa" (FFA-LoRA): A frozen and shared (FROZEN_FACTORS), only B trained
+    variant: str = "lora"
+    #: ffa: the seed the frozen A tensors were drawn with
+    frozen_seed: Optional[int] = None
 
     @property
     def scale(self) -> float:
@@ -177,7 +184,11 @@ def _manifest_from_dict(d: Dict[str, Any]) -> Manifest:
         rank=int(lora_d["rank"]),
         alpha=float(lora_d["alpha"]),
         targets=tuple(lora_d["targets"]),
+        variant=str(lora_d.get("variant", "lora")),
+        frozen_seed=None if lora_d.get("frozen_seed") is None else int(lora_d["frozen_seed"]),
     )
+    if lora.variant not in LORA_VARIANTS:
+        raise BundleError(f"manifest lora.variant {lora.variant!r} is not one of {LORA_VARIANTS}")
     if lora.tower not in TOWERS:
         raise BundleError(f"manifest lora.tower {lora.tower!r} is not one of {TOWERS}")
     unknown = sorted(set(lora.targets) - set(TARGETS))
@@ -254,11 +265,13 @@ def _external_data_from(d: Dict[str, Any]) -> Dict[str, Tuple[str, ...]]:
     return {_plain_file_name(str(k)): tuple(_plain_file_name(str(f)) for f in v) for k, v in d.items()}
 
 
-def required_files(input_kind: str, backends: Sequence[str]) -> List[str]:
+def required_files(input_kind: str, backends: Sequence[str], variant: str = "lora") -> List[str]:
     """The files a bundle with these backends must hold (besides the manifest)."""
     files = list(ALWAYS_FILES)
     if input_kind == "features":
         files.append(IMAGE_ENCODER)
+    if variant == "ffa":
+        files.append(FROZEN_FACTORS)
     for backend in backends:
         files.extend(BACKEND_FILES[backend])
     return files
@@ -291,7 +304,8 @@ def is_bundle(path: PathLike) -> bool:
 def files_to_check(manifest: Manifest, backends: Optional[Sequence[str]] = None) -> List[str]:
     """The files `load_bundle` checks for `backends` (default: all the bundle's): the always-present
     ones, the image encoder in `features` mode, each backend's files, and their external data files."""
-    needed = required_files(manifest.input_kind, backends if backends is not None else manifest.backends)
+    needed = required_files(manifest.input_kind, backends if backends is not None else manifest.backends,
+                            manifest.lora.variant)
     return needed + [data for name in needed for data in manifest.external_data.get(name, ())]
 
 

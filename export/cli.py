@@ -44,7 +44,12 @@ def build_parser() -> CommandParser:
                     help="LoRA alpha; the scale is alpha/rank (default: %(default)s)")
     lo.add_argument("--targets", default=",".join(lora.DEFAULT_TARGETS),
                     help=f"comma list among {','.join(lora.ALL_TARGETS)} (default: %(default)s)")
-    lo.add_argument("--seed", type=int, default=0, help="seed of LoRA init and of --random-init weights")
+    lo.add_argument("--lora-variant", choices=list(lora.VARIANTS), default="lora",
+                    help="lora: A and B trained (FLORA's); ffa: FFA-LoRA, A drawn from --seed and frozen, only B "
+                         "trained and sent (half the bytes, exact averaging, the DP-friendly adapter) "
+                         "(default: %(default)s)")
+    lo.add_argument("--seed", type=int, default=0,
+                    help="seed of LoRA init (the frozen A with --lora-variant ffa) and of --random-init weights")
     t = parser.add_argument_group("training")
     t.add_argument("--backend", choices=["ort-training", "step", "all"], default="ort-training",
                    help="ort-training: ONNX Runtime training artifacts; step: one plain-ONNX training step graph "
@@ -76,6 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             rank=args.rank,
             alpha=args.alpha,
             targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            lora_variant=args.lora_variant,
             pretrained=args.pretrained,
             random_init=args.random_init,
             cache_dir=args.cache_dir,

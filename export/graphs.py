@@ -116,17 +116,19 @@ class PixelClassifier(nn.Module):
 class WithAdapterInputs(nn.Module):
     """A classifier whose LoRA tensors are graph inputs (the bundle's inference model).
 
-    Inputs after `x` are the adapter tensors in manifest order (A, B per LoRA target).
+    Inputs after `x` are the adapter tensors in manifest order (A, B per LoRA target; B alone with
+    `frozen_a`, FFA-LoRA, whose A stays a constant of the graph).
     """
 
-    def __init__(self, classifier: nn.Module, factors: Dict[str, LoRAFactors]) -> None:
+    def __init__(self, classifier: nn.Module, factors: Dict[str, LoRAFactors], frozen_a: bool = False) -> None:
         super().__init__()
         self.classifier = classifier
         self.factors = list(factors.values())
+        self.frozen_a = frozen_a
 
     def forward(self, x: torch.Tensor, *lora: torch.Tensor) -> torch.Tensor:
         for i, fac in enumerate(self.factors):
-            fac.inputs = (lora[2 * i], lora[2 * i + 1])
+            fac.inputs = (fac.lora_A, lora[i]) if self.frozen_a else (lora[2 * i], lora[2 * i + 1])
         try:
             return self.classifier(x)
         finally:

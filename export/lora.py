@@ -7,6 +7,13 @@ module wrapped around `out_proj` would never be called. A parametrization
 `attn.in_proj_weight` or `attn.out_proj.weight` yields `W + (alpha/r) * B @ A`, for whatever code
 reads it. With B = 0 the weight is W exactly, so the model is unchanged bit for bit, and open_clip's
 own forward runs untouched (it also still sees `mlp.c_fc.weight`, whose dtype it reads).
+
+Two variants. `lora` (the default, FLORA's): A and B both trained and sent. `ffa` (FFA-LoRA, Sun et
+al., ICLR 2024): A is drawn once from a seeded generator, N(0, 1/in) (rows of unit expected norm, so
+A x keeps the scale of x), and frozen: it is a constant of every graph and of the bundle, and only
+B is trained, sent and averaged. The weight change scale * B @ A is then linear in B: FedAvg of the B
+tensors is the exact average of the weight changes, and clipping a device's change of B to C bounds
+the change of the weights by C * scale * max ||A||_2, exactly (edge/ffa.py).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from torch.nn.utils import parametrize
 from flora.edge.errors import ConfigError
 
 QKV = ("q", "k", "v")
+VARIANTS = ("lora", "ffa")
 ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
 DEFAULT_TARGETS = ("q", "k", "v", "out")
 
@@ -43,6 +51,13 @@ class LoRAFactors(nn.Module):
         with torch.no_grad():
             self.lora_A.uniform_(-bound, bound, generator=generator)
             self.lora_B.zero_()
+
+    def freeze_a(self, generator: torch.Generator) -> None:
+        """FFA-LoRA: A ~ N(0, 1/in), frozen (no gradient: a constant of the exported graphs); B zero."""
+        with torch.no_grad():
+            self.lora_A.normal_(0.0, 1.0 / math.sqrt(self.lora_A.shape[1]), generator=generator)
+            self.lora_B.zero_()
+        self.lora_A.requires_grad_(False)
 
     def delta(self) -> torch.Tensor:
         a, b = self.inputs if self.inputs is not None else (self.lora_A, self.lora_B)
@@ -87,8 +102,11 @@ class LoraSpec:
     rank: int = 8
     alpha: float = 16.0
     targets: Tuple[str, ...] = DEFAULT_TARGETS
+    variant: str = "lora"  # "lora" (A and B trained) or "ffa" (A frozen and shared, B trained)
 
     def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"LoRA variant must be one of {list(VARIANTS)}, not {self.variant!r}")
         if self.tower not in ("text", "vision", "both"):
             raise ConfigError(f"LoRA tower must be text, vision or both, not {self.tower!r}")
         if self.rank < 1:
@@ -135,6 +153,7 @@ def attach_lora(model: nn.Module, spec: LoraSpec, seed: int = 0) -> OrderedDict[
 
     Names read `<tower>.resblocks.<i>.<attn|mlp>.<target>.lora_<A|B>` and come in a fixed order
     (tower, block, target, A before B): the manifest's trainable list. Only these require grad.
+    For the `ffa` variant only the B tensors are returned (and trainable); `frozen_factors` gives the A's.
     """
     generator = torch.Generator().manual_seed(seed)
     params: OrderedDict[str, nn.Parameter] = OrderedDict()
@@ -160,14 +179,27 @@ def attach_lora(model: nn.Module, spec: LoraSpec, seed: int = 0) -> OrderedDict[
                 factors.append((f"{prefix}.{group}.{target}", param.factors))
             order = {t: k for k, t in enumerate(spec.ordered_targets)}
             for name, fac in sorted(factors, key=lambda nf: order[nf[0].rsplit(".", 1)[1]]):
-                fac.reset(generator)
-                params[f"{name}.lora_A"] = fac.lora_A
+                if spec.variant == "ffa":
+                    fac.freeze_a(generator)
+                else:
+                    fac.reset(generator)
+                    params[f"{name}.lora_A"] = fac.lora_A
                 params[f"{name}.lora_B"] = fac.lora_B
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
     return params
+
+
+def frozen_factors(root: nn.Module, lora: Dict[str, nn.Parameter]) -> OrderedDict[str, torch.Tensor]:
+    """{`<name>.lora_A`: A} of the LoRA factors whose A is not among the adapter's tensors (FFA-LoRA), in
+    adapter order; empty for the plain variant."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for base, fac in factors_by_name(root, lora).items():
+        if f"{base}.lora_A" not in lora:
+            out[f"{base}.lora_A"] = fac.lora_A.detach().clone()
+    return out
 
 
 def module_names(root: nn.Module, lora: Dict[str, nn.Parameter]) -> Dict[str, str]:
@@ -187,9 +219,10 @@ def load_lora_(lora: Dict[str, nn.Parameter], tensors: Dict[str, torch.Tensor]) 
             p.copy_(torch.as_tensor(tensors[name], dtype=p.dtype))
 def factors_by_name(root: nn.Module, lora: Dict[str, nn.Parameter]) -> OrderedDict[str, LoRAFactors]:
     """{adapter base name (without .lora_A/.lora_B): its LoRAFactors module}, in adapter order."""
-    by_param = {id(m.lora_A): m for m in root.modules() if isinstance(m, LoRAFactors)}
+    by_param = {id(t): m for m in root.modules() if isinstance(m, LoRAFactors) for t in (m.lora_A, m.lora_B)}
     out: OrderedDict[str, LoRAFactors] = OrderedDict()
     for name, p in lora.items():
-        if name.endswith(".lora_A"):
-            out[name[: -len(".lora_A")]] = by_param[id(p)]
+        base = name.rsplit(".", 1)[0]
+        if base not in out:
+            out[base] = by_param[id(p)]
     return out

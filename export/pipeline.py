@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import onnx
 import torch
+from safetensors.numpy import save as safetensors_save
 
 from flora.edge import __version__
 from flora.edge import adapter as adapter_blob
@@ -47,6 +48,7 @@ class ExportOptions:
     rank: int = 8
     alpha: float = 16.0
     targets: Tuple[str, ...] = lora.DEFAULT_TARGETS
+    lora_variant: str = "lora"  # "ffa": FFA-LoRA, A frozen (seeded by `seed`) and only B trained
     pretrained: Optional[str] = None
     random_init: bool = False
     cache_dir: Optional[str] = None
@@ -146,13 +148,23 @@ def check_replaceable(folder: Path) -> None:
         )
 
 
+def lora_identity(spec: lora.LoraSpec, frozen_seed: Optional[int]) -> Dict:
+    """The LoRA part of a model's identity; FFA-LoRA adds its variant and the seed of its frozen A tensors
+    (other A, other model), the plain variant keeps the identity bundles had before variants existed."""
+    identity = {"tower": spec.tower, "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.ordered_targets)}
+    if spec.variant != "lora":
+        identity.update(variant=spec.variant, frozen_seed=frozen_seed)
+    return identity
+
+
 def model_id_of(base_sha: str, architecture: str, spec: lora.LoraSpec, classes: Sequence[str],
-                template: str, preprocess: Dict, text_context: int, input_kind: str) -> str:
+                template: str, preprocess: Dict, text_context: int, input_kind: str,
+                frozen_seed: Optional[int] = None) -> str:
     """What makes two bundles' adapters interchangeable: same base, LoRA layout, head and inputs."""
     identity = {
         "base_weights_sha256": base_sha,
         "architecture": architecture,
-        "lora": {"tower": spec.tower, "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.ordered_targets)},
+        "lora": lora_identity(spec, frozen_seed),
         "classes": list(classes),
         "prompt_template": template,
         "preprocess": preprocess,
@@ -185,7 +197,10 @@ def export_bundle(opts: ExportOptions, say: Callable[[str], None] = print) -> Ex
     preset = get_preset(opts.preset)
     classes = check_classes(opts.classes)
     template = check_template(opts.prompt)
-    spec = lora.LoraSpec(opts.tower, opts.rank, opts.alpha, tuple(opts.targets))
+    try:
+        spec = lora.LoraSpec(opts.tower, opts.rank, opts.alpha, tuple(opts.targets), opts.lora_variant)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from exc
     backends = tuple(dict.fromkeys(opts.backends))
     unknown = [b for b in backends if b not in B.BACKENDS]
     if unknown or not backends:
@@ -302,6 +317,7 @@ def _export_into(
     tokens = graphs.tokenize_prompts(classes, template, preset.architecture)
 
     files: List[str] = [B.INFERENCE_MODEL, B.ADAPTER]
+    frozen_a = spec.variant == "ffa"
     if text_mode:
         size = preprocess["image_size"]
         encoder = stages.run(
@@ -318,7 +334,8 @@ def _export_into(
         files.append(B.IMAGE_ENCODER)
 
     lora_params = stages.run(
-        f"adding LoRA to the {spec.tower} tower(s) (rank {spec.rank}, {'+'.join(spec.ordered_targets)})",
+        f"adding {'FFA-' if frozen_a else ''}LoRA to the {spec.tower} tower(s) (rank {spec.rank}, "
+        f"{'+'.join(spec.ordered_targets)}{', A frozen' if frozen_a else ''})",
         lora.attach_lora, model, spec, opts.seed,
     )
     classifier, input_kind = graphs.build_classifier(model, tokens, spec.tower)
@@ -354,7 +371,7 @@ def _export_into(
         files += list(B.BACKEND_FILES["step"])
 
     def inference():
-        wrapper = graphs.WithAdapterInputs(classifier, lora.factors_by_name(classifier, lora_params))
+        wrapper = graphs.WithAdapterInputs(classifier, lora.factors_by_name(classifier, lora_params), frozen_a)
         model_proto = onnx_export.export_graph(
             wrapper, (example, *[p.detach().clone() for p in lora_params.values()]),
             input_names=[input_name, *adapter_names], output_names=["logits"],
@@ -363,10 +380,16 @@ def _export_into(
         onnx_export.save_model(model_proto, tmp / B.INFERENCE_MODEL)
 
     stages.run("exporting the inference model (LoRA tensors as inputs)", inference)
+    if frozen_a:
+        frozen = {name: t.cpu().numpy().astype(np.float32) for name, t in lora.frozen_factors(classifier,
+                                                                                              lora_params).items()}
+        atomic_write_bytes(tmp / B.FROZEN_FACTORS, safetensors_save(frozen, metadata={"variant": "ffa",
+                                                                                      "seed": str(opts.seed)}))
+        files.append(B.FROZEN_FACTORS)
 
     def finish():
         model_id = model_id_of(base_sha, preset.architecture, spec, classes, template, preprocess,
-                               text_context, input_kind)
+                               text_context, input_kind, opts.seed if frozen_a else None)
         tensors = {name: p.detach().cpu().numpy().astype(np.float32) for name, p in lora_params.items()}
         blob = adapter_blob.encode(tensors, model_id=model_id, round=0, kind="initial")
         atomic_write_bytes(tmp / B.ADAPTER, blob)
@@ -378,7 +401,8 @@ def _export_into(
             architecture=preset.architecture,
             pretrained=weights.describe(),
             base_weights_sha256=base_sha,
-            lora=B.LoraConfig(spec.tower, spec.rank, spec.alpha, spec.ordered_targets),
+            lora=B.LoraConfig(spec.tower, spec.rank, spec.alpha, spec.ordered_targets, spec.variant,
+                              opts.seed if frozen_a else None),
             trainable=tuple(B.TensorSpec(n, tuple(t.shape), "float32") for n, t in tensors.items()),
             classes=tuple(classes),
             prompt_template=template,
