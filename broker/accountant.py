@@ -29,11 +29,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Tuple
-
-import dp_accounting
-from dp_accounting.pld import pld_privacy_accountant
-from dp_accounting.rdp import rdp_privacy_accountant
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 ACCOUNTANTS = ("pld", "rdp")
 DEFAULT_DELTA = 1e-5
@@ -43,6 +39,18 @@ SIGNIFICANT = 3
 
 class AccountingError(ValueError):
     """A DP setting the accountant cannot work with."""
+
+
+def _library() -> Any:
+    """Google's dp_accounting, imported on first use (it pulls in scipy; an aggregator without DP never needs it)."""
+    try:
+        import dp_accounting
+        from dp_accounting.pld import pld_privacy_accountant  # noqa: F401
+        from dp_accounting.rdp import rdp_privacy_accountant  # noqa: F401
+    except ImportError as exc:
+        raise AccountingError(f"differential privacy needs Google's dp-accounting (Python 3.10+; it comes with "
+                              f"pip install 'flora-edge[broker]'): {exc}") from exc
+    return dp_accounting
 
 
 @dataclass(frozen=True)
@@ -88,25 +96,28 @@ def grouped(events: Iterable[RoundEvent]) -> Tuple[Tuple[float, float, int], ...
     return tuple(sorted((q, z, n) for (q, z), n in counts.items()))
 
 
-def dp_event(q: float, z: float, count: int = 1) -> dp_accounting.DpEvent:
+def dp_event(q: float, z: float, count: int = 1) -> Any:
     """The library's event for `count` rounds of a q-sampled Gaussian mechanism of multiplier z."""
+    dpa = _library()
     if q == 0:
-        inner: dp_accounting.DpEvent = dp_accounting.NoOpDpEvent()
+        inner = dpa.NoOpDpEvent()
     elif z == 0:
-        inner = dp_accounting.NonPrivateDpEvent()
+        inner = dpa.NonPrivateDpEvent()
     elif q >= 1:
-        inner = dp_accounting.GaussianDpEvent(z)
+        inner = dpa.GaussianDpEvent(z)
     else:
-        inner = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(z))
-    return dp_accounting.SelfComposedDpEvent(inner, count) if count != 1 else inner
+        inner = dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z))
+    return dpa.SelfComposedDpEvent(inner, count) if count != 1 else inner
 
 
-def make_accountant(name: str) -> dp_accounting.PrivacyAccountant:
+def make_accountant(name: str) -> Any:
+    """A fresh dp_accounting PrivacyAccountant: PLD (at PLD_DISCRETIZATION) or RDP."""
+    if name not in ACCOUNTANTS:
+        raise AccountingError(f"unknown accountant {name!r}; use one of {list(ACCOUNTANTS)}")
+    dpa = _library()
     if name == "pld":
-        return pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
-    if name == "rdp":
-        return rdp_privacy_accountant.RdpAccountant()
-    raise AccountingError(f"unknown accountant {name!r}; use one of {list(ACCOUNTANTS)}")
+        return dpa.pld.pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    return dpa.rdp.rdp_privacy_accountant.RdpAccountant()
 
 
 def check_delta(delta: float) -> float:
@@ -200,17 +211,19 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, q: float, delta: float
     check_delta(delta)
     charged = round_q(q)  # what `epsilon` will charge for these rounds
 
+    dpa = _library()
+
     def calibrate(name: str, bracket) -> float:
         with _quiet_orders():
-            return float(dp_accounting.calibrate_dp_mechanism(
+            return float(dpa.calibrate_dp_mechanism(
                 lambda: make_accountant(name), lambda z: dp_event(charged, z, rounds), target_epsilon, delta,
                 bracket_interval=bracket, tol=1e-3))
 
-    upper = calibrate("rdp", dp_accounting.LowerEndpointAndGuess(0.0, 1.0))
+    upper = calibrate("rdp", dpa.LowerEndpointAndGuess(0.0, 1.0))
     if accountant == "rdp":
         return upper
     make_accountant(accountant)
     try:
-        return calibrate(accountant, dp_accounting.ExplicitBracketInterval(upper / 4, upper))
+        return calibrate(accountant, dpa.ExplicitBracketInterval(upper / 4, upper))
     except ValueError:  # PLD's z below upper/4: search from there down to zero
-        return calibrate(accountant, dp_accounting.ExplicitBracketInterval(1e-2, upper / 4))
+        return calibrate(accountant, dpa.ExplicitBracketInterval(1e-2, upper / 4))

@@ -93,6 +93,35 @@ def add_noise(tensors: Mapping[str, np.ndarray], std: float, rng: np.random.Gene
             for name, value in tensors.items()}
 
 
+#: an integer noise share is cut at this many standard deviations (P(|N(0,1)| > 12) is about 4e-33)
+TAIL_SIGMAS = 12.0
+
+
+def integer_noise_bound(std: float, unit: float) -> int:
+    """The per-element bound on |integer noise| (in units of `unit`) that a share of std `std` needs: what
+    secure aggregation's fixed-point encoding must declare (its `noise_bound`) to hold the noise."""
+    if not (std >= 0 and math.isfinite(std)) or not (unit > 0 and math.isfinite(unit)):
+        raise ValueError(f"integer noise needs std >= 0 and a unit > 0, got {std} and {unit}")
+    return int(math.ceil(TAIL_SIGMAS * std / unit))
+
+
+def integer_noise(shape, std: float, unit: float, bound: int, rng: np.random.Generator) -> np.ndarray:
+    """A distributed-DP noise share for secure aggregation's fixed-point sum: N(0, std^2) in units of
+    `unit` (2^-frac_bits), rounded to integers (int64), cut at +-`bound`.
+
+    With std/unit in the hundreds or more (std 1e-3 at 16 fractional bits is 65 units) the rounded draw
+    is as good as a discrete Gaussian, and the sum of the clients' shares as good as one Gaussian of the
+    summed variance (plus the rounding's 1/12 unit^2 per client, which only adds noise). `bound` must be
+    at least `integer_noise_bound(std, unit)`, so the cut never matters in practice (a 12-sigma event).
+    """
+    need = integer_noise_bound(std, unit)
+    if bound < need:
+        raise ValueError(f"a noise share of std {std:g} ({std / unit:.1f} units) needs a noise bound of at least "
+                         f"{need} units ({TAIL_SIGMAS:g} sigma), the encoding declares {bound}")
+    draw = np.rint(rng.normal(0.0, std / unit, shape))
+    return np.clip(draw, -bound, bound).astype(np.int64)
+
+
 def check_clip(clip: float) -> float:
     if not (clip > 0 and math.isfinite(clip)):
         raise ValueError(f"the DP clip norm must be a finite number > 0, got {clip}")

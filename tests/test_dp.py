@@ -129,3 +129,17 @@ def test_dp_options_are_checked():
     s = make_strategy("dp-fedavg", {"clip": "1"})
     with pytest.raises(ValueError, match="positive integer"):
         s.begin_round(M.trainable, random_adapter(M, 0)) or s.accumulate(random_adapter(M, 0), 0)
+
+
+def test_integer_noise_shares_are_rounded_gaussians_within_the_declared_bound():
+    unit = 2.0 ** -16
+    std = dp.noise_share_std(1.0, 0.1, 25)  # 0.02: 1311 units
+    bound = dp.integer_noise_bound(std, unit)
+    assert bound == math.ceil(12 * std / unit)
+    rng = dp.noise_rng(seed=2)
+    shares = [dp.integer_noise(50_000, std, unit, bound, rng) for _ in range(25)]
+    assert all(s.dtype == np.int64 and np.abs(s).max() <= bound for s in shares)
+    total = np.sum(shares, axis=0) * unit  # what secure aggregation's sum carries, back in update units
+    assert abs(total.std() / (1.0 * 0.1) - 1) < 0.01  # z*C
+    with pytest.raises(ValueError, match="needs a noise bound of at least"):
+        dp.integer_noise(10, std, unit, bound - 1, rng)
