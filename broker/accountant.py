@@ -31,14 +31,16 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence, Tuple
 
+from flora.edge.errors import ConfigError
+
 ACCOUNTANTS = ("pld", "rdp")
 DEFAULT_DELTA = 1e-5
 PLD_DISCRETIZATION = 1e-3
 SIGNIFICANT = 3
 
 
-class AccountingError(ValueError):
-    """A DP setting the accountant cannot work with."""
+class AccountingError(ConfigError):
+    """A DP setting the accountant cannot work with (or no accountant installed)."""
 
 
 def _library() -> Any:

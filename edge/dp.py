@@ -102,7 +102,7 @@ def integer_noise_bound(std: float, unit: float) -> int:
     secure aggregation's fixed-point encoding must declare (its `noise_bound`) to hold the noise."""
     if not (std >= 0 and math.isfinite(std)) or not (unit > 0 and math.isfinite(unit)):
         raise ValueError(f"integer noise needs std >= 0 and a unit > 0, got {std} and {unit}")
-    return int(math.ceil(TAIL_SIGMAS * std / unit))
+    return math.ceil(TAIL_SIGMAS * std / unit)
 
 
 def integer_noise(shape, std: float, unit: float, bound: int, rng: np.random.Generator) -> np.ndarray:
