@@ -229,3 +229,86 @@ def noise_for_epsilon(target_epsilon: float, rounds: int, q: float, delta: float
         return calibrate(accountant, dpa.ExplicitBracketInterval(upper / 4, upper))
     except ValueError:  # PLD's z below upper/4: search from there down to zero
         return calibrate(accountant, dpa.ExplicitBracketInterval(1e-2, upper / 4))
+
+
+MODES = ("central", "distributed")
+
+
+@dataclass(frozen=True)
+class DPSettings:
+    """A DP federation's settings: the clip norm C, the noise multiplier z, delta, the budget, the accountant,
+    and who adds the noise (central: the aggregator; distributed: the clients, under secure aggregation)."""
+
+    clip: float
+    noise_multiplier: float
+    delta: float = DEFAULT_DELTA
+    max_epsilon: Optional[float] = None
+    accountant: str = "pld"
+    mode: str = "central"
+
+    def __post_init__(self) -> None:
+        if not (self.clip > 0 and math.isfinite(self.clip)):
+            raise AccountingError(f"--dp-clip must be a finite number > 0, got {self.clip}")
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise AccountingError(f"--dp-noise-multiplier must be a finite number >= 0, got {self.noise_multiplier}")
+        check_delta(self.delta)
+        if self.max_epsilon is not None and not (self.max_epsilon > 0):
+            raise AccountingError(f"--dp-max-epsilon must be > 0, got {self.max_epsilon}")
+        if self.accountant not in ACCOUNTANTS:
+            raise AccountingError(f"--dp-accountant must be one of {list(ACCOUNTANTS)}, got {self.accountant!r}")
+        if self.mode not in MODES:
+            raise AccountingError(f"--dp-mode must be one of {list(MODES)}, got {self.mode!r}")
+
+    def to_json(self) -> dict:
+        return {"clip": self.clip, "noise_multiplier": self.noise_multiplier, "delta": self.delta,
+                "max_epsilon": self.max_epsilon, "accountant": self.accountant, "mode": self.mode}
+
+
+class PrivacyLedger:
+    """What a federation's rounds have cost so far, rebuilt from its history rows (their `dp` entries), so a
+    restarted aggregator goes on counting where it stopped. Pure: the aggregator asks `plan` before it
+    opens a round and `charge`s the round when it closes (failed rounds too: their noise was drawn).
+
+    `plan` assumes the least noise the round can end with: in distributed mode only `min_reports` of the
+    asked clients may add their share before the round closes on its quorum, so the check uses
+    z * sqrt(min_reports / asked); the budget then holds whatever drops out.
+    """
+
+    def __init__(self, settings: DPSettings, rows: Iterable[dict] = ()) -> None:
+        self.settings = settings
+        self.events = []  # type: list
+        self.participation = Counter()  # type: Counter
+        for row in rows:
+            dp = row.get("dp")
+            if isinstance(dp, dict) and "q" in dp:
+                self.events.append(RoundEvent(float(dp["q"]), float(dp["effective_noise_multiplier"])))
+                self.participation.update([str(c) for c in row.get("reported", {})])
+
+    @property
+    def epsilon(self) -> float:
+        s = self.settings
+        return epsilon(self.events, s.delta, s.accountant)
+
+    def plan(self, asked: int, population: int, min_reports: int = 1) -> Decision:
+        s = self.settings
+        z = s.noise_multiplier
+        if s.mode == "distributed":
+            z *= math.sqrt(min(max(min_reports, 1), asked) / asked)
+        return next_round(self.events, RoundEvent.of_round(asked, population, z), s.max_epsilon, s.delta,
+                          s.accountant)
+
+    def charge(self, asked: int, population: int, effective_noise_multiplier: float,
+               reported: Iterable[str]) -> dict:
+        """Add a closed round; returns the accounting fields of its history row's `dp` entry."""
+        s = self.settings
+        event = RoundEvent.of_round(asked, population, effective_noise_multiplier)
+        self.events.append(event)
+        self.participation.update([str(c) for c in reported])  # each client once (a dict: its keys)
+        most = max(self.participation.values(), default=0)
+        return {"q": event.q, "asked": asked, "population": population,
+                "effective_noise_multiplier": effective_noise_multiplier, "epsilon": self.epsilon,
+                "delta": s.delta, "accountant": s.accountant, "max_epsilon": s.max_epsilon,
+                "most_rounds_of_one_device": most,
+                "epsilon_sampling_known": epsilon_sampling_known(most, s.noise_multiplier if s.mode == "central"
+                                                                 else min(e.noise_multiplier for e in self.events),
+                                                                 s.delta, s.accountant)}

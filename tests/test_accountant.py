@@ -100,3 +100,35 @@ def test_noise_calibration_gives_the_smallest_multiplier_within_the_target(accou
     z = A.noise_for_epsilon(4.0, 20, 0.25, 1e-5, accountant)
     assert A.epsilon([A.RoundEvent(0.25, z)] * 20, 1e-5, accountant) <= 4.0
     assert A.epsilon([A.RoundEvent(0.25, z - 2e-3)] * 20, 1e-5, accountant) > 4.0 * (1 - 1e-3)
+
+
+def test_the_ledger_charges_rounds_and_is_rebuilt_from_the_history_rows():
+    s = A.DPSettings(clip=1.0, noise_multiplier=1.5, max_epsilon=50.0)
+    ledger = A.PrivacyLedger(s)
+    rows = []
+    for r in range(3):
+        reported = {f"c{i}": 10 for i in range(r, r + 4)}
+        dp = ledger.charge(asked=4, population=8, effective_noise_multiplier=1.5, reported=reported)
+        rows.append({"round": r, "reported": reported, "dp": dp})
+    assert rows[-1]["dp"]["q"] == 0.5 and rows[-1]["dp"]["most_rounds_of_one_device"] == 3  # c2, c3
+    assert math.isclose(rows[-1]["dp"]["epsilon"], A.epsilon([A.RoundEvent(0.5, 1.5)] * 3))
+    assert math.isclose(rows[-1]["dp"]["epsilon_sampling_known"], A.epsilon_sampling_known(3, 1.5))
+    again = A.PrivacyLedger(s, [*rows, {"round": 3, "reported": {}}])  # a row without dp (not a DP round)
+    assert again.events == ledger.events and again.participation == ledger.participation
+    assert math.isclose(again.epsilon, rows[-1]["dp"]["epsilon"])
+    decision = again.plan(4, 8)
+    assert decision.allowed and math.isclose(decision.epsilon_next, A.epsilon([A.RoundEvent(0.5, 1.5)] * 4))
+
+
+def test_distributed_planning_assumes_only_the_quorum_adds_noise():
+    s = A.DPSettings(clip=1.0, noise_multiplier=2.0, mode="distributed", max_epsilon=100.0)
+    d = A.PrivacyLedger(s).plan(asked=16, population=16, min_reports=4)
+    assert math.isclose(d.epsilon_next, A.epsilon([A.RoundEvent(1.0, 1.0)]))  # z * sqrt(4/16) = 1
+
+
+def test_dp_settings_are_checked():
+    for bad in (dict(clip=0, noise_multiplier=1), dict(clip=1, noise_multiplier=-1),
+                dict(clip=1, noise_multiplier=1, delta=1), dict(clip=1, noise_multiplier=1, max_epsilon=0),
+                dict(clip=1, noise_multiplier=1, accountant="gdp"), dict(clip=1, noise_multiplier=1, mode="local")):
+        with pytest.raises(A.AccountingError):
+            A.DPSettings(**bad)
