@@ -110,3 +110,33 @@ def adversarial_headers() -> List[bytes]:
         header_blob(b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": 1}}', b"\0" * 4),
         struct.pack("<Q", 2 ** 64 - 1) + b"{}",
     ]
+
+
+#: the learning rate of the backend comparisons
+LR = 5e-3
+
+
+def run_backend(bundle, backend: str, data, weight_decay: float = 0.0, lr: float = LR):
+    """Train a bundle with one backend over `data` batches; (final adapter, losses)."""
+    from flora.edge.trainers import open_trainer
+
+    trainer = open_trainer(bundle, backend)
+    trainer.set_lr(lr)
+    trainer.set_weight_decay(weight_decay)
+    losses = [trainer.train_step(x, y).loss for x, y in data]
+    return trainer.get_adapter(), np.array(losses)
+
+
+def assert_same_adapter(a, b, rtol=1e-3, atol=1e-5, max_outside=0.0, outside_bound=None):
+    """All elements within rtol/atol, or (for deep towers) all but a fraction `max_outside`,
+    which must still lie within `outside_bound`."""
+    assert set(a) == set(b)
+    if max_outside == 0.0:
+        for name in a:
+            np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
+        return
+    x = np.concatenate([a[n].ravel() for n in sorted(a)])
+    y = np.concatenate([b[n].ravel() for n in sorted(a)])
+    outside = np.abs(x - y) > atol + rtol * np.abs(y)
+    assert outside.mean() <= max_outside, f"{outside.sum()} of {outside.size} elements differ"
+    assert np.abs(x - y).max() <= outside_bound

@@ -22,8 +22,7 @@ from flora.export.lora import LoraSpec, attach_lora, factors_by_name, load_lora_
 from flora.export.pipeline import lora_identity
 from flora.export.presets import get_preset
 
-from .conftest import DIGITS, export_tiny
-from .test_step_backend import assert_same_adapter, batches, run_backend
+from .helpers import DIGITS, assert_same_adapter, batches, export_tiny, run_backend
 
 
 @pytest.fixture(scope="module")

@@ -204,7 +204,7 @@ def test_the_aggregator_rejects_beyond_the_bound_as_strategy_full_and_records_th
     from flora.broker.rounds import Sampling
     from flora.edge.synthetic import encode_update
 
-    from .test_aggregator_rounds import FakeClock, offline_aggregator, status
+    from .fakes import FakeClock, offline_aggregator, status
 
     clock = FakeClock()
     agg = offline_aggregator(tmp_path, clock, manifest=M, rounds=1, round_timeout_s=30, strategy="trimmed-mean",

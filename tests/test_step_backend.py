@@ -24,17 +24,7 @@ from flora.export.lora import LoraSpec, attach_lora, load_lora_
 from flora.export.onnx_export import TESTED_ONNXRUNTIME
 from flora.export.presets import get_preset
 
-from .helpers import DIGITS, batches, export_tiny, install_wheel
-
-LR = 5e-3
-
-
-def run_backend(bundle, backend: str, data, weight_decay: float = 0.0, lr: float = LR):
-    trainer = open_trainer(bundle, backend)
-    trainer.set_lr(lr)
-    trainer.set_weight_decay(weight_decay)
-    losses = [trainer.train_step(x, y).loss for x, y in data]
-    return trainer.get_adapter(), np.array(losses)
+from .helpers import DIGITS, LR, assert_same_adapter, batches, export_tiny, install_wheel, run_backend
 
 
 def run_pytorch(bundle, data, preset: str = "clip-tiny", weight_decay: float = 0.0, lr: float = LR):
@@ -54,21 +44,6 @@ def run_pytorch(bundle, data, preset: str = "clip-tiny", weight_decay: float = 0
         opt.step()
         losses.append(float(loss.detach()))
     return {k: p.detach().numpy().copy() for k, p in params.items()}, np.array(losses)
-
-
-def assert_same_adapter(a, b, rtol=1e-3, atol=1e-5, max_outside=0.0, outside_bound=None):
-    """All elements within rtol/atol, or (for deep towers) all but a fraction `max_outside`,
-    which must still lie within `outside_bound`."""
-    assert set(a) == set(b)
-    if max_outside == 0.0:
-        for name in a:
-            np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=atol, err_msg=name)
-        return
-    x = np.concatenate([a[n].ravel() for n in sorted(a)])
-    y = np.concatenate([b[n].ravel() for n in sorted(a)])
-    outside = np.abs(x - y) > atol + rtol * np.abs(y)
-    assert outside.mean() <= max_outside, f"{outside.sum()} of {outside.size} elements differ"
-    assert np.abs(x - y).max() <= outside_bound
 
 
 def test_step_graph_uses_only_standard_onnx_ops(tiny_all_bundle):
