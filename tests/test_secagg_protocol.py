@@ -5,6 +5,7 @@ never holds an individual update, and swapped keys, forged or double-listing req
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 
@@ -16,7 +17,7 @@ from bench.secagg_sim import make_federation, run_attempt
 from flora.edge import signing
 from flora.edge.secagg import client as client_module
 from flora.edge.secagg.encoding import Encoding, decode_sum
-from flora.edge.secagg.messages import MASKED, P_INBOX, P_KEYS, P_STAGE, REVEAL, SHARE, UNMASK, StageMsg
+from flora.edge.secagg.messages import MASKED, P_KEYS, P_STAGE, REVEAL, SHARE, UNMASK, StageMsg
 from flora.edge.secagg.params import SecAggParams
 from flora.edge.secagg.primitives import Context
 from flora.edge.secagg.ring import neighbourhoods
@@ -190,29 +191,24 @@ def test_a_broker_that_swaps_a_public_key_is_caught_by_the_signature(fed, data):
     assert (victim, "bad-signature") in traffic.rejections
     assert outcome.status == "done" and victim not in outcome.survivors  # the round goes on without it
 
-    def swap_relayed(kind, client, payload):  # a broker re-signing the inbox with its own key
-        if kind == "inbox" and client == fed.clients[0] and b'"stage":"share-keys"' in payload:
-            return _rewrite(payload, attacker, P_INBOX, fed.federation, lambda b: None)
-        return payload
-
-    _, _, traffic = run_attempt(fed, params(), deltas, weights, tamper=swap_relayed)
-    assert traffic.refusals[fed.clients[0]] == "bad-signature"
-
-    def aggregator_swaps(kind, client, payload):  # even the aggregator cannot swap a neighbour's keys
+    def swap_relayed(kind, client, payload):  # a broker (or the aggregator) swaps a neighbour's relayed key
         if kind != "inbox" or client != fed.clients[0] or b'"stage":"share-keys"' not in payload:
             return payload
+        body = json.loads(payload)
+        peer = sorted(body["keys"])[0]
+        advert = base64.b64decode(body["keys"][peer])
+        forged = json.loads(signing.body_of(advert))
+        forged["c_key"] = evil_key
+        raw = json.dumps(forged, sort_keys=True, separators=(",", ":")).encode()
+        resigned = signing.sign(attacker, P_KEYS, fed.federation, raw)  # signed, but by no enrolled device
+        unsigned = advert[:len(signing.MAGIC) + 64] + raw  # the device's signature over other bytes
+        body["keys"][peer] = base64.b64encode(resigned if swap_relayed.resign else unsigned).decode()
+        return json.dumps(body).encode()
 
-        def edit(body):
-            peer = sorted(body["keys"])[0]
-            forged = json.loads(signing.body_of(__import__("base64").b64decode(body["keys"][peer])))
-            forged["c_key"] = evil_key
-            raw = json.dumps(forged, sort_keys=True, separators=(",", ":")).encode()
-            body["keys"][peer] = __import__("base64").b64encode(signing.sign(attacker, P_KEYS, fed.federation,
-                                                                             raw)).decode()
-        return _rewrite(payload, fed.signer, P_INBOX, fed.federation, edit)
-
-    _, _, traffic = run_attempt(fed, params(), deltas, weights, tamper=aggregator_swaps)
-    assert traffic.refusals[fed.clients[0]] == "bad-peer"
+    for resign in (False, True):
+        swap_relayed.resign = resign
+        _, _, traffic = run_attempt(fed, params(), deltas, weights, tamper=swap_relayed)
+        assert traffic.refusals[fed.clients[0]] == "bad-peer", resign
 
 
 def test_forged_stage_messages_are_refused(fed, data):
@@ -343,3 +339,24 @@ def test_hostile_bytes_are_refused_with_a_reason_never_a_crash(fed, data):
             assert exc.reason
 
     check()
+
+
+def test_client_messages_that_do_not_authenticate_are_refused_with_a_reason(fed, data):
+    deltas, weights = data
+    a, b, c = fed.clients[:3]
+
+    def tamper(kind, client, payload):
+        if kind != "up":
+            return payload
+        if client == a and payload.startswith(b"FLORA-MAC1"):  # a's shares: one bit of the tag flipped
+            return payload[:10] + bytes([payload[10] ^ 1]) + payload[11:]
+        if client == b and payload.startswith(b"FLSA1"):  # b's masked input: one element changed
+            return payload[:-1] + bytes([payload[-1] ^ 1])
+        if client == c and payload.startswith(signing.MAGIC):  # c's keys without the envelope
+            return signing.body_of(payload)
+        return payload
+
+    outcome, _, traffic = run_attempt(fed, params(), deltas, weights, tamper=tamper)
+    assert {(a, "bad-mac"), (b, "bad-mac"), (c, "unsigned")} <= set(traffic.rejections)
+    assert outcome.status == "done" and not {a, b, c} & set(outcome.survivors)
+    assert fedavg_error(outcome, deltas, weights) <= 1.0

@@ -20,17 +20,14 @@ from cryptography.x509 import load_der_x509_certificate
 
 from flora.edge import signing
 from flora.edge.secagg import primitives as p
-from flora.edge.secagg.derive import mac_info
+from flora.edge.secagg.derive import channel_info, tag_key
 from flora.edge.secagg.encoding import dtype_of
 from flora.edge.secagg.messages import (
     ABORT,
     ADVERTISE,
     MASKED,
-    P_INBOX,
     P_KEYS,
-    P_SHARES,
     P_STAGE,
-    P_UNMASK,
     REVEAL,
     SHARE,
     UNMASK,
@@ -39,12 +36,12 @@ from flora.edge.secagg.messages import (
     MaskedMsg,
     MessageError,
     RevealMsg,
-    SealedShare,
     SharesMsg,
     StageMsg,
     StatementMsg,
     UnmaskMsg,
     client_kind,
+    split_tagged,
 )
 from flora.edge.secagg.params import SecAggParams
 from flora.edge.secagg.ring import neighbourhoods
@@ -59,8 +56,10 @@ ABORTED = "aborted"
 
 #: the message each stage waits for
 EXPECTS = {ADVERTISE: "keys", SHARE: "shares", MASKED: "masked", UNMASK: "unmask", REVEAL: "reveal"}
-#: the client messages signed by the sender's identity key, and their signature purposes
-SIGNED = {"keys": P_KEYS, "shares": P_SHARES, "unmask": P_UNMASK}
+#: how each client message is authenticated: `keys` signed by the device's identity key; `shares`, `masked`
+#: (in its header) and `unmask` tagged on the channel agreed with the aggregator's key; `reveal` by the
+#: signed commitment to the seed
+TAGGED = ("shares", "unmask")
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,8 @@ class SecAggServer:
         self.u2: Set[str] = set()
         self.u3: Set[str] = set()
         self.dropped: Set[str] = set()
-        self.sealed: Dict[str, Dict[str, SealedShare]] = {}  # recipient -> sender -> its sealed shares
+        self.sealed: Dict[str, Dict[str, str]] = {}  # recipient -> sender -> its sealed share, relayed as it came
+        self.channels: Dict[str, bytes] = {}  # client -> the key agreed with it
         self.answered: Set[str] = set()  # clients whose message for the open stage was accepted
         self.seed_shares: Dict[str, Dict[str, bytes]] = {}  # of -> holder -> share
         self.key_shares: Dict[str, Dict[str, bytes]] = {}
@@ -135,9 +135,9 @@ class SecAggServer:
     def _stage_msg(self, msg: StageMsg) -> Outgoing:
         return Outgoing("stage", signing.sign(self.signer, P_STAGE, self.ctx.federation, msg.to_body(self.ctx)))
 
-    def _inbox(self, msg: InboxMsg) -> Outgoing:
-        return Outgoing("inbox", signing.sign(self.signer, P_INBOX, self.ctx.federation, msg.to_body(self.ctx)),
-                        msg.client)
+    @staticmethod
+    def _inbox_of(msg: InboxMsg, ctx: p.Context) -> Outgoing:
+        return Outgoing("inbox", msg.to_body(ctx), msg.client)
 
     def start(self) -> List[Outgoing]:
         """The advertise-keys stage message: asked clients that finished training advertise their keys."""
@@ -172,7 +172,8 @@ class SecAggServer:
         if client not in self.registry:
             raise _Reject("not-enrolled", f"{client} is not an enrolled device (or was revoked)")
         signed = signing.is_signed(payload)
-        body = signing.split(payload)[1] if signed else payload
+        tag, body = split_tagged(payload) if payload[:10] == b"FLORA-MAC1" else (None, payload)
+        body = signing.split(payload)[1] if signed else body
         kind, parsed = client_kind(body)
         if kind != EXPECTS[self.stage]:
             raise _Reject("late" if _order(kind) < _order(EXPECTS[self.stage]) else "early",
@@ -182,10 +183,14 @@ class SecAggServer:
         expected = {ADVERTISE: self.asked, SHARE: self.u1, MASKED: self.u2, UNMASK: self.u3, REVEAL: self.u3}
         if client not in expected[self.stage]:
             raise _Reject("not-member", f"{client} is not in the {self.stage} stage")
-        if kind in SIGNED:  # a masked input carries a tag, a revealed seed is checked against its commitment
+        if kind == "keys":
             if not signed:
-                raise _Reject(signing.UNSIGNED, f"an unsigned {kind} message")
-            signing.verify(self.registry[client], SIGNED[kind], self.ctx.federation, payload)
+                raise _Reject(signing.UNSIGNED, "unsigned keys")
+            signing.verify(self.registry[client], P_KEYS, self.ctx.federation, payload)
+        elif kind in TAGGED:
+            if tag is None:
+                raise _Reject(signing.UNSIGNED, f"a {kind} message without its tag")
+            self._check_tag(client, kind, body, tag)
         getattr(self, f"_on_{kind}")(client, parsed, payload)
         self.answered.add(client)
 
@@ -208,14 +213,19 @@ class SecAggServer:
         for v, sealed in msg.shares.items():
             self.sealed.setdefault(v, {})[client] = sealed
 
+    def _check_tag(self, client: str, purpose: str, data, tag: bytes) -> None:
+        try:
+            if client not in self.channels:
+                self.channels[client] = p.agree(self.server_key, self.keys[client].c_key,
+                                                channel_info(self.ctx, client))
+            p.check_mac(tag_key(self.ctx, client, self.channels[client], purpose), data, tag)
+        except p.CryptoError as exc:
+            raise _Reject("bad-mac", f"the {purpose} message does not authenticate: {exc}") from None
+
     def _on_masked(self, client: str, body, payload: bytes) -> None:
         msg = MaskedMsg.from_body(body, self.ctx, self.params.bits, self.length)
         self._same_client(msg.client, client)
-        try:
-            key = p.agree(self.server_key, self.keys[client].c_key, mac_info(self.ctx, client))
-            p.check_mac(key, msg.values.view(np.uint8), msg.tag)
-        except p.CryptoError as exc:
-            raise _Reject("bad-mac", f"the masked input does not authenticate: {exc}") from None
+        self._check_tag(client, "masked-input", msg.values.view(np.uint8), msg.tag)
         np.add(self.sum, msg.values, out=self.sum)  # wraps in the ring
         self.u3.add(client)
 
@@ -285,7 +295,8 @@ class SecAggServer:
         self.rings = neighbourhoods(self.u1, self.params.shares, self.ctx)
         out = [self._open(SHARE, self.u1, key=self.server_pub)]
         for u in sorted(self.u1):
-            out.append(self._inbox(InboxMsg(SHARE, u, keys={v: self.key_payloads[v] for v in self.rings[u]})))
+            keys = {v: self.key_payloads[v] for v in self.rings[u]}
+            out.append(self._inbox_of(InboxMsg(SHARE, u, keys=keys), self.ctx))
         return out
 
     def _close_share_keys(self) -> List[Outgoing]:
@@ -296,7 +307,7 @@ class SecAggServer:
         out = [self._open(MASKED, self.u2)]
         for v in sorted(self.u2):
             mine = {u: s for u, s in self.sealed.get(v, {}).items() if u in self.u2}
-            out.append(self._inbox(InboxMsg(MASKED, v, shares=mine)))
+            out.append(self._inbox_of(InboxMsg(MASKED, v, shares=mine), self.ctx))
         self.sealed = {}
         return out
 
@@ -321,7 +332,7 @@ class SecAggServer:
         out = [self._open(REVEAL, self.u3)]
         for u in sorted(self.u3):
             vouch = {v: self.statements[v] for v in self.rings[u] if v in self.statements}
-            out.append(self._inbox(InboxMsg(REVEAL, u, statements=vouch)))
+            out.append(self._inbox_of(InboxMsg(REVEAL, u, statements=vouch), self.ctx))
         return out
 
     def _close_reveal(self) -> List[Outgoing]:

@@ -25,17 +25,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .. import signing
 from ..identity import DeviceIdentity, IdentityError, verify_identity_cert
 from . import primitives as p
-from .derive import mac_info, pair_info, self_mask_commit, self_mask_key, share_info
+from .derive import channel_info, pair_info, self_mask_commit, self_mask_key, share_info, tag_key
 from .encoding import Encoding, encode
 from .messages import (
     ABORT,
     MASKED,
-    P_INBOX,
     P_KEYS,
-    P_SHARES,
     P_STAGE,
     P_STATEMENT,
-    P_UNMASK,
     REVEAL,
     SHARE,
     UNMASK,
@@ -44,11 +41,13 @@ from .messages import (
     MaskedMsg,
     MessageError,
     RevealMsg,
-    SealedShare,
     SharesMsg,
     StageMsg,
     StatementMsg,
     UnmaskMsg,
+    open_b64,
+    seal_b64,
+    tag_body,
 )
 from .params import SecAggParams
 from .ring import neighbourhoods, share_index
@@ -112,7 +111,7 @@ class SecAggClient:
         self.neighbours: Tuple[str, ...] = ()
         self.peers: Dict[str, KeysMsg] = {}  # verified keys of the neighbours
         self.peer_ids: Dict[str, Ed25519PublicKey] = {}
-        self.server_key = b""
+        self.channel = b""  # agreed with the aggregator's per-attempt key at share-keys
         self.members2: Set[str] = set()
         self.members1: Set[str] = set()
         self.held: Dict[str, bytes] = {}  # neighbour -> the 64 bytes of its shares this client holds
@@ -138,9 +137,7 @@ class SecAggClient:
         return self._advance()
 
     def on_inbox(self, payload: bytes) -> Optional[bytes]:
-        inbox = self._guard(lambda: InboxMsg.from_body(
-            signing.verify(self.aggregator_key, P_INBOX, self.ctx.federation, payload), self.ctx,
-            self.params.clients))
+        inbox = self._guard(lambda: InboxMsg.from_body(payload, self.ctx, self.params.clients))
         if inbox.client != self.me:
             self._fail(INCONSISTENT, f"an inbox message for {inbox.client}")
         self.inbox = inbox
@@ -199,7 +196,7 @@ class SecAggClient:
             self._fail(BELOW_THRESHOLD, f"{len(self.neighbours)} neighbours, threshold {self.params.threshold}")
         for v in self.neighbours:
             self.peers[v] = self._verify_peer(v, inbox.keys.get(v))
-        self.server_key = stage.server_key
+        self.channel = self._agree(self.c_key, stage.server_key, channel_info(self.ctx, self.me), "the aggregator")
         seed_shares = p.split_secret(self.seed, self.params.threshold, len(self.neighbours))
         key_shares = p.split_secret(p.private_bytes(self.s_key), self.params.threshold, len(self.neighbours))
         sealed = {}
@@ -207,9 +204,12 @@ class SecAggClient:
             assert i == j == share_index(self.neighbours, v)
             info = share_info(self.ctx, self.me, v)
             key = self._agree(self.c_key, self.peers[v].c_key, info, v)
-            sealed[v] = SealedShare(*p.seal(key, b_share + s_share, info))
+            sealed[v] = seal_b64(*p.seal(key, b_share + s_share, info))
         self.state, self.stage, self.inbox = SHARED, None, None
-        return self._sign(P_SHARES, SharesMsg(self.me, sealed).to_body(self.ctx))
+        return tag_body(self._tag_key("shares"), SharesMsg(self.me, sealed).to_body(self.ctx))
+
+    def _tag_key(self, purpose: str) -> bytes:
+        return tag_key(self.ctx, self.me, self.channel, purpose)
 
     def _verify_peer(self, peer: str, payload: Optional[bytes]) -> KeysMsg:
         if payload is None:
@@ -244,9 +244,9 @@ class SecAggClient:
                 continue  # not a neighbour: nothing of ours
             info = share_info(self.ctx, v, self.me)
             try:
-                plain = p.open_sealed(p.agree(self.c_key, self.peers[v].c_key, info), sealed.nonce,
-                                      sealed.ciphertext, info)
-            except p.CryptoError:
+                nonce, ciphertext = open_b64(sealed)
+                plain = p.open_sealed(p.agree(self.c_key, self.peers[v].c_key, info), nonce, ciphertext, info)
+            except (p.CryptoError, MessageError):
                 continue  # a share we cannot read is one we do not hold: recovery needs t of the others
             self.held[v] = plain
         encoded = encode(self.delta, self.weight, self.params.encoding, self.params.bits, noise=self.noise)
@@ -262,8 +262,7 @@ class SecAggClient:
                 out += m
             else:
                 out -= m
-        tag = p.mac(self._agree(self.c_key, self.server_key, mac_info(self.ctx, self.me), "the aggregator"),
-                    out.view(np.uint8))
+        tag = p.mac(self._tag_key("masked-input"), out.view(np.uint8))
         self.state, self.stage, self.inbox = MASKED_SENT, None, None
         self.delta = self.noise = None  # the update is not needed again in this attempt
         return MaskedMsg(self.me, out, tag).to_body(self.ctx)
@@ -289,7 +288,7 @@ class SecAggClient:
         seeds = {v: self.held[v][: p.SECRET_BYTES] for v in act if v in self.held}
         keys = {v: self.held[v][p.SECRET_BYTES:] for v in drop if v in self.held}
         self.state, self.stage, self.inbox = UNMASKED, None, None
-        return self._sign(P_UNMASK, UnmaskMsg(self.me, statement, seeds, keys).to_body(self.ctx))
+        return tag_body(self._tag_key("unmask"), UnmaskMsg(self.me, statement, seeds, keys).to_body(self.ctx))
 
     # -- reveal -------------------------------------------------------------------------------
     def _reveal(self, inbox: InboxMsg) -> bytes:

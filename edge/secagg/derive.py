@@ -29,5 +29,11 @@ def share_info(ctx: p.Context, src: str, dst: str) -> bytes:
     return ctx.info(src, dst, "share")
 
 
-def mac_info(ctx: p.Context, client: str) -> bytes:
-    return ctx.info(client, AGGREGATOR, "masked-input")
+def channel_info(ctx: p.Context, client: str) -> bytes:
+    """X25519(client's c key, the aggregator's per-attempt key): the client's authenticated channel to it."""
+    return ctx.info(client, AGGREGATOR, "channel")
+
+
+def tag_key(ctx: p.Context, client: str, channel: bytes, purpose: str) -> bytes:
+    """The one-time Poly1305 key of one message (`shares`, `masked-input`, `unmask`) on a client's channel."""
+    return p.hkdf(channel, ctx.info(client, AGGREGATOR, purpose))

@@ -13,6 +13,7 @@ import binascii
 import functools
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Set, Tuple
@@ -21,7 +22,7 @@ import numpy as np
 
 from ..errors import FloraError
 from ..protocol import ProtocolError, check_id
-from .primitives import KEY_BYTES, NONCE_BYTES, SECRET_BYTES, Context
+from .primitives import KEY_BYTES, NONCE_BYTES, SECRET_BYTES, Context, mac
 
 MAX_JSON_BYTES = 8 << 20
 MAX_MEMBERS = 100_000
@@ -38,15 +39,17 @@ STAGES = (ADVERTISE, SHARE, MASKED, UNMASK, REVEAL, ABORT)
 
 # Signature purposes (flora.edge.signing): one per kind of signed body.
 P_STAGE = "secagg-stage"
-P_INBOX = "secagg-inbox"
 P_KEYS = "secagg-keys"
-P_SHARES = "secagg-shares"
-P_UNMASK = "secagg-unmask"
 P_STATEMENT = "secagg-statement"
+
+#: shares and unmask answers carry a Poly1305 tag under a key the client agreed with the aggregator
+TAG_MAGIC = b"FLORA-MAC1"
 
 MASKED_MAGIC = b"FLSA1"
 TAG_BYTES = 16
 SEALED_SHARE_BYTES = 2 * SECRET_BYTES + 16  # both shares and the Poly1305 tag
+#: a sealed share in JSON: base64 of nonce || ciphertext (92 bytes), relayed by the aggregator as it came
+_SEALED_B64 = re.compile(r"[A-Za-z0-9+/]{123}=")
 _HEADER_LEN = struct.Struct("<I")
 MAX_CERT_B64 = 8192
 
@@ -222,36 +225,58 @@ class StageMsg:
 
 
 # -- aggregator -> one client ------------------------------------------------------------------
-@dataclass(frozen=True)
-class SealedShare:
-    nonce: bytes
-    ciphertext: bytes
+def seal_b64(nonce: bytes, ciphertext: bytes) -> str:
+    return b64(nonce + ciphertext)
 
-    def to_json(self) -> Dict[str, str]:
-        return {"nonce": b64(self.nonce), "ct": b64(self.ciphertext)}
 
-    @classmethod
-    def from_json(cls, v: Any) -> SealedShare:
-        exact_keys(v, {"nonce", "ct"}, "sealed share")
-        return cls(unb64(v["nonce"], "nonce", NONCE_BYTES), unb64(v["ct"], "ct", SEALED_SHARE_BYTES))
+def open_b64(text: str) -> Tuple[bytes, bytes]:
+    """(nonce, ciphertext) of a sealed share."""
+    raw = unb64(text, "sealed share", NONCE_BYTES + SEALED_SHARE_BYTES)
+    return raw[:NONCE_BYTES], raw[NONCE_BYTES:]
+
+
+def sealed_shares(v: Any, what: str, max_entries: int) -> Dict[str, str]:
+    """A map of id -> sealed share, each checked by form only: the aggregator relays it undecoded, and only
+    its recipient can open (and so authenticate) it."""
+    if not isinstance(v, dict) or len(v) > max_entries:
+        raise MessageError(f"{what} must be an object of at most {max_entries} sealed shares")
+    for k, text in v.items():
+        get_id(k)
+        if not isinstance(text, str) or not _SEALED_B64.fullmatch(text):
+            raise MessageError(f"{what}: a sealed share is base64 of {NONCE_BYTES + SEALED_SHARE_BYTES} bytes")
+    return v
+
+
+def tag_body(key: bytes, body: bytes) -> bytes:
+    """`TAG_MAGIC || Poly1305 tag || body` (shares and unmask answers: only the aggregator checks them)."""
+    return TAG_MAGIC + mac(key, body) + body
+
+
+def split_tagged(payload: bytes) -> Tuple[bytes, bytes]:
+    """(tag, body) of a tagged payload; MessageError `unsigned` if it carries no tag."""
+    start = len(TAG_MAGIC)
+    if payload[:start] != TAG_MAGIC or len(payload) < start + TAG_BYTES:
+        raise MessageError("the message carries no tag", "unsigned")
+    return bytes(payload[start: start + TAG_BYTES]), bytes(payload[start + TAG_BYTES:])
 
 
 @dataclass(frozen=True)
 class InboxMsg:
     """What one client needs for a stage: its neighbours' signed keys (share-keys), the shares sealed for
-    it (masked-input), or its neighbours' signed statements (reveal). Values are the senders' exact
-    signed payloads, so the aggregator relays what it cannot forge."""
+    it (masked-input), or its neighbours' signed statements (reveal). Unsigned: every value is its
+    sender's exact payload, signed by the sender or sealed for this client, so the aggregator (or a
+    broker) relays what it cannot forge; what it can do, leave entries out, it can do to any message."""
 
     stage: str
     client: str
     keys: Dict[str, bytes] = field(default_factory=dict)
-    shares: Dict[str, SealedShare] = field(default_factory=dict)
+    shares: Dict[str, str] = field(default_factory=dict)  # sender -> its sealed share (seal_b64)
     statements: Dict[str, bytes] = field(default_factory=dict)
 
     def to_body(self, ctx: Context) -> bytes:
         return dumps({**header(ctx, "inbox"), "stage": self.stage, "client": self.client,
                       "keys": {k: b64_relayed(v) for k, v in self.keys.items()},
-                      "shares": {k: v.to_json() for k, v in self.shares.items()},
+                      "shares": self.shares,
                       "statements": {k: b64_relayed(v) for k, v in self.statements.items()}})
 
     @classmethod
@@ -266,7 +291,7 @@ class InboxMsg:
             return cls(stage, get_id(d["client"]),
                        {k: unb64(v, "keys", max_size=2 * MAX_CERT_B64) for k, v in
                         get_map(d, "keys", max_entries).items()},
-                       {k: SealedShare.from_json(v) for k, v in get_map(d, "shares", max_entries).items()},
+                       sealed_shares(d["shares"], "shares", max_entries),
                        {k: unb64(v, "statements", max_size=MAX_MEMBERS * 80) for k, v in
                         get_map(d, "statements", max_entries).items()})
         except KeyError as exc:
@@ -307,11 +332,10 @@ class SharesMsg:
     """share-keys: for each neighbour, its shares of this client's two secrets, sealed for it."""
 
     client: str
-    shares: Dict[str, SealedShare]
+    shares: Dict[str, str]  # neighbour -> its sealed share (seal_b64)
 
     def to_body(self, ctx: Context) -> bytes:
-        return dumps({**header(ctx, "shares"), "client": self.client,
-                      "shares": {k: v.to_json() for k, v in self.shares.items()}})
+        return dumps({**header(ctx, "shares"), "client": self.client, "shares": self.shares})
 
     @classmethod
     def from_body(cls, body: bytes, ctx: Context, max_entries: int) -> SharesMsg:
@@ -319,8 +343,7 @@ class SharesMsg:
         try:
             exact_keys(d, HEADER_KEYS | {"client", "shares"}, "shares")
             check_header(d, "shares", ctx)
-            return cls(get_id(d["client"]),
-                       {k: SealedShare.from_json(v) for k, v in get_map(d, "shares", max_entries).items()})
+            return cls(get_id(d["client"]), sealed_shares(d["shares"], "shares", max_entries))
         except KeyError as exc:
             raise MessageError(f"shares message without {exc}") from None
 
