@@ -1,5 +1,5 @@
 """`flora-aggregator`: run a federation (`run`, the default), show its state (`status`, `dashboard`), plot it
-(`plot`), retire a device (`clear-status`).
+(`plot`), retire a device (`clear-status`), enroll or revoke one (`enroll`, `revoke`).
 
     flora-aggregator --bundle DIR --broker mqtt://HOST:PORT --rounds R --state-dir DIR [--http HOST:PORT] [options]
     flora-aggregator --config aggregator.toml
@@ -7,6 +7,8 @@
     flora-aggregator dashboard --state-dir DIR [--http HOST:PORT]
     flora-aggregator plot --state-dir DIR --out FILE.png
     flora-aggregator clear-status DEVICE --broker mqtt://HOST:PORT [--federation NAME]
+    flora-aggregator enroll DEVICE_ID --state-dir DIR --federation NAME [--out DIR] [--broker URL]
+    flora-aggregator revoke DEVICE_ID --state-dir DIR --federation NAME
 
 A TOML `--config` file takes the same keys as the long options (`round_timeout = 600`); the command
 line wins over it. The broker password comes from FLORA_MQTT_PASSWORD (and the username from
@@ -115,7 +117,37 @@ def build_parser() -> CommandParser:
                                                     "flora/<federation>/status/+; see devices/mosquitto/acl)"))
     clear.add_argument("--client-id", default="flora-operator",
                        help="MQTT client id (not the aggregator's: that would take over its session)")
+    enroll = sub.add_parser("enroll", help="issue a device's identity key, TLS certificate from the federation's "
+                                           "CA, ACL entry and config snippet (the CA is made on first use)")
+    enroll.add_argument("device_id", help="the device's client id")
+    enroll.add_argument("--out", type=Path, help="folder for the device's files (default: flora-enrolled/ID here)")
+    enroll.add_argument("--broker", default="mqtts://localhost:8883", help="broker URL written into the snippet")
+    enroll.add_argument("--broker-name", action="append", dest="broker_names",
+                        help="a DNS name or IP of the broker for its TLS certificate, made with the CA (repeat; "
+                             "default: localhost and 127.0.0.1)")
+    revoke = sub.add_parser("revoke", help="revoke a device: registry, CRL and ACL")
+    revoke.add_argument("device_id")
+    for p in (enroll, revoke):
+        p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+        p.add_argument("--federation", default="default", help="federation name (a state dir serves one)")
     return parser
+
+
+def enrollment(args: argparse.Namespace) -> int:
+    """`enroll` and `revoke`: print what was done, and where the broker's files are."""
+    from .enroll import FederationPKI
+
+    pki = FederationPKI(args.state_dir, args.federation)
+    if args.command == "revoke":
+        pki.revoke(args.device_id)
+        print(f"revoked {args.device_id}: ACL {pki.write_acl()}, CRL {pki.pki / 'crl.pem'} (reload mosquitto)")
+        return 0
+    pki.ensure(tuple(args.broker_names or ("localhost", "127.0.0.1")))
+    out = pki.enroll(args.device_id, args.out, args.broker)
+    print(f"enrolled {args.device_id} in federation {args.federation}: copy {out} to the device "
+          f"(its agent.toml points at the files there); ACL {pki.state_dir / 'mosquitto' / 'acl'} "
+          "(reload mosquitto)")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -136,6 +168,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "clear-status":
         setup_logging("WARNING")
         return clear_status(args)
+    if args.command in ("enroll", "revoke"):
+        try:
+            return enrollment(args)
+        except FloraError as exc:
+            return report(PROG, exc)
     try:
         args = apply_config(parser.commands["run"], args, argv[1:], load_toml(args.config))
     except ConfigError as exc:

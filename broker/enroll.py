@@ -11,7 +11,7 @@ Everything lives in the aggregator's state dir:
     pki/enrolled.json             the registry: each device's identity key and certificate serials, revoked or not
     mosquitto/acl                 the ACL: every enrolled device confined to its own topics of this federation
 
-A device's files go to `--out` (default `enrolled/<id>/` in the state dir): identity.key/.crt (Ed25519:
+A device's files go to `--out` (default `flora-enrolled/<id>/`, outside the state dir): identity.key/.crt (Ed25519:
 signs its secure-aggregation messages), tls.key/.crt (ECDSA: its MQTT login, CN `<federation>:<id>`,
 which mosquitto's `use_identity_as_username` turns into the username the ACL names), ca.crt,
 aggregator.pub and agent.toml (a config snippet). The state dir keeps no device private key.
@@ -175,7 +175,7 @@ class FederationPKI:
         reg = self.registry()
         if device_id in reg["devices"] and not reg["devices"][device_id].get("revoked"):
             raise EnrollError(f"{device_id} is enrolled already: revoke it first to issue new credentials")
-        out = Path(out) if out else self.state_dir / "enrolled" / device_id
+        out = Path(out) if out else Path("flora-enrolled") / device_id
         identity, id_cert = self.issue_identity(device_id)
         _write_private(out / IDENTITY_KEY, _pem_key(identity))
         atomic_write_bytes(out / IDENTITY_CERT, id_cert.public_bytes(serialization.Encoding.PEM))

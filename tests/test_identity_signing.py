@@ -147,3 +147,21 @@ def test_the_new_errors_are_flora_errors_with_the_bad_input_status():
     for cls in (EnrollError, IdentityError, EncodingError, MessageError, ParamsError, CryptoError,
                 signing.SignatureError):
         assert issubclass(cls, FloraError) and cls.exit_code == EXIT_BAD_INPUT, cls
+
+
+def test_the_enroll_and_revoke_commands(tmp_path, capsys):
+    from flora.broker.cli import main
+
+    state = tmp_path / "state"
+    args = ["--state-dir", str(state), "--federation", "lab"]
+    assert main(["enroll", "pi-1", "--out", str(tmp_path / "pi-1"), "--broker-name", "broker.lan", *args]) == 0
+    assert "enrolled pi-1" in capsys.readouterr().out
+    broker = x509.load_pem_x509_certificate((state / "pki" / "broker.crt").read_bytes())
+    assert broker.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName) == ["broker.lan"]
+    assert main(["enroll", "pi-1", "--out", str(tmp_path / "again"), *args]) == 2
+    assert "enrolled already" in capsys.readouterr().err
+    assert main(["enroll", "pi-1", "--state-dir", str(state), "--federation", "other"]) == 2
+    assert main(["revoke", "pi-1", *args]) == 0
+    assert "user lab:pi-1" not in (state / "mosquitto" / "acl").read_text()
+    assert main(["revoke", "nobody", *args]) == 2
