@@ -160,3 +160,36 @@ def test_params_refuse_a_threshold_at_or_below_half_of_k():
         SecAggParams(7, 5, 100, 64, enc)
     ok = SecAggParams.sized(100, 8, 5, enc)
     assert SecAggParams.from_json(ok.to_json()) == ok
+
+
+def test_the_bound_holds_for_any_inputs_weights_and_widths():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.integers(1, 8), st.integers(0, 20), st.integers(1, 5000), st.integers(0, 2 ** 32 - 1),
+           st.floats(0.01, 4.0))
+    def check(clients, frac_bits, max_weight, seed, clip):
+        enc = Encoding(clip=clip, frac_bits=frac_bits, max_weight=max_weight)
+        bits = enc.width(clients)
+        rng = np.random.default_rng(seed)
+        deltas = [rng.uniform(-clip, clip, 50) for _ in range(clients)]
+        weights = [int(w) for w in rng.integers(1, max_weight + 1, clients)]
+        total = sum(encode(d, w, enc, bits, rng=rng).values for d, w in zip(deltas, weights))
+        num, wsum = decode_sum(total, enc)
+        assert wsum == sum(weights)
+        exact = sum(w * d for d, w in zip(deltas, weights)) / wsum
+        assert np.max(np.abs(num / wsum - exact)) <= enc.error_bound(clients, wsum) + 1e-12
+
+    check()
+
+
+def test_parameters_from_the_wire_are_checked():
+    from flora.edge.secagg.messages import MessageError
+
+    good = SecAggParams.sized(10, 4, 3, Encoding()).to_json()
+    for bad in ({**good, "threshold": 2}, {**good, "bits": 16}, {**good, "extra": 1},
+                {**good, "encoding": {**good["encoding"], "clip": float("nan")}}, {**good, "shares": "4"},
+                {**good, "encoding": {**good["encoding"], "frac_bits": 24, "max_weight": 2 ** 32}}, []):
+        with pytest.raises(MessageError):
+            SecAggParams.from_json(bad)
