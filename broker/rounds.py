@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set
 
 from flora.edge.errors import EXIT_QUORUM, ConfigError, FloraError
+from flora.edge.protocol import PERMANENT_ERRORS as PROTOCOL_PERMANENT_ERRORS
 
 from .validation import BAD_CLIENT_ID, NO_ROUND
 
@@ -29,7 +30,7 @@ GIVE_UP = "give-up"
 OTHER_ROUND_REASONS = ("late", "early", NO_ROUND, BAD_CLIENT_ID)
 #: Status error codes of a device that cannot take part until someone fixes it (a bundle of another model, a
 #: newer protocol): it is not asked while its latest status says so.
-PERMANENT_ERRORS = frozenset({"model-mismatch", "protocol-mismatch"})
+PERMANENT_ERRORS = PROTOCOL_PERMANENT_ERRORS
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from .bundle import Bundle
 from .local_data import DeviceData, load_device_data
 from .mqtt import BrokerConfig, Connection, make_client
 from .preprocess import ImageError
-from .protocol import QOS, Metrics, RoundAnnouncement, Status, Topics, check_id
+from .protocol import QOS, ROUND_FAILED, Metrics, RoundAnnouncement, Status, Topics, check_id
 from .state import AgentState, StateStore
 from .trainers import Trainer, TrainerError, open_bundle, open_trainer
 from .training import Evaluation, RoundResult, Stopped, eval_batch_size, evaluate, train_round
@@ -203,12 +203,13 @@ class Agent:
             self.events.put(("round", bytes(message.payload)))
 
     # -- helpers -----------------------------------------------------------------------------
-    def _status(self, state: str, error: Optional[str] = None) -> Status:
+    def _status(self, state: str, error: Optional[str] = None, code: Optional[str] = None) -> Status:
         return Status(self.cfg.client_id, state, self.round.round if self.round else None, error,
-                      len(self.train_data), self.backend, time.time())
+                      len(self.train_data), self.backend, time.time(), code)
 
-    def publish_status(self, state: str, error: Optional[str] = None) -> None:
-        self.client.publish(self.topics.status(self.cfg.client_id), self._status(state, error).to_json(),
+    def publish_status(self, state: str, error: Optional[str] = None, code: Optional[str] = None) -> None:
+        """A retained status; with `error`, a message and an error code the aggregator acts on."""
+        self.client.publish(self.topics.status(self.cfg.client_id), self._status(state, error, code).to_json(),
                             qos=QOS, retain=True)
 
     def _say(self, note: Optional[rules.Note]) -> bool:
@@ -222,7 +223,7 @@ class Agent:
 
     def _refused(self, refusal: rules.Refused) -> None:
         if self._say(refusal.note) and refusal.status_error is not None:
-            self.publish_status("error", refusal.status_error)
+            self.publish_status("error", refusal.status_error, refusal.status_code)
 
     # -- sending the update --------------------------------------------------------------------
     def _publish_update(self, round_: int, blob: bytes) -> bool:
@@ -322,7 +323,8 @@ class Agent:
             self.done = True
             self.publish_status("idle")
         elif isinstance(action, rules.Idle):
-            self._say(action.note)
+            if self._say(action.note) and action.status_error is not None:
+                self.publish_status("error", action.status_error, action.status_code)
         elif self.round is not None:
             self._train_or_fail(self.round)
 
@@ -341,7 +343,7 @@ class Agent:
             log.error("round %d failed, not submitted: %s", r.round, exc)
         else:
             log.exception("round %d failed, not submitted: %s", r.round, exc)
-        self.publish_status("error", f"round {r.round} failed: {type(exc).__name__}: {exc}")
+        self.publish_status("error", f"round {r.round} failed: {type(exc).__name__}: {exc}", ROUND_FAILED)
         if self.metrics is not None:
             self.metrics.record_failure()
         self._recover_trainer()

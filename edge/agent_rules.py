@@ -23,7 +23,16 @@ from typing import FrozenSet, Optional, Tuple, Union
 from . import adapter
 from .bundle import Manifest
 from .fileio import sha256_bytes
-from .protocol import PROTOCOL_VERSION, ROUND_DONE, ProtocolError, RoundAnnouncement, newer_protocol
+from .protocol import (
+    BAD_GLOBAL,
+    PROTOCOL_MISMATCH,
+    PROTOCOL_VERSION,
+    ROUND_DONE,
+    ProtocolError,
+    RoundAnnouncement,
+    newer_protocol,
+)
+from .protocol import MODEL_MISMATCH as MODEL_MISMATCH_CODE
 from .state import AgentState
 
 INFO, WARNING, ERROR = "info", "warning", "error"
@@ -118,6 +127,7 @@ class Refused:
 
     note: Note
     status_error: Optional[str] = None
+    status_code: Optional[str] = None  # the status's error_code (protocol.MODEL_MISMATCH, ...)
     forget_round: bool = False  # the announcement held so far no longer stands
 
 
@@ -129,7 +139,7 @@ def read_round(payload: bytes) -> Union[RoundAnnouncement, Refused]:
         reason = f"round message of protocol {newer}, newer than this agent's {PROTOCOL_VERSION}"
         note = Note(ERROR, f"refused a {reason}: upgrade flora-agent; waiting for a round message it understands",
                     key=f"protocol-{newer}")
-        return Refused(note, status_error=f"refused {reason}", forget_round=True)
+        return Refused(note, status_error=f"refused {reason}", status_code=PROTOCOL_MISMATCH, forget_round=True)
     try:
         return RoundAnnouncement.from_json(payload)
     except ProtocolError as exc:
@@ -151,10 +161,21 @@ def read_global(payload: bytes, manifest: Manifest) -> Union[GlobalAdapter, Refu
         decoded = adapter.decode(payload, manifest.trainable, model_id=manifest.model_id,
                                  max_bytes=adapter.max_blob_bytes(manifest.trainable))
     except adapter.AdapterError as exc:
-        return Refused(Note(ERROR, f"refused the global adapter: {exc}"), status_error=f"refused global adapter: {exc}")
+        code = MODEL_MISMATCH_CODE if _names_another_model(payload, manifest) else BAD_GLOBAL
+        return Refused(Note(ERROR, f"refused the global adapter: {exc}"), status_error=f"refused global adapter: {exc}",
+                       status_code=code)
     if decoded.meta.kind not in ("global", "initial"):
         return Refused(Note(ERROR, f"refused the global adapter: its kind is {decoded.meta.kind!r}"))
     return GlobalAdapter(payload, sha256_bytes(payload), decoded)
+
+
+def _names_another_model(payload: bytes, manifest: Manifest) -> bool:
+    """Whether a refused global's header names another model (the device then holds the wrong bundle)."""
+    try:
+        _, meta = adapter.read_header(payload)
+    except adapter.AdapterError:
+        return False
+    return isinstance(meta.get("model_id"), str) and meta["model_id"] != manifest.model_id
 
 
 # -- an announcement arrives -----------------------------------------------------------------------
@@ -210,6 +231,8 @@ class Train:
 class Idle:
     reason: str
     note: Optional[Note] = None
+    status_error: Optional[str] = None  # goes out as a retained `error` status with `status_code`, with the note
+    status_code: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -232,8 +255,9 @@ def next_action(announcement: Optional[RoundAnnouncement], view: AgentView) -> A
         return Idle(NO_ROUND)
     tag = f"{r.run_id}/{r.round}"
     if r.model_id != view.model_id:
-        return Idle(MODEL_MISMATCH, Note(ERROR, f"round {r.round} is for model {r.model_id[:16]}, this bundle is "
-                                                f"{view.model_id[:16]}: not training", key=f"model-{tag}"))
+        why = f"round {r.round} is for model {r.model_id[:16]}, this bundle is {view.model_id[:16]}"
+        return Idle(MODEL_MISMATCH, Note(ERROR, f"{why}: not training", key=f"model-{tag}"), status_error=why,
+                    status_code=MODEL_MISMATCH_CODE)
     if r.state == ROUND_DONE:
         if view.finished:
             return Idle(FINISHED)

@@ -202,6 +202,13 @@ class RoundAnnouncement:
 
 
 STATUS_STATES = ("online", "idle", "training", "offline", "error")
+# Why a device is in `error` (Status.error_code). The aggregator never asks a device whose error it cannot
+# fix itself (PERMANENT_ERRORS) and does not wait for one that failed the round it is asked for.
+MODEL_MISMATCH = "model-mismatch"  # its bundle is of another model: an operator must install the right one
+PROTOCOL_MISMATCH = "protocol-mismatch"  # the federation speaks a newer protocol: flora-agent needs an upgrade
+BAD_GLOBAL = "bad-global"  # it refused a global adapter (corrupt or invalid): a new global may do
+ROUND_FAILED = "round-failed"  # training the round named by `round` failed on the device
+PERMANENT_ERRORS = frozenset({MODEL_MISMATCH, PROTOCOL_MISMATCH})
 ERROR_CODE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")  # a status's error_code: lower-case words joined by '-'
 
 #: The retained `status/<id>` message.

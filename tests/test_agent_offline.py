@@ -51,6 +51,7 @@ def test_a_failing_round_is_reported_once_and_the_next_round_trains(tmp_path, ca
         assert agent.pump() is True  # the agent keeps running
         error = fake.statuses()[-1]
         assert error.state == "error" and "non-finite loss" in error.last_error and error.round == 0
+        assert error.error_code == "round-failed"  # the aggregator does not wait for it this round
         assert fake.of("update") == [] and trained == [0]
         state = StateStore(tmp_path / "state").load()
         assert state.last_submitted_round is None
@@ -157,7 +158,7 @@ def test_round_messages_of_a_newer_protocol_are_refused_once(tmp_path, caplog):
         assert agent.pump() is True
     assert caplog.text.count("refused a round message of protocol 2, newer than this agent's 1") == 1
     assert fake.of("update") == [] and agent.round is None
-    assert [s.state for s in fake.statuses()] == ["error"]
+    assert [(s.state, s.error_code) for s in fake.statuses()] == [("error", "protocol-mismatch")]
     offer_round(agent, 0, protocol=1)
     agent.pump()
     assert [u.meta.round for u in updates(agent)] == [0]
@@ -170,11 +171,23 @@ def test_a_refused_global_is_an_error_status_and_the_round_waits_for_its_own(tmp
         agent.events.put(("global", adapter.encode(random_adapter(m, 1), model_id="f" * 64, round=0, kind="global")))
         agent.pump()
     assert agent.client.statuses()[-1].state == "error" and "model_id ffff" in agent.client.statuses()[-1].last_error
+    assert agent.client.statuses()[-1].error_code == "model-mismatch"
     blob = offer_round(agent, 0)
     agent.events.put(("global", b"garbage"))  # arrives after the round's own: refused, the good one stays
     agent.pump()
     assert [u.meta.round for u in updates(agent)] == [0] and agent.global_.blob == blob
     assert "refused the global adapter: " in caplog.text
+
+
+def test_a_round_for_another_model_is_one_model_mismatch_error_status(tmp_path):
+    agent = offline_agent(tmp_path / "state")
+    for _ in range(3):  # the retained round, again and again (reconnects)
+        offer_round(agent, 4, model_id="e" * 64)
+        agent.pump()
+    errors = [s for s in agent.client.statuses() if s.state == "error"]
+    assert len(errors) == 1 and errors[0].error_code == "model-mismatch" and errors[0].round == 4
+    assert errors[0].last_error.startswith("round 4 is for model eeeeeeeeeeeeeeee, this bundle is ")
+    assert agent.client.of("update") == []
 
 
 def test_done_is_idle_once_and_exits_with_exit_when_done(tmp_path, caplog):

@@ -95,6 +95,8 @@ def test_a_round_for_another_model_is_refused_with_an_error_once_per_round():
     assert action.reason == rules.MODEL_MISMATCH and action.note.level == ERROR
     assert action.note.text == f"round 2 is for model {'e' * 16}, this bundle is {M.model_id[:16]}: not training"
     assert action.note.key == "model-run-a/2"
+    assert action.status_code == "model-mismatch"  # the aggregator stops asking it: only an operator can fix it
+    assert action.status_error == f"round 2 is for model {'e' * 16}, this bundle is {M.model_id[:16]}"
     # checked first: a done message for another model does not finish this agent
     assert next_action(announce(model_id="e" * 64, state=ROUND_DONE), view()).reason == rules.MODEL_MISMATCH
 
@@ -159,7 +161,8 @@ def test_a_round_message_of_a_newer_protocol_is_refused_and_the_held_round_forgo
     assert refused == Refused(
         Note(ERROR, "refused a round message of protocol 2, newer than this agent's 1: upgrade flora-agent; "
                     "waiting for a round message it understands", key="protocol-2"),
-        status_error="refused round message of protocol 2, newer than this agent's 1", forget_round=True)
+        status_error="refused round message of protocol 2, newer than this agent's 1", status_code="protocol-mismatch",
+        forget_round=True)
     assert read_round(announce(protocol=7).to_json()).note.key == "protocol-7"
 
 
@@ -182,9 +185,11 @@ def test_a_global_is_accepted_only_for_this_model_and_of_a_global_kind():
     assert read_global(update, M) == Refused(Note(ERROR, "refused the global adapter: its kind is 'update'"))
     foreign = read_global(adapter.encode(random_adapter(M, 0), model_id="0" * 64, round=2, kind="global"), M)
     assert "is for model_id 0000" in foreign.note.text and foreign.status_error.startswith("refused global adapter: ")
+    assert foreign.status_code == "model-mismatch"
     other_layout = synthetic_manifest(width=8)
-    assert "has shape [4, 8], the bundle says [4, 16]" in read_global(adapter.encode(
-        random_adapter(other_layout, 0), model_id=M.model_id, round=2, kind="global"), M).note.text
+    misfit = read_global(adapter.encode(random_adapter(other_layout, 0), model_id=M.model_id, round=2,
+                                        kind="global"), M)
+    assert "has shape [4, 8], the bundle says [4, 16]" in misfit.note.text and misfit.status_code == "bad-global"
     for junk in (b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", GLOBAL + b"\x00" * (1 << 17)):
         assert isinstance(read_global(junk, M), Refused)
 

@@ -20,7 +20,7 @@ from .fakes import FakeClock, metrics, offer_round, offline_agent, offline_aggre
 
 
 def error_status(client: str, round_: int, code: str, message: str) -> bytes:
-    return Status(client, "error", round_, message, 10, "step", 0.0).to_json()
+    return Status(client, "error", round_, message, 10, "step", 0.0, code).to_json()
 
 
 def test_the_aggregator_keeps_a_device_table_and_saves_it_for_status_and_dashboard(tmp_path):
@@ -66,7 +66,8 @@ def test_a_round_closes_early_when_the_missing_client_failed_it_and_says_so_once
         agg._tick()  # long before the 600 s deadline
     assert agg.current is None and agg.state.round == 1
     said = [r.getMessage() for r in caplog.records if "is in error" in r.getMessage()]
-    assert said == ["round 0: c is in error (no code), not waiting for it: round 0 failed: ImageError: truncated"]
+    assert said == ["round 0: c is in error (round-failed), not waiting for it: round 0 failed: ImageError: "
+                    "truncated"]
     row = Checkpoint(tmp_path / "state").history()[-1]
     assert row["num_reported"] == 2 and row["aggregation_s"] >= 0
 
@@ -114,3 +115,20 @@ def test_the_clis_take_log_format_json(tmp_path, monkeypatch, capsys):
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["message"] == "hello" and line["level"] == "INFO"
     setup_logging("WARNING", "plain")
+
+
+def test_a_device_holding_another_models_bundle_is_not_asked_until_it_is_fixed(tmp_path):
+    clock = FakeClock()
+    agg = offline_aggregator(tmp_path / "state", clock, rounds=3)
+    agg._resume_or_start()
+    for c in ("a", "b"):
+        agg.handle("status", c, status(c))
+    agg.handle("status", "b", error_status("b", 0, "model-mismatch", "refused global adapter: adapter is for "
+                                                                     "model_id ffff…"))
+    agg._open_round()
+    assert agg.current.asked == {"a"}
+    agg.handle("update", "a", encode_update(agg.manifest, random_adapter(agg.manifest, 1), "a", 0, 12))
+    agg._tick()
+    agg.handle("status", "b", status("b", "idle"))  # the operator installed the right bundle
+    agg._open_round()
+    assert agg.current.asked == {"a", "b"}
