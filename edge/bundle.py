@@ -62,6 +62,10 @@ class TensorSpec:
             n *= d
         return n
 
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> TensorSpec:
+        return cls(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d.get("dtype", "float32")))
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -78,6 +82,20 @@ class LoraConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> LoraConfig:
+        lora = cls(tower=str(d["tower"]), rank=int(d["rank"]), alpha=float(d["alpha"]), targets=tuple(d["targets"]),
+                   variant=str(d.get("variant", "lora")),
+                   frozen_seed=None if d.get("frozen_seed") is None else int(d["frozen_seed"]))
+        if lora.variant not in LORA_VARIANTS:
+            raise BundleError(f"manifest lora.variant {lora.variant!r} is not one of {LORA_VARIANTS}")
+        if lora.tower not in TOWERS:
+            raise BundleError(f"manifest lora.tower {lora.tower!r} is not one of {TOWERS}")
+        unknown = sorted(set(lora.targets) - set(TARGETS))
+        if unknown:
+            raise BundleError(f"manifest lora.targets has unknown entries {unknown}; known: {TARGETS}")
+        return lora
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -89,6 +107,16 @@ class Preprocess:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
 
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> Preprocess:
+        return cls(
+            image_size=int(d["image_size"]),
+            mean=tuple(float(x) for x in d["mean"]),  # type: ignore[arg-type]
+            std=tuple(float(x) for x in d["std"]),  # type: ignore[arg-type]
+            interpolation=str(d.get("interpolation", "bicubic")),
+            resize_mode=str(d.get("resize_mode", "shortest")),
+        )
+
 
 @dataclass(frozen=True)
 class OptimizerConfig:
@@ -98,6 +126,15 @@ class OptimizerConfig:
     betas: Tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> OptimizerConfig:
+        return cls(
+            name=str(d.get("name", "adamw")),
+            betas=tuple(float(b) for b in d.get("betas", (0.9, 0.999))),  # type: ignore[arg-type]
+            eps=float(d.get("eps", 1e-8)),
+            weight_decay=float(d.get("weight_decay", 0.0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -164,92 +201,77 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> Manifest:
+        """A parsed and checked manifest; BundleError says what is wrong with `d`."""
         try:
-            return _manifest_from_dict(d)
+            return cls._from_dict(d)
         except BundleError:
             raise
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"manifest is malformed: {type(exc).__name__}: {exc}") from exc
 
+    @classmethod
+    def _from_dict(cls, d: Dict[str, Any]) -> Manifest:
+        _check_format(d)
+        return cls(
+            model_id=str(d["model_id"]),
+            preset=str(d["preset"]),
+            architecture=str(d["architecture"]),
+            pretrained=dict(d.get("pretrained", {})),
+            base_weights_sha256=str(d["base_weights_sha256"]),
+            lora=LoraConfig.from_dict(d["lora"]),
+            trainable=_trainable_from(d["trainable"]),
+            classes=_classes_from(d["classes"]),
+            prompt_template=str(d["prompt_template"]),
+            text_context=int(d["text_context"]),
+            preprocess=Preprocess.from_dict(d["preprocess"]),
+            input_kind=_one_of(str(d["input_kind"]), ("features", "pixels"), "input_kind"),
+            feature_dim=int(d["feature_dim"]),
+            logit_scale=float(d["logit_scale"]),
+            backends=_backends_from(d["backends"]),
+            optimizer=OptimizerConfig.from_dict(d.get("optimizer", {})),
+            files={str(k): str(v) for k, v in d["files"].items()},
+            external_data=_external_data_from(d.get("external_data", {})),
+            onnx=dict(d.get("onnx", {})),
+            created=dict(d.get("created", {})),
+        )
 
-def _manifest_from_dict(d: Dict[str, Any]) -> Manifest:
+
+def _check_format(d: Dict[str, Any]) -> None:
     if d.get("format") != FORMAT:
         raise BundleError(f"not a FLORA bundle manifest: format is {d.get('format')!r}, expected {FORMAT!r}")
     version = d.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"unsupported bundle format_version {version!r}; this build reads {FORMAT_VERSION}")
-    lora_d = d["lora"]
-    lora = LoraConfig(
-        tower=str(lora_d["tower"]),
-        rank=int(lora_d["rank"]),
-        alpha=float(lora_d["alpha"]),
-        targets=tuple(lora_d["targets"]),
-        variant=str(lora_d.get("variant", "lora")),
-        frozen_seed=None if lora_d.get("frozen_seed") is None else int(lora_d["frozen_seed"]),
-    )
-    if lora.variant not in LORA_VARIANTS:
-        raise BundleError(f"manifest lora.variant {lora.variant!r} is not one of {LORA_VARIANTS}")
-    if lora.tower not in TOWERS:
-        raise BundleError(f"manifest lora.tower {lora.tower!r} is not one of {TOWERS}")
-    unknown = sorted(set(lora.targets) - set(TARGETS))
-    if unknown:
-        raise BundleError(f"manifest lora.targets has unknown entries {unknown}; known: {TARGETS}")
-    trainable = tuple(
-        TensorSpec(str(t["name"]), tuple(int(s) for s in t["shape"]), str(t.get("dtype", "float32")))
-        for t in d["trainable"]
-    )
+
+
+def _trainable_from(entries: Sequence[Dict[str, Any]]) -> Tuple[TensorSpec, ...]:
+    trainable = tuple(TensorSpec.from_dict(t) for t in entries)
     if not trainable:
         raise BundleError("manifest lists no trainable tensors")
     names = [t.name for t in trainable]
     if len(set(names)) != len(names):
         raise BundleError("manifest lists a trainable tensor twice")
-    classes = tuple(str(c) for c in d["classes"])
+    return trainable
+
+
+def _classes_from(entries: Sequence[Any]) -> Tuple[str, ...]:
+    classes = tuple(str(c) for c in entries)
     if not classes:
         raise BundleError("manifest has an empty class list")
-    pre_d = d["preprocess"]
-    pre = Preprocess(
-        image_size=int(pre_d["image_size"]),
-        mean=tuple(float(x) for x in pre_d["mean"]),  # type: ignore[arg-type]
-        std=tuple(float(x) for x in pre_d["std"]),  # type: ignore[arg-type]
-        interpolation=str(pre_d.get("interpolation", "bicubic")),
-        resize_mode=str(pre_d.get("resize_mode", "shortest")),
-    )
-    opt_d = d.get("optimizer", {})
-    opt = OptimizerConfig(
-        name=str(opt_d.get("name", "adamw")),
-        betas=tuple(float(b) for b in opt_d.get("betas", (0.9, 0.999))),  # type: ignore[arg-type]
-        eps=float(opt_d.get("eps", 1e-8)),
-        weight_decay=float(opt_d.get("weight_decay", 0.0)),
-    )
-    backends = tuple(d["backends"])
-    bad = sorted(set(backends) - set(BACKENDS))
-    if bad or not backends:
+    return classes
+
+
+def _backends_from(entries: Sequence[Any]) -> Tuple[str, ...]:
+    backends = tuple(entries)
+    if not backends or set(backends) - set(BACKENDS):
         raise BundleError(f"manifest backends {list(backends)} must be a non-empty subset of {BACKENDS}")
-    input_kind = str(d["input_kind"])
-    if input_kind not in ("features", "pixels"):
-        raise BundleError(f"manifest input_kind {input_kind!r} must be 'features' or 'pixels'")
-    return Manifest(
-        model_id=str(d["model_id"]),
-        preset=str(d["preset"]),
-        architecture=str(d["architecture"]),
-        pretrained=dict(d.get("pretrained", {})),
-        base_weights_sha256=str(d["base_weights_sha256"]),
-        lora=lora,
-        trainable=trainable,
-        classes=classes,
-        prompt_template=str(d["prompt_template"]),
-        text_context=int(d["text_context"]),
-        preprocess=pre,
-        input_kind=input_kind,
-        feature_dim=int(d["feature_dim"]),
-        logit_scale=float(d["logit_scale"]),
-        backends=backends,
-        optimizer=opt,
-        files={str(k): str(v) for k, v in d["files"].items()},
-        external_data=_external_data_from(d.get("external_data", {})),
-        onnx=dict(d.get("onnx", {})),
-        created=dict(d.get("created", {})),
-    )
+    return backends
+
+
+def _one_of(value: str, allowed: Sequence[str], key: str) -> str:
+    if value not in allowed:
+        raise BundleError(f"manifest {key} {value!r} must be {' or '.join(map(repr, allowed))}")
+    return value
 
 
 def _plain_file_name(name: str) -> str:

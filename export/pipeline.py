@@ -227,8 +227,8 @@ def export_bundle(opts: ExportOptions, say: Callable[[str], None] = print) -> Ex
     created: List[Path] = []
     try:
         make_folders(out.parent, created)
-        result = _write_atomically(out, lambda tmp: _export_into(
-            tmp, preset, weights, classes, template, spec, backends, opts, say))
+        plan = _Plan(preset, weights, classes, template, spec, backends, opts)
+        result = _write_atomically(out, lambda tmp: _export_into(tmp, plan, say))
     except BaseException as exc:
         remove_empty_folders(created)
         if isinstance(exc, OSError):
@@ -293,143 +293,179 @@ def _replace_dir(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _export_into(
-    tmp: Path,
-    preset: Preset,
-    weights: WeightsSource,
-    classes: List[str],
-    template: str,
-    spec: lora.LoraSpec,
-    backends: Tuple[str, ...],
-    opts: ExportOptions,
-    say: Callable[[str], None],
-) -> ExportResult:
-    text_mode = spec.tower == "text"
-    total = 4 + int(text_mode) + len(backends)
-    stages = _Stages(total, say)
+@dataclass
+class _Plan:
+    """What `export_bundle` checked, for the stages to build from."""
 
-    def load():
-        model = build_model(preset, weights)
-        return model, state_sha256(model)
+    preset: Preset
+    weights: WeightsSource
+    classes: List[str]
+    template: str
+    spec: lora.LoraSpec
+    backends: Tuple[str, ...]
+    opts: ExportOptions
 
-    model, base_sha = stages.run(f"building {preset.architecture} ({weights.kind})", load)
-    preprocess = preprocess_config(model, weights, preset)
-    tokens = graphs.tokenize_prompts(classes, template, preset.architecture)
+    @property
+    def text_mode(self) -> bool:
+        return self.spec.tower == "text"
 
-    files: List[str] = [B.INFERENCE_MODEL, B.ADAPTER]
-    frozen_a = spec.variant == "ffa"
-    if text_mode:
-        size = preprocess["image_size"]
-        encoder = stages.run(
-            "exporting the frozen image encoder",
-            onnx_export.export_graph,
-            graphs.ImageEncoder(model),
-            (torch.zeros(2, 3, size, size),),
-            input_names=["pixels"],
-            output_names=["features"],
-            dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
-        )
-        onnx_export.save_model(encoder, tmp / B.IMAGE_ENCODER)
-        del encoder
-        files.append(B.IMAGE_ENCODER)
+    @property
+    def frozen_a(self) -> bool:
+        """FFA-LoRA: A drawn from --seed and frozen, only B trained (and the frozen A's shipped)."""
+        return self.spec.variant == "ffa"
 
-    lora_params = stages.run(
-        f"adding {'FFA-' if frozen_a else ''}LoRA to the {spec.tower} tower(s) (rank {spec.rank}, "
-        f"{'+'.join(spec.ordered_targets)}{', A frozen' if frozen_a else ''})",
-        lora.attach_lora, model, spec, opts.seed,
-    )
-    classifier, input_kind = graphs.build_classifier(model, tokens, spec.tower)
-    text_context = classifier.text_context
-    param_to_adapter = lora.module_names(classifier, lora_params)
-    adapter_names = list(lora_params)
-    example = _example_input(input_kind, model, preprocess["image_size"])
-    input_name = input_kind
+    @property
+    def frozen_seed(self) -> Optional[int]:
+        return self.opts.seed if self.frozen_a else None
 
-    optimizer = B.OptimizerConfig(weight_decay=opts.weight_decay)
+    @property
+    def stage_count(self) -> int:
+        return 4 + int(self.text_mode) + len(self.backends)
+
+
+@dataclass
+class _Trainable:
+    """CLIP with LoRA attached, as a classifier over the class prompts, and how its graphs are named."""
+
+    clip: torch.nn.Module
+    base_sha: str
+    preprocess: Dict
+    classifier: torch.nn.Module
+    input_kind: str  # "features" (text tower mode) or "pixels"
+    lora_params: Dict[str, torch.nn.Parameter]
+    param_to_adapter: Dict[str, str]  # parameter name in the classifier -> adapter tensor name
+    example: torch.Tensor
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.lora_params)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.clip.text_projection.shape[1]) if self.input_kind == "features" else 0
+
+
+def _export_into(tmp: Path, plan: _Plan, say: Callable[[str], None]) -> ExportResult:
+    """Every stage into folder `tmp`, with a progress line each; the bundle's files are required_files'."""
+    stages = _Stages(plan.stage_count, say)
+    clip, base_sha = stages.run(f"building {plan.preset.architecture} ({plan.weights.kind})", _build_base, plan)
+    preprocess = preprocess_config(clip, plan.weights, plan.preset)
+    if plan.text_mode:
+        stages.run("exporting the frozen image encoder", _write_image_encoder, clip, preprocess["image_size"], tmp)
+    spec, ffa = plan.spec, plan.frozen_a
+    lora_params = stages.run(f"adding {'FFA-' if ffa else ''}LoRA to the {spec.tower} tower(s) (rank {spec.rank}, "
+                             f"{'+'.join(spec.ordered_targets)}{', A frozen' if ffa else ''})", lora.attach_lora,
+                             clip, spec, plan.opts.seed)
+    model = _trainable(plan, clip, base_sha, preprocess, lora_params)
+    optimizer = B.OptimizerConfig(weight_decay=plan.opts.weight_decay)
     onnx_facts = {"opset": onnx_export.OPSET, "ir_version": onnx_export.MAX_IR_VERSION,
                   "tested_onnxruntime": dict(onnx_export.TESTED_ONNXRUNTIME)}
-    if "ort-training" in backends:
-        def ort_training():
-            forward = onnx_export.export_graph(
-                classifier, (example,), input_names=[input_name], output_names=[ort_artifacts.LOGITS],
-                dynamic_axes={input_name: {0: "batch"}, ort_artifacts.LOGITS: {0: "batch"}}, for_training=True,
-            )
-            onnx_export.rename_tensors(forward, param_to_adapter)
-            ort_artifacts.generate(forward, adapter_names, tmp, optimizer)
-
-        stages.run("writing ONNX Runtime training artifacts (training, eval, optimizer, checkpoint)", ort_training)
-        files += list(B.BACKEND_FILES["ort-training"])
-    if "step" in backends:
-        from . import step_graph
-
-        step_info = stages.run(
-            "tracing the portable training step graph (train_step.onnx)",
-            step_graph.export_step_graph, classifier, param_to_adapter, adapter_names, example, input_name,
-            tmp / B.TRAIN_STEP_MODEL, optimizer,
-        )
+    if "ort-training" in plan.backends:
+        stages.run("writing ONNX Runtime training artifacts (training, eval, optimizer, checkpoint)",
+                   _write_ort_training, model, tmp, optimizer)
+    if "step" in plan.backends:
+        step_info = stages.run("tracing the portable training step graph (train_step.onnx)",
+                               _write_step_graph, model, tmp, optimizer)
         onnx_facts["step_opset"] = step_info["opset"]
-        files += list(B.BACKEND_FILES["step"])
-
-    def inference():
-        wrapper = graphs.WithAdapterInputs(classifier, lora.factors_by_name(classifier, lora_params), frozen_a)
-        model_proto = onnx_export.export_graph(
-            wrapper, (example, *[p.detach().clone() for p in lora_params.values()]),
-            input_names=[input_name, *adapter_names], output_names=["logits"],
-            dynamic_axes={input_name: {0: "batch"}, "logits": {0: "batch"}},
-        )
-        onnx_export.save_model(model_proto, tmp / B.INFERENCE_MODEL)
-
-    stages.run("exporting the inference model (LoRA tensors as inputs)", inference)
-    if frozen_a:
-        frozen = {name: t.cpu().numpy().astype(np.float32) for name, t in lora.frozen_factors(classifier,
-                                                                                              lora_params).items()}
-        atomic_write_bytes(tmp / B.FROZEN_FACTORS, safetensors_save(frozen, metadata={"variant": "ffa",
-                                                                                      "seed": str(opts.seed)}))
-        files.append(B.FROZEN_FACTORS)
-
-    def finish():
-        model_id = model_id_of(base_sha, preset.architecture, spec, classes, template, preprocess,
-                               text_context, input_kind, opts.seed if frozen_a else None)
-        tensors = {name: p.detach().cpu().numpy().astype(np.float32) for name, p in lora_params.items()}
-        blob = adapter_blob.encode(tensors, model_id=model_id, round=0, kind="initial")
-        atomic_write_bytes(tmp / B.ADAPTER, blob)
-        external = external_data_of(tmp, files)
-        all_files = sorted({*files, *(data for names in external.values() for data in names)})
-        manifest = B.Manifest(
-            model_id=model_id,
-            preset=preset.name,
-            architecture=preset.architecture,
-            pretrained=weights.describe(),
-            base_weights_sha256=base_sha,
-            lora=B.LoraConfig(spec.tower, spec.rank, spec.alpha, spec.ordered_targets, spec.variant,
-                              opts.seed if frozen_a else None),
-            trainable=tuple(B.TensorSpec(n, tuple(t.shape), "float32") for n, t in tensors.items()),
-            classes=tuple(classes),
-            prompt_template=template,
-            text_context=text_context,
-            preprocess=B.Preprocess(
-                image_size=preprocess["image_size"],
-                mean=tuple(preprocess["mean"]),
-                std=tuple(preprocess["std"]),
-                interpolation=preprocess["interpolation"],
-                resize_mode=preprocess["resize_mode"],
-            ),
-            input_kind=input_kind,
-            feature_dim=int(model.text_projection.shape[1]) if input_kind == "features" else 0,
-            logit_scale=float(model.logit_scale.exp()),
-            backends=backends,
-            optimizer=optimizer,
-            files={name: sha256_file(tmp / name) for name in all_files},
-            external_data=external,
-            onnx=onnx_facts,
-            created=_provenance(opts),
-        )
-        atomic_write_bytes(tmp / B.MANIFEST, manifest.to_json().encode())
-        B.load_bundle(tmp)  # re-read and verify what was written
-        return manifest
-
-    manifest = stages.run("writing adapter.safetensors and manifest.json", finish)
+    stages.run("exporting the inference model (LoRA tensors as inputs)", _write_inference_model, model, tmp,
+               ffa)
+    if ffa:
+        _write_frozen_factors(model, tmp, plan.opts.seed)
+    manifest = stages.run("writing adapter.safetensors and manifest.json", _write_manifest, tmp, plan, model,
+                          optimizer, onnx_facts)
     return ExportResult(tmp, manifest, stages.seconds)
+
+
+def _build_base(plan: _Plan) -> Tuple[torch.nn.Module, str]:
+    """The open_clip model with its weights, and the sha256 of its state (the base of the model_id)."""
+    model = build_model(plan.preset, plan.weights)
+    return model, state_sha256(model)
+
+
+def _write_image_encoder(clip: torch.nn.Module, image_size: int, tmp: Path) -> None:
+    encoder = onnx_export.export_graph(
+        graphs.ImageEncoder(clip), (torch.zeros(2, 3, image_size, image_size),), input_names=["pixels"],
+        output_names=["features"], dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"}},
+    )
+    onnx_export.save_model(encoder, tmp / B.IMAGE_ENCODER)
+
+
+def _trainable(plan: _Plan, clip: torch.nn.Module, base_sha: str, preprocess: Dict,
+               lora_params: Dict[str, torch.nn.Parameter]) -> _Trainable:
+    tokens = graphs.tokenize_prompts(plan.classes, plan.template, plan.preset.architecture)
+    classifier, input_kind = graphs.build_classifier(clip, tokens, plan.spec.tower)
+    return _Trainable(clip, base_sha, preprocess, classifier, input_kind, lora_params,
+                      lora.module_names(classifier, lora_params),
+                      _example_input(input_kind, clip, preprocess["image_size"]))
+
+
+def _write_ort_training(model: _Trainable, tmp: Path, optimizer: B.OptimizerConfig) -> None:
+    name = model.input_kind
+    forward = onnx_export.export_graph(
+        model.classifier, (model.example,), input_names=[name], output_names=[ort_artifacts.LOGITS],
+        dynamic_axes={name: {0: "batch"}, ort_artifacts.LOGITS: {0: "batch"}}, for_training=True,
+    )
+    onnx_export.rename_tensors(forward, model.param_to_adapter)
+    ort_artifacts.generate(forward, model.adapter_names, tmp, optimizer)
+
+
+def _write_step_graph(model: _Trainable, tmp: Path, optimizer: B.OptimizerConfig) -> Dict:
+    from . import step_graph
+
+    return step_graph.export_step_graph(model.classifier, model.param_to_adapter, model.adapter_names,
+                                        model.example, model.input_kind, tmp / B.TRAIN_STEP_MODEL, optimizer)
+
+
+def _write_inference_model(model: _Trainable, tmp: Path, frozen_a: bool) -> None:
+    name = model.input_kind
+    wrapper = graphs.WithAdapterInputs(model.classifier, lora.factors_by_name(model.classifier, model.lora_params),
+                                       frozen_a)
+    proto = onnx_export.export_graph(
+        wrapper, (model.example, *[p.detach().clone() for p in model.lora_params.values()]),
+        input_names=[name, *model.adapter_names], output_names=["logits"],
+        dynamic_axes={name: {0: "batch"}, "logits": {0: "batch"}},
+    )
+    onnx_export.save_model(proto, tmp / B.INFERENCE_MODEL)
+
+
+def _write_frozen_factors(model: _Trainable, tmp: Path, seed: int) -> None:
+    """FFA-LoRA's frozen A tensors (constants of the graphs too), for the devices and the aggregator."""
+    frozen = {name: t.cpu().numpy().astype(np.float32)
+              for name, t in lora.frozen_factors(model.classifier, model.lora_params).items()}
+    atomic_write_bytes(tmp / B.FROZEN_FACTORS, safetensors_save(frozen, metadata={"variant": "ffa", "seed": str(seed)}))
+
+
+def _write_manifest(tmp: Path, plan: _Plan, model: _Trainable, optimizer: B.OptimizerConfig,
+                    onnx_facts: Dict) -> B.Manifest:
+    """The initial adapter (round 0) and the manifest over every file, re-read and verified."""
+    spec, text_context = plan.spec, model.classifier.text_context
+    model_id = model_id_of(model.base_sha, plan.preset.architecture, spec, plan.classes, plan.template,
+                           model.preprocess, text_context, model.input_kind, plan.frozen_seed)
+    tensors = {name: p.detach().cpu().numpy().astype(np.float32) for name, p in model.lora_params.items()}
+    atomic_write_bytes(tmp / B.ADAPTER, adapter_blob.encode(tensors, model_id=model_id, round=0, kind="initial"))
+    files = B.required_files(model.input_kind, plan.backends, spec.variant)
+    external = external_data_of(tmp, files)
+    pre = model.preprocess
+    manifest = B.Manifest(
+        model_id=model_id, preset=plan.preset.name, architecture=plan.preset.architecture,
+        pretrained=plan.weights.describe(), base_weights_sha256=model.base_sha,
+        lora=B.LoraConfig(spec.tower, spec.rank, spec.alpha, spec.ordered_targets, spec.variant, plan.frozen_seed),
+        trainable=tuple(B.TensorSpec(n, tuple(t.shape), "float32") for n, t in tensors.items()),
+        classes=tuple(plan.classes), prompt_template=plan.template, text_context=text_context,
+        preprocess=B.Preprocess(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["interpolation"],
+                                pre["resize_mode"]),
+        input_kind=model.input_kind, feature_dim=model.feature_dim, logit_scale=float(model.clip.logit_scale.exp()),
+        backends=plan.backends, optimizer=optimizer,
+        files={name: sha256_file(tmp / name) for name in sorted({*files, *_data_files(external)})},
+        external_data=external, onnx=onnx_facts, created=_provenance(plan.opts),
+    )
+    atomic_write_bytes(tmp / B.MANIFEST, manifest.to_json().encode())
+    B.load_bundle(tmp)  # re-read and verify what was written
+    return manifest
+
+
+def _data_files(external: Dict[str, Tuple[str, ...]]) -> List[str]:
+    return [data for names in external.values() for data in names]
 
 
 def external_data_of(folder: Path, files: Sequence[str]) -> Dict[str, Tuple[str, ...]]:
