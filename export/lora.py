@@ -135,15 +135,26 @@ class LoraSpec:
         return tuple(t for t in ALL_TARGETS if t in self.targets)
 
 
+def fused_attention(module: object) -> bool:
+    """Whether `module` is attention the LoRA parametrizations fit: q, k and v in one (3d x d)
+    `in_proj_weight` and an `out_proj` linear layer, as nn.MultiheadAttention keeps them (checked by
+    what it has, not its class: a subclass or a look-alike works, a module with separate q/k/v does not)."""
+    weight = getattr(module, "in_proj_weight", None)
+    return (isinstance(weight, nn.Parameter) and weight.dim() == 2 and weight.shape[0] == 3 * weight.shape[1]
+            and isinstance(getattr(module, "out_proj", None), nn.Linear))
+
+
 def tower_blocks(model: nn.Module, tower: str) -> nn.ModuleList:
     """The residual attention blocks of CLIP's text or vision transformer."""
     transformer = model.transformer if tower == "text" else model.visual.transformer
     blocks = transformer.resblocks
     for i, block in enumerate(blocks):
-        if not isinstance(getattr(block, "attn", None), nn.MultiheadAttention):
+        attn = getattr(block, "attn", None)
+        if not fused_attention(attn):
             raise NotImplementedError(
-                f"{tower} block {i} uses {type(getattr(block, 'attn', None)).__name__}; "
-                "LoRA injection supports open_clip's standard ResidualAttentionBlock"
+                f"{tower} block {i}'s attention ({type(attn).__name__}) has no fused (3d x d) in_proj_weight and "
+                "out_proj linear layer, which LoRA injection wraps (open_clip's nn.MultiheadAttention has them; "
+                "newer open_clip versions replace it: install open_clip_torch<4)"
             )
     return blocks
 
@@ -159,8 +170,8 @@ def attach_lora(model: nn.Module, spec: LoraSpec, seed: int = 0) -> OrderedDict[
     params: OrderedDict[str, nn.Parameter] = OrderedDict()
     for tower in spec.towers:
         for i, block in enumerate(tower_blocks(model, tower)):
-            attn: nn.MultiheadAttention = block.attn
-            dim = attn.embed_dim
+            attn = block.attn
+            dim = attn.in_proj_weight.shape[1]
             prefix = f"{tower}.resblocks.{i}"
             factors: List[Tuple[str, LoRAFactors]] = []
             qkv = [t for t in QKV if t in spec.targets]

@@ -9,7 +9,7 @@ import torch
 
 from flora.export.graphs import ClassEmbeddings, full_context_embeddings, tokenize_prompts
 from flora.export.loading import WeightsSource, build_model
-from flora.export.lora import LoraSpec, attach_lora
+from flora.export.lora import LoraSpec, attach_lora, fused_attention
 from flora.export.presets import get_preset
 
 from .helpers import DIGITS
@@ -64,6 +64,57 @@ def test_nonzero_b_adds_scaled_low_rank_delta_to_fused_qkv_and_out_proj():
             w_out + spec.scale * (b_o @ a_o), block.attn.out_proj.bias, training=False, need_weights=False,
         )[0].transpose(0, 1)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+class FusedLookAlike(torch.nn.Module):
+    """Not an nn.MultiheadAttention: its fused layout (in_proj_weight, out_proj), its own forward."""
+
+    def __init__(self, mha: torch.nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.in_proj_weight, self.in_proj_bias, self.out_proj = mha.in_proj_weight, mha.in_proj_bias, mha.out_proj
+        self.num_heads = mha.num_heads
+
+    def forward(self, q, k, v, need_weights=False, attn_mask=None):
+        out = torch.nn.functional.multi_head_attention_forward(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), q.shape[-1], self.num_heads,
+            self.in_proj_weight, self.in_proj_bias, None, None, False, 0.0, self.out_proj.weight, self.out_proj.bias,
+            training=self.training, need_weights=False, attn_mask=attn_mask,
+        )[0]
+        return out.transpose(0, 1), None
+
+
+class SeparateQKV(torch.nn.Module):
+    """Attention with q, k and v in one Linear layer (the layout newer open_clip versions use)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+
+def test_attention_is_recognised_by_its_fused_layout_not_its_class():
+    model = tiny_model()
+    tokens = tokenize_prompts(DIGITS, "a photo of a {}.", "clip-tiny")
+    with torch.no_grad():
+        before = model.encode_text(tokens)
+    for block in model.transformer.resblocks:
+        block.attn = FusedLookAlike(block.attn)
+    params = attach_lora(model, LoraSpec("text", rank=2, alpha=4, targets=("q", "v", "out")))
+    assert len(params) == 2 * 3 * 2  # blocks x targets x (A, B)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_text(tokens), before, rtol=1e-5, atol=1e-5)  # B = 0: unchanged
+        for name, p in params.items():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
+        assert float((model.encode_text(tokens) - before).abs().max()) > 1e-3  # the look-alike reads the LoRA weight
+    width = before.shape[1]
+    assert fused_attention(torch.nn.MultiheadAttention(width, 2))
+    assert not fused_attention(torch.nn.MultiheadAttention(width, 2, kdim=8, vdim=8))  # separate q/k/v weights
+    assert not fused_attention(SeparateQKV(width)) and not fused_attention(None)
+    other = tiny_model()
+    other.transformer.resblocks[1].attn = SeparateQKV(other.transformer.width)
+    with pytest.raises(NotImplementedError, match=r"text block 1's attention \(SeparateQKV\) has no fused .* "
+                                                  r"install open_clip_torch<4"):
+        attach_lora(other, LoraSpec("text", rank=2, alpha=4, targets=("q",)))
 
 
 def test_only_lora_tensors_require_grad_and_names_follow_the_manifest_order():

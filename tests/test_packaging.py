@@ -53,3 +53,11 @@ def test_the_admitted_runtimes_are_the_tested_ones():
     assert str(plain) == f">={oldest}" and newest in plain  # nothing older than the tested floor
     assert TESTED_ONNXRUNTIME["onnxruntime-training"] in training
     assert not training.contains("1.19.0") and not training.contains("1.20.0")
+
+
+def test_open_clip_stays_below_4_and_the_pinned_version_is_admitted():
+    """open_clip's main branch replaces nn.MultiheadAttention, whose fused layout the LoRA code wraps."""
+    (spec,) = [Requirement(r).specifier for r in EXTRAS["export"] if Requirement(r).name == "open_clip_torch"]
+    pins = dict(line.split("==") for line in (Path(__file__).resolve().parents[1] / "constraints.txt").read_text()
+                .splitlines() if "==" in line and not line.startswith("#"))
+    assert not spec.contains("4.0.0") and not spec.contains("4.1.0") and spec.contains(pins["open_clip_torch"])
