@@ -8,12 +8,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Dict
 
 import pytest
 
 from flora.broker.mosquitto import MosquittoError, find_mosquitto, start_mosquitto
 
-from .helpers import REPO, export_tiny
+from .helpers import copy_sources, export_tiny
 
 
 @pytest.fixture
@@ -59,11 +60,20 @@ def tiny_all_bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def flora_wheel(tmp_path_factory) -> Path:
-    """The project built as a wheel (`pip wheel --no-deps`, setuptools from the registry), once per session."""
-    out = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--disable-pip-version-check",
-                           "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def flora_dists(tmp_path_factory) -> Dict[str, Path]:
+    """The project's sdist and the wheel built from that sdist (`python -m build`, isolated, setuptools from
+    the registry, from a clean copy of the sources), once per session: {"sdist": ..., "wheel": ...}."""
+    src = copy_sources(tmp_path_factory.mktemp("src"))
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(src)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    (sdist,) = out.glob("flora_edge-*.tar.gz")
     (wheel,) = out.glob("flora_edge-*.whl")
-    return wheel
+    return {"sdist": sdist, "wheel": wheel}
+
+
+@pytest.fixture(scope="session")
+def flora_wheel(flora_dists) -> Path:
+    """The project's wheel (built from its sdist)."""
+    return flora_dists["wheel"]

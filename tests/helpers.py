@@ -4,6 +4,7 @@ image folders. Test modules import from here (and from tests.fakes), never from 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -27,6 +28,28 @@ def export_tiny(out, tower: str = "text", backends=("ort-training",), **override
                          backends=tuple(backends), **overrides)
     export_bundle(opts, say=lambda _msg: None)
     return load_bundle(out)
+
+
+#: What a checkout holds that is not the project's (never in a dist; not copied to build from).
+NOT_SOURCES = {".git", ".venv", "build", "dist", "bundles", "runs", ".pytest_cache", ".ruff_cache", "__pycache__"}
+
+
+def source_files(root: Path = REPO) -> List[str]:
+    """The project's files, relative to `root`: git's tracked files in a checkout, else (an unpacked sdist)
+    every file outside NOT_SOURCES and the build's own egg-info."""
+    proc = subprocess.run(["git", "-C", str(root), "ls-files", "-z"], capture_output=True, text=True)
+    if proc.returncode == 0 and proc.stdout:
+        return sorted(name for name in proc.stdout.split("\0") if name and (root / name).is_file())
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()
+                  and not NOT_SOURCES & set(p.relative_to(root).parts) and ".egg-info" not in str(p.parent))
+
+
+def copy_sources(dest: Path) -> Path:
+    """A clean copy of the project's files (builds write egg-info and build/ next to the sources)."""
+    for name in source_files():
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dest / name)
+    return dest
 
 
 def install_wheel(wheel: Path, site: Path) -> None:
