@@ -1,5 +1,9 @@
-"""What a newcomer downloads: the licence in both dists' metadata, with the newest and the oldest admitted
-setuptools."""
+"""What a newcomer downloads: the licence in both dists' metadata, an sdist that is a complete checkout
+(the devices install from it and its tests run), and a wheel with every package and its data.
+
+The non-Python files of a device install (install scripts, systemd unit template, mosquitto template,
+example configs) ship in the sdist, not the wheel: the installers create the agent's virtualenv and
+install the project into it, so they run before any wheel is installed (README: Install)."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from .helpers import REPO, copy_sources
+from .helpers import REPO, copy_sources, source_files
 
 LICENSE = (REPO / "LICENSE").read_text()
 DEVICE_FILES = ["devices/install-common.sh", "devices/raspberry-pi/install.sh", "devices/jetson/install.sh",
@@ -54,6 +58,29 @@ def test_the_licence_is_apache_2_and_lands_in_both_dists(flora_dists):
     assert sdist["LICENSE"].decode() == LICENSE
 
 
+def test_the_sdist_is_the_whole_project_and_nothing_else(flora_dists):
+    names = set(sdist_files(flora_dists["sdist"]))
+    generated = {"PKG-INFO", "setup.cfg"} | {n for n in names if n.startswith("flora_edge.egg-info/")}
+    assert names - generated == set(source_files())  # no missing file (devices/, docs/...), no build junk
+    for name in ["LICENSE", "constraints.txt", "scripts/demo.sh", "scripts/test.sh", "docs/protocol.md",
+                 "tests/test_devices.py", *DEVICE_FILES]:
+        assert name in names, name
+
+
+def test_the_wheel_holds_every_package_and_its_data_and_no_device_files(flora_wheel):
+    names = set(wheel_files(flora_wheel))
+    for folder, installed in PACKAGE_DIRS.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            package = init.parent.relative_to(REPO / folder)
+            path = f"{installed}/{package.as_posix()}/__init__.py".replace("/./", "/")
+            assert path in names, f"{path} missing from the wheel (add the package to tool.setuptools.packages)"
+    data = [n for n in source_files() if n.split("/")[0] in PACKAGE_DIRS and not n.endswith(".py")]
+    assert data, "no package data found"  # the dashboard's page and its vendored chart library
+    missing = [n for n in data if f"{PACKAGE_DIRS[n.split('/')[0]]}/{n.split('/', 1)[1]}" not in names]
+    assert not missing, f"package data missing from the wheel (add it to tool.setuptools.package-data): {missing}"
+    assert not [n for n in names if n.startswith(("devices", "flora/devices"))]
+
+
 def test_the_oldest_admitted_setuptools_builds_both_dists_with_the_licence(request, tmp_path):
     """Python 3.8 (JetPack 5) gets setuptools <= 75.3: the pyproject must build with the floor it admits."""
     (requirement,) = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
@@ -80,4 +107,4 @@ def test_the_oldest_admitted_setuptools_builds_both_dists_with_the_licence(reque
     wheel_names, sdist_names = set(wheel_files(wheel)), set(sdist_files(sdist))
     assert any(n.endswith(".dist-info/LICENSE") or n.endswith(".dist-info/licenses/LICENSE") for n in wheel_names)
     assert "License-File: LICENSE" in dist_info(wheel_files(wheel), "METADATA").decode().splitlines()
-    assert "LICENSE" in sdist_names
+    assert {"LICENSE", *DEVICE_FILES} <= sdist_names
