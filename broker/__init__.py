@@ -9,3 +9,12 @@
 - `report`: the status table and the PNG plot; `evaluation`: server-side test accuracy (`--eval-data`)
 - `mosquitto`: start a private mosquitto for tests and the simulator
 """
+
+from __future__ import annotations
+
+
+def main() -> int:
+    """The `flora-aggregator` console script: flora.broker.cli.main (or which extra to install)."""
+    from flora.edge.errors import run_console_script
+
+    return run_console_script("flora-aggregator", "broker", "flora.broker.cli")

@@ -5,4 +5,13 @@ blob and the MQTT wire protocol, and it runs training on a device with ONNX Runt
 imports torch.
 """
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+
+def main() -> int:
+    """The `flora-agent` console script: flora.edge.cli.main (or which extra to install)."""
+    from .errors import run_console_script
+
+    return run_console_script("flora-agent", "edge", "flora.edge.cli")

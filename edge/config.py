@@ -25,11 +25,6 @@ from typing import Any, Collection, Dict, List, Optional, Sequence, Set
 from . import __version__
 from .errors import ConfigError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.8-3.10 devices
-    import tomli as tomllib
-
 __all__ = [
     "CONFIG_DEST", "Bounded", "CommandParser", "ConfigError", "add_config_option", "add_version_option", "apply_config",
     "comma_list", "config_keys", "config_value", "explicit_options", "load_toml", "with_default_command",
@@ -157,6 +152,10 @@ def load_toml(path: Optional[PurePath]) -> Dict[str, Any]:
     """The config file's keys (dashes read as underscores) and values; {} without a file."""
     if path is None:
         return {}
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.8-3.10 devices: tomli, in the edge and broker extras
+        import tomli as tomllib
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)

@@ -8,6 +8,7 @@ document these statuses (flora-sim exits 1 for every error):
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Optional, TextIO
 
@@ -36,3 +37,17 @@ def report(prog: str, exc: BaseException, code: Optional[int] = None, stream: Op
     if code is not None:
         return code
     return exc.exit_code if isinstance(exc, FloraError) else EXIT_BAD_INPUT
+
+
+def run_console_script(tool: str, extra: str, module: str) -> int:
+    """A console script: `module`.main(), or, where a package it needs is not installed, one line naming
+    the extra that installs it (exit 2) instead of a ModuleNotFoundError traceback."""
+    try:
+        return importlib.import_module(module).main()
+    except ModuleNotFoundError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if not missing or missing == "flora":  # a module of this project: a broken install or a bug
+            raise
+        print(f"{tool}: error: the Python module {missing!r} is not installed; {tool} needs the {extra!r} "
+              f"extra: pip install 'flora-edge[{extra}]'", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -25,6 +25,6 @@ fi
 echo "setup: creating .venv and installing the project (torch is large; a few minutes the first time)"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[edge,broker,export,dev]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[edge,broker,export,sim,dev]"
 echo "$want" > "$stamp"
 echo "setup: done"

@@ -409,7 +409,7 @@ def write_report(out: Path, report: Dict, say: Say) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        say("matplotlib is not installed: wrote report.json only (pip install 'flora-edge[plot]')")
+        say("matplotlib is not installed: wrote report.json only (pip install 'flora-edge[sim]')")
         return
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     plot_accuracy(ax, report)

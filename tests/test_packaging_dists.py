@@ -19,6 +19,8 @@ import tomllib
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+from flora.edge import __version__
+
 from .helpers import REPO, copy_sources, source_files
 
 LICENSE = (REPO / "LICENSE").read_text()
@@ -53,6 +55,7 @@ def test_the_licence_is_apache_2_and_lands_in_both_dists(flora_dists):
     assert len(licence_in_wheel) == 1 and wheel[licence_in_wheel[0]].decode() == LICENSE
     metadata, pkg_info = dist_info(wheel, "METADATA").decode(), sdist["PKG-INFO"].decode()
     for meta in (metadata, pkg_info):
+        assert f"Version: {__version__}" in meta.splitlines()  # the one version, flora.edge.__version__
         assert "License-File: LICENSE" in meta.splitlines()
         assert "Classifier: License :: OSI Approved :: Apache Software License" in meta.splitlines()
     assert sdist["LICENSE"].decode() == LICENSE

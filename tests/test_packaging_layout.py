@@ -48,8 +48,8 @@ def test_the_wheel_holds_only_the_flora_namespace(flora_wheel):
             "flora/sim"} <= packages
     assert "flora/__init__.py" not in names  # an implicit namespace package
     entry_points = zipfile.ZipFile(flora_wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
-    for script in ("flora-export = flora.export.cli:main", "flora-agent = flora.edge.cli:main",
-                   "flora-aggregator = flora.broker.cli:main", "flora-sim = flora.sim.cli:main"):
+    for script in ("flora-export = flora.export:main", "flora-agent = flora.edge:main",
+                   "flora-aggregator = flora.broker:main", "flora-sim = flora.sim:main"):
         assert script in entry_points.decode()
 
 
