@@ -1,4 +1,8 @@
-"""`flora-export MODEL --classes FILE --out DIR`: write an on-device training bundle."""
+"""`flora-export MODEL --classes FILE --out DIR`: write an on-device training bundle.
+
+torch loads only once the arguments passed every check that needs no model (export/options.py):
+--help, --version and argument errors answer at once, and on a machine without the export extra.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,18 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from flora.edge.config import CommandParser, add_version_option
+from flora.edge.config import CommandParser, add_version_option, comma_list
 from flora.edge.errors import EXIT_BAD_INPUT, FloraError, report
 
-from . import lora
+from .options import (
+    ALL_TARGETS,
+    DEFAULT_PROMPT,
+    DEFAULT_TARGETS,
+    VARIANTS,
+    ExportOptions,
+    check_export,
+    read_classes,
+)
 from .presets import PRESETS
 
 
@@ -27,7 +39,7 @@ def build_parser() -> CommandParser:
     parser.add_argument("model", help="preset name (see below)")
     parser.add_argument("--classes", required=True, type=Path, help="text file, one class name per line")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write")
-    parser.add_argument("--prompt", default="a photo of a {}.",
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT,
                         help="prompt template with one {} (default: %(default)r)")
     w = parser.add_argument_group("weights")
     w.add_argument("--pretrained", help="local checkpoint file, or an open_clip tag (default: the preset's tag)")
@@ -42,9 +54,9 @@ def build_parser() -> CommandParser:
     lo.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
     lo.add_argument("--alpha", type=float, default=16.0,
                     help="LoRA alpha; the scale is alpha/rank (default: %(default)s)")
-    lo.add_argument("--targets", default=",".join(lora.DEFAULT_TARGETS),
-                    help=f"comma list among {','.join(lora.ALL_TARGETS)} (default: %(default)s)")
-    lo.add_argument("--lora-variant", choices=list(lora.VARIANTS), default="lora",
+    lo.add_argument("--targets", type=comma_list, default=",".join(DEFAULT_TARGETS),
+                    help=f"comma list among {','.join(ALL_TARGETS)} (default: %(default)s)")
+    lo.add_argument("--lora-variant", choices=list(VARIANTS), default="lora",
                     help="lora: A and B trained (FLORA's); ffa: FFA-LoRA, A drawn from --seed and frozen, only B "
                          "trained and sent (half the bytes, exact averaging, the DP-friendly adapter) "
                          "(default: %(default)s)")
@@ -63,13 +75,11 @@ def build_parser() -> CommandParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("export").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    logging.getLogger("flora.export").setLevel(logging.WARNING if args.quiet else logging.INFO)
     # A CUDA build of torch on a machine without a GPU says so at import; it is not news here.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("onnxscript").setLevel(logging.ERROR)  # the step exporter's optimizer notes
     say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
-    from .pipeline import ExportOptions, export_bundle, read_classes
-
     try:
         backends = ("ort-training", "step") if args.backend == "all" else (args.backend,)
         opts = ExportOptions(
@@ -80,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             tower=args.lora_tower,
             rank=args.rank,
             alpha=args.alpha,
-            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            targets=tuple(args.targets),
             lora_variant=args.lora_variant,
             pretrained=args.pretrained,
             random_init=args.random_init,
@@ -92,6 +102,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             weight_decay=args.weight_decay,
             force=args.force,
         )
+        check_export(opts)  # before torch loads
+        from .pipeline import export_bundle
+
         export_bundle(opts, say)
     except FloraError as exc:
         return report("flora-export", exc)

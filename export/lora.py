@@ -20,19 +20,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from flora.edge.errors import ConfigError
-
-QKV = ("q", "k", "v")
-VARIANTS = ("lora", "ffa")
-ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
-DEFAULT_TARGETS = ("q", "k", "v", "out")
+from .options import QKV, LoraSpec  # the layout, checked without torch
 
 
 class LoRAFactors(nn.Module):
@@ -94,45 +88,6 @@ class FusedQKVLoRA(nn.Module):
             else:
                 blocks.append(weight.new_zeros(self.dim, self.dim))
         return weight + self.scale * torch.cat(blocks, dim=0)
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    tower: str  # "text", "vision" or "both"
-    rank: int = 8
-    alpha: float = 16.0
-    targets: Tuple[str, ...] = DEFAULT_TARGETS
-    variant: str = "lora"  # "lora" (A and B trained) or "ffa" (A frozen and shared, B trained)
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"LoRA variant must be one of {list(VARIANTS)}, not {self.variant!r}")
-        if self.tower not in ("text", "vision", "both"):
-            raise ConfigError(f"LoRA tower must be text, vision or both, not {self.tower!r}")
-        if self.rank < 1:
-            raise ConfigError(f"LoRA rank must be >= 1, got {self.rank}")
-        if not self.alpha > 0:
-            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha}")
-        bad = [t for t in self.targets if t not in ALL_TARGETS]
-        if bad or not self.targets:
-            unknown = f" (unknown: {', '.join(map(repr, bad))})" if bad else ""
-            raise ConfigError(
-                f"LoRA targets {list(self.targets)}{unknown} must be a non-empty subset of {list(ALL_TARGETS)}"
-            )
-        if len(set(self.targets)) != len(self.targets):
-            raise ConfigError(f"LoRA targets {list(self.targets)} repeat an entry")
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
-    @property
-    def towers(self) -> Tuple[str, ...]:
-        return ("text", "vision") if self.tower == "both" else (self.tower,)
-
-    @property
-    def ordered_targets(self) -> Tuple[str, ...]:
-        return tuple(t for t in ALL_TARGETS if t in self.targets)
 
 
 def fused_attention(module: object) -> bool:

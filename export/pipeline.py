@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import string
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,42 +21,25 @@ from safetensors.numpy import save as safetensors_save
 from flora.edge import __version__
 from flora.edge import adapter as adapter_blob
 from flora.edge import bundle as B
-from flora.edge.errors import FloraError
 from flora.edge.fileio import atomic_write_bytes, current_umask, sha256_file
 
 from . import graphs, lora, onnx_export, ort_artifacts
 from .loading import WeightsSource, build_model, preprocess_config, resolve_weights, state_sha256
-from .presets import Preset, get_preset
+from .options import (  # re-exported: the pipeline's inputs and their checks live in options (no torch)
+    DEFAULT_PROMPT,
+    ExportError,
+    ExportOptions,
+    LoraSpec,
+    check_classes,
+    check_export,
+    check_output,
+    check_replaceable,
+    check_template,
+    read_classes,
+)
+from .presets import Preset
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PROMPT = "a photo of a {}."
-
-
-class ExportError(FloraError, RuntimeError):
-    """The export cannot run with these inputs (nothing is left behind)."""
-
-
-@dataclass
-class ExportOptions:
-    preset: str
-    classes: List[str]
-    out: Path
-    prompt: str = DEFAULT_PROMPT
-    tower: str = "text"
-    rank: int = 8
-    alpha: float = 16.0
-    targets: Tuple[str, ...] = lora.DEFAULT_TARGETS
-    lora_variant: str = "lora"  # "ffa": FFA-LoRA, A frozen (seeded by `seed`) and only B trained
-    pretrained: Optional[str] = None
-    random_init: bool = False
-    cache_dir: Optional[str] = None
-    offline: bool = False
-    quick_gelu: Optional[bool] = None
-    seed: int = 0
-    backends: Tuple[str, ...] = ("ort-training",)
-    weight_decay: float = 0.0
-    force: bool = False
 
 
 @dataclass
@@ -67,88 +49,7 @@ class ExportResult:
     seconds: Dict[str, float] = field(default_factory=dict)
 
 
-def read_classes(path: Path) -> List[str]:
-    """One class name per line; blank lines and lines starting with '#' are skipped.
-
-    The list is checked as by `check_classes`, and errors name the file's own line numbers.
-    """
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ExportError(f"cannot read class list {path}: {exc}") from exc
-    entries = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
-    kept = [(n, name) for n, name in entries if name and not name.startswith("#")]
-    return check_classes([name for _, name in kept], lines=[n for n, _ in kept])
-
-
-def check_classes(classes: Sequence[str], lines: Optional[Sequence[int]] = None) -> List[str]:
-    """The stripped class names, or ExportError if the list is empty, repeats a name or has a name
-    that cannot be a folder name. `lines` are the names' line numbers in a file (default: positions)."""
-    names = [c.strip() for c in classes]
-    if not names:
-        raise ExportError("the class list is empty: give one class name per line")
-    where = "lines" if lines is not None else "entries"
-    numbers = list(lines) if lines is not None else list(range(1, len(names) + 1))
-    first: Dict[str, int] = {}
-    dupes = []
-    for number, name in zip(numbers, names):
-        if name in first:
-            dupes.append(f"{name!r} ({where} {first[name]} and {number})")
-        first.setdefault(name, number)
-    if dupes:
-        raise ExportError(f"the class list repeats {', '.join(dupes)}")
-    bad = [n for n in names if "/" in n or n in (".", "..")]
-    if bad:
-        raise ExportError(f"class names {bad} cannot be folder names on a device; rename them")
-    return names
-
-
-_SAMPLE_CLASS = "golden retriever"
-
-
-def check_template(template: str) -> str:
-    """`template` if it has exactly one plain `{}` (other braces doubled) and formats a sample name."""
-    try:
-        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
-        ok = fields == [("", "", None)] and _SAMPLE_CLASS in template.format(_SAMPLE_CLASS)
-    except (ValueError, KeyError, IndexError, AttributeError) as exc:
-        raise ExportError(
-            f"prompt template {template!r} is not a valid template ({exc}); it must contain exactly one "
-            "'{}' for the class name, and write a literal brace as '{{' or '}}'"
-        ) from exc
-    if not ok:
-        raise ExportError(
-            f"prompt template {template!r} must contain exactly one '{{}}' for the class name and no other "
-            "'{...}' field; write a literal brace as '{{' or '}}'"
-        )
-    return template
-
-
-def check_output(out: Path, force: bool) -> None:
-    """Fail before any heavy work if the bundle cannot be written (or must not be replaced)."""
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to replace it")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder")
-    if out.exists():
-        check_replaceable(out)
-    probe = out.parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ExportError(f"cannot write the bundle: {probe} is not a writable folder")
-
-
-def check_replaceable(folder: Path) -> None:
-    """--force replaces an empty folder or a FLORA bundle, never any other folder."""
-    if any(folder.iterdir()) and not B.is_bundle(folder):
-        raise ExportError(
-            f"{folder} is not a FLORA bundle (no {B.MANIFEST} with format {B.FORMAT!r}) and not empty; "
-            "--force replaces only bundles: choose another --out or remove the folder yourself"
-        )
-
-
-def lora_identity(spec: lora.LoraSpec, frozen_seed: Optional[int]) -> Dict:
+def lora_identity(spec: LoraSpec, frozen_seed: Optional[int]) -> Dict:
     """The LoRA part of a model's identity; FFA-LoRA adds its variant and the seed of its frozen A tensors
     (other A, other model), the plain variant keeps the identity bundles had before variants existed."""
     identity = {"tower": spec.tower, "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.ordered_targets)}
@@ -157,7 +58,7 @@ def lora_identity(spec: lora.LoraSpec, frozen_seed: Optional[int]) -> Dict:
     return identity
 
 
-def model_id_of(base_sha: str, architecture: str, spec: lora.LoraSpec, classes: Sequence[str],
+def model_id_of(base_sha: str, architecture: str, spec: LoraSpec, classes: Sequence[str],
                 template: str, preprocess: Dict, text_context: int, input_kind: str,
                 frozen_seed: Optional[int] = None) -> str:
     """What makes two bundles' adapters interchangeable: same base, LoRA layout, head and inputs."""
@@ -194,29 +95,10 @@ class _Stages:
 
 def export_bundle(opts: ExportOptions, say: Callable[[str], None] = print) -> ExportResult:
     """Write a bundle to `opts.out`; on any failure nothing is left at (or changed in) `opts.out`."""
-    preset = get_preset(opts.preset)
-    classes = check_classes(opts.classes)
-    template = check_template(opts.prompt)
-    try:
-        spec = lora.LoraSpec(opts.tower, opts.rank, opts.alpha, tuple(opts.targets), opts.lora_variant)
-    except ValueError as exc:
-        raise ExportError(str(exc)) from exc
-    backends = tuple(dict.fromkeys(opts.backends))
-    unknown = [b for b in backends if b not in B.BACKENDS]
-    if unknown or not backends:
-        raise ExportError(f"backends {list(backends)} must be a non-empty subset of {list(B.BACKENDS)}")
-    if "ort-training" in backends:
-        try:
-            import onnxruntime.training  # noqa: F401
-        except ImportError as exc:
-            raise ExportError(
-                "the ort-training backend needs onnxruntime-training on this machine "
-                f"({exc}); install the 'export' extra or use --backend step"
-            ) from exc
-    out = Path(opts.out)
-    check_output(out, opts.force)
+    checked = check_export(opts)
+    out = checked.out
     weights = resolve_weights(
-        preset,
+        checked.preset,
         pretrained=opts.pretrained,
         random_init=opts.random_init,
         cache_dir=opts.cache_dir,
@@ -227,7 +109,8 @@ def export_bundle(opts: ExportOptions, say: Callable[[str], None] = print) -> Ex
     created: List[Path] = []
     try:
         make_folders(out.parent, created)
-        plan = _Plan(preset, weights, classes, template, spec, backends, opts)
+        plan = _Plan(checked.preset, weights, checked.classes, checked.template, checked.spec, checked.backends,
+                     opts)
         result = _write_atomically(out, lambda tmp: _export_into(tmp, plan, say))
     except BaseException as exc:
         remove_empty_folders(created)
@@ -301,7 +184,7 @@ class _Plan:
     weights: WeightsSource
     classes: List[str]
     template: str
-    spec: lora.LoraSpec
+    spec: LoraSpec
     backends: Tuple[str, ...]
     opts: ExportOptions
 
@@ -493,3 +376,7 @@ def _provenance(opts: ExportOptions) -> Dict:
         pass
     return {"by": "flora-export", "versions": versions, "lora_init_seed": opts.seed,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+__all__ = ["DEFAULT_PROMPT", "ExportError", "ExportOptions", "ExportResult", "check_classes", "check_output",
+           "check_replaceable", "check_template", "export_bundle", "read_classes"]

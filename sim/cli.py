@@ -21,7 +21,8 @@ EPILOG = """\
 example (the README's demo, about a minute on 2 cores):
   flora-sim --model clip-tiny --clients 4 --rounds 10 --partition dirichlet:0.5 --dataset digits --compare
 
-exit status: 0 done, 1 error, 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)"""
+exit status: 0 done, 1 error (every option is checked before any data is written or bundle exported),
+2 unparsable arguments, 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)"""
 
 
 def build_parser() -> CommandParser:

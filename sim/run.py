@@ -21,7 +21,7 @@ from flora.edge.bundle import Bundle, BundleError, load_bundle
 from flora.edge.dataset import Sample
 from flora.edge.errors import FloraError
 from flora.edge.features import FeatureCache, image_features
-from flora.edge.trainers import available_backends
+from flora.edge.trainers import TRAINERS, available_backends
 from flora.edge.training import LocalData
 
 from .baselines import client_seed, training_splits
@@ -210,8 +210,32 @@ def _f(v: Optional[float]) -> str:
 
 
 # -- the run -------------------------------------------------------------------------------------
+def check_config(cfg: SimConfig) -> None:
+    """Everything that can be refused before any data is written or any bundle exported (SimError,
+    PartitionError, UnknownPresetError)."""
+    parse_scheme(cfg.partition)
+    for option, value in (("clients", cfg.clients), ("rounds", cfg.rounds), ("epochs", cfg.epochs),
+                          ("batch-size", cfg.batch_size), ("shots", 1 if cfg.shots is None else cfg.shots)):
+        if value < 1:
+            raise SimError(f"--{option} must be >= 1, got {value}")
+    for option, value in (("lr", cfg.lr), ("round-timeout", cfg.round_timeout), ("timeout", cfg.timeout)):
+        if not value > 0:
+            raise SimError(f"--{option} must be > 0, got {value}")
+    if not 0 <= cfg.val_fraction < 1:
+        raise SimError(f"--val-fraction must be >= 0 and < 1, got {cfg.val_fraction}")
+    if cfg.backend not in ("auto", *TRAINERS):
+        raise SimError(f"--backend must be auto or one of {list(TRAINERS)}, got {cfg.backend!r}")
+    if cfg.bundle is None:
+        from flora.export.presets import get_preset  # no torch
+
+        get_preset(cfg.model)
+    elif not Path(cfg.bundle).is_dir():
+        raise SimError(f"--bundle {cfg.bundle} is not a folder")
+
+
 def run(cfg: SimConfig, say: Say = print) -> Dict:
     """Federate, report, then (with --compare) add the baselines to the report already written."""
+    check_config(cfg)
     t_start = time.monotonic()
     cfg.out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg)

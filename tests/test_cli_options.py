@@ -203,3 +203,46 @@ def test_help_shows_the_default_commands_options(main, shows, capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0 and all(option in out for option in shows), out
+
+
+# -- checked before any heavy work ------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, message", [
+    (["--partition", "dirichlet:-1"], "unknown partition scheme 'dirichlet:-1'"),
+    (["--partition", "shards"], "unknown partition scheme 'shards'"),
+    (["--clients", "0"], "--clients must be >= 1, got 0"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--val-fraction", "1"], "--val-fraction must be >= 0 and < 1, got 1.0"),
+    (["--model", "clip-huge"], "unknown model 'clip-huge'"),
+])
+def test_flora_sim_refuses_bad_options_before_writing_data_or_exporting(argv, message, tmp_path, monkeypatch,
+                                                                         capsys):
+    from flora.sim import cli as sim_cli
+    from flora.sim import run as sim_run
+
+    def heavy(*args, **kwargs):
+        raise AssertionError("data or a bundle was prepared before the options were checked")
+
+    monkeypatch.setattr(sim_run, "prepare_data", heavy)
+    monkeypatch.setattr(sim_run, "prepare_bundle", heavy)
+    assert sim_cli.main([*argv, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("flora-sim: error: ") and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--broker", "mqtts://h", "--tls-ca", "/nonexistent/ca.crt"], "TLS CA file /nonexistent/ca.crt does not exist"),
+    (["--broker", "ftp://h"], "must start with mqtt:// or mqtts://"),
+    (["--broker", "mqtt://h", "--tls-key", "{key}"], "a TLS client certificate needs its key"),
+])
+def test_the_agent_checks_the_broker_and_tls_files_before_loading_anything(extra, message, tmp_path, monkeypatch,
+                                                                           capsys):
+    from flora.edge.agent import Agent
+
+    monkeypatch.setattr(Agent, "open", classmethod(lambda cls, cfg: pytest.fail("the agent started loading")))
+    (tmp_path / "k.pem").write_text("key")
+    argv = ["--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "images"), "--client-id", "dev-1",
+            *[a.format(key=tmp_path / "k.pem") for a in extra]]
+    assert agent_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("flora-agent: error: ") and message in err, err

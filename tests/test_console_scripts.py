@@ -1,5 +1,5 @@
-"""The console scripts as a newcomer meets them: each starts with only its own extra installed and says
-which extra to install when a dependency is missing."""
+"""The four console scripts as a newcomer meets them: each starts with only its own extra installed, says
+which extra to install when a dependency is missing, and flora-export loads torch only for real work."""
 
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def test_each_script_starts_with_only_its_own_extra(tool, argv, tmp_path):
     result = console_script(tool, argv, EVERY_MODULE - EXTRA_MODULES[extra], tmp_path)
     assert result["code"] == 0, result["stderr"][-2000:]
     assert (tool in result["stdout"]) if argv == ["--version"] else ("--help" in result["stdout"])
+    assert not result["torch"]
 
 
 def test_flora_export_without_torch_says_which_extra_to_install(tmp_path):
@@ -70,6 +71,21 @@ def test_flora_export_without_torch_says_which_extra_to_install(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["clip-huge"], "unknown model 'clip-huge'"),
+    (["clip-tiny", "--rank", "0"], "LoRA rank must be >= 1, got 0"),
+    (["clip-tiny", "--targets", "q,zz"], "(unknown: 'zz')"),
+    (["clip-tiny", "--prompt", "no braces"], "must contain exactly one '{}'"),
+    (["clip-tiny", "--rank", "two"], "argument --rank: invalid int value: 'two'"),
+])
+def test_flora_export_argument_errors_never_load_torch(argv, message, tmp_path):
+    (tmp_path / "classes.txt").write_text("cat\ndog\n")
+    argv = [*argv, "--classes", str(tmp_path / "classes.txt"), "--out", str(tmp_path / "b")]
+    result = console_script("flora-export", argv, [], tmp_path)  # torch installed: it must just not load
+    assert result["code"] == 2 and message in result["stderr"] and not result["torch"], result["stderr"][-2000:]
+    assert "Traceback" not in result["stderr"]
+
+
 def test_a_missing_module_of_the_project_itself_is_a_traceback_not_an_install_hint(tmp_path, monkeypatch, capsys):
     (tmp_path / "tool_needs_paho.py").write_text("import paho_is_missing_here\n")
     (tmp_path / "tool_broken.py").write_text("import flora.edge.no_such_module\n")
@@ -79,3 +95,8 @@ def test_a_missing_module_of_the_project_itself_is_a_traceback_not_an_install_hi
                                        "flora-x needs the 'broker' extra: pip install 'flora-edge[broker]'\n")
     with pytest.raises(ModuleNotFoundError, match=r"flora\.edge\.no_such_module"):
         run_console_script("flora-x", "broker", "tool_broken")
+
+
+def test_flora_sim_answers_help_without_loading_torch(tmp_path):
+    result = console_script("flora-sim", ["--help"], [], tmp_path)
+    assert result["code"] == 0 and "--partition" in result["stdout"] and not result["torch"]
