@@ -14,7 +14,7 @@ import pytest
 
 from flora.broker.mosquitto import MosquittoError, find_mosquitto, start_mosquitto
 
-from .helpers import copy_sources, export_tiny
+from .helpers import PREPROCESS_IMAGES, copy_sources, export_tiny, write_preprocess_images
 
 
 @pytest.fixture
@@ -34,6 +34,14 @@ def mosquitto(mosquitto_binary, tmp_path):
     broker = start_mosquitto(tmp_path / "mosquitto")
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def sample_images(tmp_path_factory):
+    """The preprocessing test images (helpers.write_preprocess_images): name -> path."""
+    paths = write_preprocess_images(tmp_path_factory.mktemp("images"))
+    assert sorted(paths) == PREPROCESS_IMAGES
+    return paths
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@ import shutil
 import struct
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 from PIL import Image
@@ -17,6 +18,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+#: CLIP's normalisation (open_clip.OPENAI_DATASET_MEAN / _STD, checked in test_preprocess_open_clip.py).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def export_tiny(out, tower: str = "text", backends=("ort-training",), **overrides):
@@ -163,3 +168,93 @@ def assert_same_adapter(a, b, rtol=1e-3, atol=1e-5, max_outside=0.0, outside_bou
     outside = np.abs(x - y) > atol + rtol * np.abs(y)
     assert outside.mean() <= max_outside, f"{outside.sum()} of {outside.size} elements differ"
     assert np.abs(x - y).max() <= outside_bound
+
+
+def _rgb(rng, w, h):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _smooth(rng, w, h):
+    """A smooth colour image (realistic for JPEG and palette quantisation), plus noise."""
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) * 127 / max(w + h - 2, 1)], -1)
+    return np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+
+
+def write_preprocess_images(folder: Path) -> Dict[str, Path]:
+    """Real files of odd sizes and modes, as a device would find them (PREPROCESS_IMAGES): name -> path."""
+    rng = np.random.default_rng(0)
+    imgs = {
+        "rgb_37x211.jpg": Image.fromarray(_smooth(rng, 37, 211)),
+        "rgb_640x479.png": Image.fromarray(_rgb(rng, 640, 479)),
+        "rgb_23x23_smaller_than_crop.png": Image.fromarray(_rgb(rng, 23, 23)),
+        "rgb_224x224_exact.png": Image.fromarray(_rgb(rng, 224, 224)),
+        "rgb_32x32_exact.bmp": Image.fromarray(_rgb(rng, 32, 32)),
+        "gray_L_300x200.png": Image.fromarray(rng.integers(0, 256, (200, 300), dtype=np.uint8)),
+        "gray_LA_51x77.png": Image.fromarray(rng.integers(0, 256, (77, 51, 2), dtype=np.uint8), "LA"),
+        "cmyk_90x60.jpg": Image.fromarray(_smooth(rng, 90, 60)).convert("CMYK"),
+        "palette_P_120x80.png": Image.fromarray(_smooth(rng, 120, 80)).quantize(64),
+        "palette_P_65x49.gif": Image.fromarray(_smooth(rng, 65, 49)).quantize(32),
+        "bilevel_1_45x70.tif": Image.fromarray(rng.integers(0, 2, (70, 45), dtype=np.uint8) * 255).convert("1"),
+        "rgb_100x75.webp": Image.fromarray(_smooth(rng, 100, 75)),
+    }
+    # RGBA: random colours, a fully transparent band, a half-transparent band and an opaque rest
+    rgba = np.concatenate([_rgb(rng, 90, 150), np.full((150, 90, 1), 255, np.uint8)], axis=2)
+    rgba[:50, :, 3] = 0
+    rgba[50:100, :, 3] = rng.integers(0, 256, (50, 90), dtype=np.uint8)
+    imgs["rgba_90x150.png"] = Image.fromarray(rgba, "RGBA")
+    paths = {}
+    for name, img in imgs.items():
+        paths[name] = folder / name
+        img.save(paths[name], **({"quality": 90} if name.endswith(".jpg") else {}))
+    # a phone photo stored sideways: 160x100 pixels, EXIF Orientation 6 (rotate 90° clockwise to show)
+    sideways = Image.fromarray(_smooth(rng, 160, 100))
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    paths["exif_orientation6_160x100.jpg"] = folder / "exif_orientation6_160x100.jpg"
+    sideways.save(paths["exif_orientation6_160x100.jpg"], exif=exif, quality=90)
+    # 16-bit grayscale PNG over the full 0..65535 range
+    paths["gray16_I;16_70x50.png"] = folder / "gray16_I;16_70x50.png"
+    Image.fromarray(rng.integers(0, 65536, (50, 70)).astype(np.uint16)).save(paths["gray16_I;16_70x50.png"])
+    return paths
+
+
+
+PREPROCESS_IMAGES = sorted([
+    "rgb_37x211.jpg", "rgb_640x479.png", "rgb_23x23_smaller_than_crop.png", "rgb_224x224_exact.png",
+    "rgb_32x32_exact.bmp", "gray_L_300x200.png", "gray_LA_51x77.png", "cmyk_90x60.jpg", "palette_P_120x80.png",
+    "palette_P_65x49.gif", "bilevel_1_45x70.tif", "rgb_100x75.webp", "rgba_90x150.png",
+    "exif_orientation6_160x100.jpg", "gray16_I;16_70x50.png",
+])
+
+
+#: Runs pytest with some top-level modules made unimportable: argv[1] is their comma-separated names, the rest
+#: pytest's arguments. Prints what was tried or loaded anyway; exit status 99 when anything was.
+BLOCKING_RUNNER = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    blocked = tuple(sys.argv[1].split(","))
+    tried = []
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in blocked:
+                tried.append(name)
+                raise ImportError(f"{name} is blocked in this test")
+            return None
+
+    sys.meta_path.insert(0, Block())
+    import pytest
+    code = pytest.main(["-q", "-p", "no:cacheprovider", *sys.argv[2:]])
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in blocked)
+    print("BLOCKED-TRIED", tried, "LOADED", loaded)
+    sys.exit(code if not (tried or loaded) else 99)
+    """
+)
+
+
+def run_pytest_blocking(blocked: Sequence[str], *pytest_args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """pytest on `pytest_args` in a fresh process in which importing any module of the `blocked` top-level
+    packages raises ImportError; exit status 99 if one was tried or is loaded, even when the tests passed."""
+    return subprocess.run([sys.executable, "-c", BLOCKING_RUNNER, ",".join(blocked), *pytest_args],
+                          capture_output=True, text=True, timeout=600, cwd=cwd)

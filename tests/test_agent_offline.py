@@ -8,9 +8,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -21,6 +18,7 @@ from flora.edge.synthetic import random_adapter
 from flora.edge.trainers import TrainerError
 
 from .fakes import FakeMqttClient, offer_round, offline_agent, updates
+from .helpers import run_pytest_blocking
 
 TESTS = Path(__file__).resolve().parent
 
@@ -262,41 +260,19 @@ def test_no_history_of_three_events_trains_a_round_twice_in_one_run(tmp_path, mo
 
 # -- no torch, no onnxruntime ---------------------------------------------------------------------------
 
-BLOCKED_RUN = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    tried = []
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "onnxruntime", "open_clip", "torchvision"):
-                tried.append(name)
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-
-    sys.meta_path.insert(0, Block())
-    import pytest
-    code = pytest.main(["-q", "-p", "no:cacheprovider", "-p", "no:randomly", *sys.argv[1:]])
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnxruntime", "open_clip"))
-    print("TRIED", tried, "LOADED", loaded)
-    sys.exit(code if not (tried or loaded) else 99)
-    """
-)
+HEAVY = ("torch", "torchvision", "open_clip", "onnxruntime")
 
 
 def test_the_rule_and_offline_agent_tests_import_neither_torch_nor_onnxruntime():
     """Both modules' tests pass in a process where importing torch or onnxruntime raises, and none tried."""
-    tests = [str(TESTS / "test_agent_rules.py"), __file__, "-k", "not import_ and not history"]
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, *tests], capture_output=True, text=True, timeout=600,
-                          cwd=TESTS.parent)
+    proc = run_pytest_blocking(HEAVY, str(TESTS / "test_agent_rules.py"), __file__, "-k", "not import_ and not history")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "TRIED [] LOADED []" in proc.stdout
+    assert "BLOCKED-TRIED [] LOADED []" in proc.stdout
     assert " passed" in proc.stdout and " failed" not in proc.stdout
 
 
 def test_the_import_block_can_fail(tmp_path):
     probe = tmp_path / "test_probe.py"
     probe.write_text("def test_loads_onnxruntime():\n    import onnxruntime  # noqa: F401\n")
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, str(probe)], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
-    assert proc.returncode == 99 and "TRIED ['onnxruntime']" in proc.stdout
+    proc = run_pytest_blocking(HEAVY, str(probe), cwd=tmp_path)
+    assert proc.returncode == 99 and "BLOCKED-TRIED ['onnxruntime']" in proc.stdout

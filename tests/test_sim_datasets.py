@@ -1,4 +1,5 @@
-"""Simulation datasets: scikit-learn's digits as PNG folders, and any image folder."""
+"""The simulator's data sets (flora.sim.datasets): scikit-learn's digits as PNG folders, and any image folder.
+A device's own dataset (flora.edge.dataset) is tested in test_agent_dataset.py."""
 
 from __future__ import annotations
 

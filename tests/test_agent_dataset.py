@@ -1,4 +1,5 @@
-"""A device's local dataset: image folders, CSV files, few-shot sampling and the validation split."""
+"""The agent's local dataset (flora.edge.dataset): a device's image folders, CSV files, few-shot sampling and the
+validation split. The simulator's data sets (flora.sim.datasets) are tested in test_sim_datasets.py."""
 
 from __future__ import annotations
 
