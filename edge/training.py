@@ -13,7 +13,7 @@ import numpy as np
 
 from .fileio import PathLike
 from .preprocess import preprocess_batch
-from .trainers.base import Trainer, TrainerError
+from .trainers.base import StepResult, Trainer, TrainerError
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,10 @@ def train_round(
     progress: Optional[Callable[[str], None]] = None,
     progress_every_s: float = 5.0,
     should_stop: Optional[Callable[[], bool]] = None,
+    on_step: Optional[Callable[[np.ndarray, StepResult], None]] = None,
 ) -> RoundResult:
-    """Run `epochs` shuffled passes of AdamW steps over `data` (the trainer holds lr and weights).
+    """Run `epochs` shuffled passes of AdamW steps over `data` (the trainer holds lr and weights);
+    `on_step(batch indices, result)` after each step.
 
     Raises TrainerError on a non-finite loss, ImageError for an image that cannot be decoded.
     """
@@ -140,6 +142,8 @@ def train_round(
             step_time += time.perf_counter() - t0
             if not np.isfinite(result.loss):  # the step backend checks this itself; ort-training does not
                 raise TrainerError(f"epoch {epoch + 1} step {k + 1} produced a non-finite loss ({result.loss})")
+            if on_step is not None:
+                on_step(idx, result)
             steps += 1
             loss_sum += result.loss * result.count
             correct += result.correct

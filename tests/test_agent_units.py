@@ -117,6 +117,23 @@ def test_a_non_finite_loss_from_a_backend_that_does_not_check_is_an_error(tmp_pa
     assert trainer.steps == [4]
 
 
+def test_the_round_loop_reports_each_step_with_its_batch(tmp_path):
+    m = synthetic_manifest()
+    trainer = FakeTrainer(Bundle(tmp_path, m))
+    data = LocalData(np.arange(10) % m.num_classes, features=np.ones((10, m.feature_dim), np.float32))
+    seen = []
+    result = train_round(trainer, data, epochs=2, batch_size=4, seed=3, on_step=lambda idx, step: seen.append(
+        (idx.tolist(), step.count)))
+    assert [count for _, count in seen] == [4, 4, 2, 4, 4, 2] == trainer.steps and result.steps == 6
+    for epoch in (seen[:3], seen[3:]):
+        assert sorted(i for idx, _ in epoch for i in idx) == list(range(10))  # each epoch: every sample once
+    assert seen[0][0] != list(range(4))  # shuffled (seeded)
+    again = []
+    train_round(FakeTrainer(Bundle(tmp_path, m)), data, epochs=2, batch_size=4, seed=3,
+                on_step=lambda idx, step: again.append((idx.tolist(), step.count)))
+    assert again == seen
+
+
 NO_TORCH = textwrap.dedent(
     """
     import sys

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .helpers import export_tiny
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "devices" / "verify-arm64.sh"
 EMULATION_IMPOSSIBLE = 77  # the script's exit status when this machine cannot emulate aarch64
@@ -116,6 +118,18 @@ def test_default_verification_passes(arm64_run):
         pytest.fail("devices/verify-arm64.sh did not pass:\n" + _report(proc), pytrace=False)
 
 
+def test_the_emulated_programs_are_python_files_of_the_repository():
+    """verify-arm64.sh runs devices/arm64/*.py (seen by ruff and the Python 3.8 check), no embedded heredoc."""
+    text = SCRIPT.read_text()
+    programs = dict(re.findall(r"^(VERIFY_PY|TRAIN_PY)=\$SCRIPT_DIR/(\S+)$", text, re.M))
+    assert programs == {"VERIFY_PY": "arm64/verify_default.py", "TRAIN_PY": "arm64/train_check.py"}
+    for path in programs.values():
+        source = (SCRIPT.parent / path).read_text()
+        assert 'if __name__ == "__main__":' in source and "from __future__ import annotations" in source
+    assert "<<'PYEOF'" not in text and "PYEOF" not in text
+    assert "train_round(" in (SCRIPT.parent / programs["TRAIN_PY"]).read_text()  # the project's own round loop
+
+
 def test_requirements_match_pyproject():
     """The wheel list in verify-arm64.sh is the `edge` extra evaluated for aarch64 + CPython 3.11."""
     try:
@@ -155,12 +169,13 @@ def test_requirements_match_pyproject():
 
 @pytest.mark.arm64
 def test_agent_doctor_and_step_training_on_aarch64(arm64_run, arm64_cache, tmp_path):
-    """`verify-arm64.sh --bundle`: the agent's self-test and a short `step`-backend training of clip-tiny,
-    emulated; the host replays the same batches and must get the same losses and adapter."""
+    """`verify-arm64.sh --bundle`: the agent's self-test and a short `step`-backend round of clip-tiny through the
+    project's round loop (train_round), emulated; the host runs the same round and must train the same batches
+    to the same losses and adapter."""
     from flora.edge.features import image_features
     from flora.edge.trainers import open_trainer
+    from flora.edge.training import LocalData, train_round
 
-    from .helpers import export_tiny
 
     proc, _ = arm64_run
     if proc.returncode != 0:
@@ -188,9 +203,13 @@ def test_agent_doctor_and_step_training_on_aarch64(arm64_run, arm64_cache, tmp_p
     np.testing.assert_allclose(saved["inputs"], host_features, rtol=1e-4, atol=1e-5)
     host = open_trainer(bundle, "step")
     host.set_lr(result["lr"])
-    x, y, batch = saved["inputs"], saved["labels"], result["batch"]
-    host_losses = [host.train_step(x[i : i + batch], y[i : i + batch]).loss
-                   for _ in range(result["epochs"]) for i in range(0, len(y), batch)]
+    host_batches, host_losses = [], []
+    train_round(host, LocalData(saved["labels"], features=saved["inputs"]), epochs=result["epochs"],
+                batch_size=result["batch"], seed=result["seed"],
+                on_step=lambda idx, step: (host_batches.append(idx.tolist()), host_losses.append(step.loss)))
+    assert result["steps"] == result["epochs"] * -(-result["images"] // result["batch"]) == len(host_batches)
+    assert host_batches == result["batches"]  # the same shuffled batches on both machines
     np.testing.assert_allclose(result["losses"], host_losses, rtol=1e-4)
+    np.testing.assert_allclose(saved["losses"], host_losses, rtol=1e-4)
     for name, value in host.get_adapter().items():
         np.testing.assert_allclose(saved[f"adapter/{name}"], value, rtol=1e-3, atol=1e-5, err_msg=name)
