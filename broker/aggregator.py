@@ -315,7 +315,7 @@ class Aggregator:
         self._announce(rec)
         log.info("round %d of %d open: asked %d client(s) (%s) %s, deadline in %.0f s", rec.number,
                  self.state.rounds_total, len(rec.asked), self.cfg.sampling.describe, sorted(rec.asked),
-                 self.cfg.round_timeout_s)
+                 self.cfg.round_timeout_s, extra=fields("round-open", round=rec.number))
 
     def _restore_round(self, saved: RoundRecord) -> None:
         saved.reported, saved.bytes_received, saved.complete_since = {}, 0, None  # rebuilt from the spool
@@ -345,13 +345,15 @@ class Aggregator:
             self.checkpoint.spool(rec.number, client, blob)  # an OSError here is fatal: nothing is acked
         rec.accept(client, num_samples, len(blob))
         log.info("round %d: accepted update from %s (%d samples, %d bytes, %s); %d of %d asked reported", rec.number,
-                 client, num_samples, len(blob), update.meta.dtype, len(rec.reported), len(rec.asked))
+                 client, num_samples, len(blob), update.meta.dtype, len(rec.reported), len(rec.asked),
+                 extra=fields("accepted", round=rec.number, client=client))
         return True
 
     def _reject(self, rec: RoundRecord, client: str, reason: str, detail: str, size: int, save: bool) -> bool:
         """Count a rejection in the round's record (saved before the update is acked); always False."""
         rec.reject(client, reason, detail, size)
-        log.warning("round %d: rejected update from %s: %s: %s", rec.number, client, reason, detail)
+        log.warning("round %d: rejected update from %s: %s: %s", rec.number, client, reason, detail,
+                    extra=fields("rejected", round=rec.number, client=client, reason=reason))
         if save:
             self._save_round(rec)
         return False
@@ -371,7 +373,7 @@ class Aggregator:
         record.add(client, detail, len(blob))
         self.checkpoint.save_no_round(number, record.to_json())
         log.warning("update from %s while no round is open: not folded, counted as no-round in round %d", client,
-                    number)
+                    number, extra=fields("rejected", round=number, client=client, reason="no-round"))
 
     def _close_round(self) -> None:
         rec = self.current
@@ -396,13 +398,14 @@ class Aggregator:
                  rec.number, len(rec.reported), row["samples"], rec.num_rejected,
                  f" {row['rejection_counts']}" if rec.num_rejected else "", row["wall_time_s"],
                  f", test accuracy {row['test_accuracy']:.4f}" if isinstance(row.get("test_accuracy"), float) else "",
-                 rec.number + 1)
+                 rec.number + 1, extra=fields("round-closed", round=rec.number))
 
     def _fail_round(self, rec: RoundRecord, why: str) -> None:
         """A round whose aggregate is unusable: never committed nor published; the round is recorded as
         failed (its updates discarded) and the next round starts from the unchanged global."""
         log.error("round %d FAILED: %s; its %d update(s) are discarded, round %d starts from the round-%d global",
-                  rec.number, why, len(rec.reported), rec.number + 1, rec.number)
+                  rec.number, why, len(rec.reported), rec.number + 1, rec.number,
+                  extra=fields("round-failed", round=rec.number, reason=why[:100]))
         row = self._history_row(rec, None)
         row["failed"] = why
         self._commit(rec, self.global_tensors, row)
@@ -505,7 +508,8 @@ class Aggregator:
         if status.client_id == client:
             self.watch.status(client, status)
         if was_online != (client in self.online):
-            log.info("client %s is %s (%d online)", client, status.state, len(self.online))
+            log.info("client %s is %s (%d online)", client, status.state, len(self.online),
+                     extra=fields("client-state", client=client, reason=status.state))
 
     def _handle_metrics(self, client: str, payload: bytes) -> None:
         try:
@@ -613,7 +617,8 @@ class Aggregator:
                 if self.current is None:
                     if self.state.done:
                         self._announce_done()
-                        log.info("federation %r done: %d rounds", self.cfg.federation, self.state.round)
+                        log.info("federation %r done: %d rounds", self.cfg.federation, self.state.round,
+                                 extra=fields("done", round=self.state.round))
                         return 0
                     self._wait_for_clients(self.cfg.sampling.min_clients)
                     if not self.stop_event.is_set():
@@ -646,7 +651,8 @@ class Aggregator:
         elif step.action == EXTEND:
             log.warning("round %d: %d of %d needed update(s) at the deadline; extended by %.0f s%s", rec.number,
                         len(rec.reported), self.rounds.min_clients, self.cfg.round_timeout_s,
-                        f", also asking {step.added}" if step.added else "")
+                        f", also asking {step.added}" if step.added else "",
+                        extra=fields("round-extended", round=rec.number, reason="below-quorum"))
             self._save_round(rec)
             self.strategy.set_round_size(len(rec.asked))
             self._announce(rec)

@@ -22,6 +22,7 @@ from . import adapter as adapter_blob
 from . import agent_rules as rules
 from .bundle import Bundle
 from .local_data import DeviceData, load_device_data
+from .logs import fields
 from .mqtt import BrokerConfig, Connection, make_client
 from .preprocess import ImageError
 from .protocol import QOS, ROUND_FAILED, Metrics, RoundAnnouncement, Status, Topics, check_id
@@ -339,10 +340,11 @@ class Agent:
     def _round_failed(self, r: RoundAnnouncement, exc: Exception) -> None:
         """Log, publish a retained `error` status, never retry this round in this process."""
         self._failed.add((r.run_id, r.round))
+        failed = fields("round-failed", round=r.round, reason=type(exc).__name__)
         if isinstance(exc, (TrainerError, ImageError)):
-            log.error("round %d failed, not submitted: %s", r.round, exc)
+            log.error("round %d failed, not submitted: %s", r.round, exc, extra=failed)
         else:
-            log.exception("round %d failed, not submitted: %s", r.round, exc)
+            log.exception("round %d failed, not submitted: %s", r.round, exc, extra=failed)
         self.publish_status("error", f"round {r.round} failed: {type(exc).__name__}: {exc}", ROUND_FAILED)
         if self.metrics is not None:
             self.metrics.record_failure()
@@ -364,7 +366,7 @@ class Agent:
     def train(self, r: RoundAnnouncement) -> None:
         cfg = r.config
         log.info("round %d: training %d epochs, lr %g, batch %d on %d images", r.round, cfg.epochs, cfg.lr,
-                 cfg.batch_size, len(self.train_data))
+                 cfg.batch_size, len(self.train_data), extra=fields("training", round=r.round))
         self.publish_status("training")
         self._apply_global()
         self.trainer.set_lr(cfg.lr)
@@ -395,7 +397,7 @@ class Agent:
                  "%.1f ms/step, peak RSS %.0f MiB", r.round, len(blob),
                  "" if sent else ", not acknowledged yet: paho re-sends it on reconnect", result.loss,
                  result.train_accuracy, f"{val.accuracy:.3f}" if val else "n/a", result.wall_time_s,
-                 1e3 * result.step_time_s, result.peak_rss_mb)
+                 1e3 * result.step_time_s, result.peak_rss_mb, extra=fields("sent", round=r.round))
         self.publish_status("idle")
 
     def _publish_metrics(self, r: RoundAnnouncement, result: RoundResult, val: Optional[Evaluation],

@@ -132,3 +132,18 @@ def test_a_device_holding_another_models_bundle_is_not_asked_until_it_is_fixed(t
     agg.handle("status", "b", status("b", "idle"))  # the operator installed the right bundle
     agg._open_round()
     assert agg.current.asked == {"a", "b"}
+
+
+def test_the_aggregators_key_events_carry_structured_fields(tmp_path, caplog):
+    agg = offline_aggregator(tmp_path / "state", FakeClock(), rounds=2, metrics_grace_s=0)
+    agg._resume_or_start()
+    agg.handle("status", "a", status("a"))
+    with caplog.at_level(logging.INFO, logger="flora.aggregator"):
+        agg._open_round()
+        agg.handle("update", "a", encode_update(agg.manifest, random_adapter(agg.manifest, 1), "a", 0, 12))
+        agg.handle("update", "a", encode_update(agg.manifest, random_adapter(agg.manifest, 1), "a", 0, 12))
+        agg._tick()
+    events = [(r.event, r.round, getattr(r, "client", None), getattr(r, "reason", None))
+              for r in caplog.records if getattr(r, "event", None)]
+    assert events == [("round-open", 0, None, None), ("accepted", 0, "a", None), ("rejected", 0, "a", "duplicate"),
+                      ("round-closed", 0, None, None)]
