@@ -42,6 +42,10 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+#: fsync a directory, so that the names created or renamed in it are durable.
+fsync_dir = _fsync_dir
+
+
 def current_umask() -> int:
     """The process umask (read by setting and restoring it)."""
     mask = os.umask(0)
