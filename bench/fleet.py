@@ -303,6 +303,8 @@ def _row(n, mode, adapter_name, rounds, processes, window, qos_down, connect_s, 
         "aggregator_peak_rss_mib": peaks["aggregator"], "broker_peak_rss_mib": peaks["broker"],
         "device_process_peak_rss_mib": max(d["peak_rss_mib"] for d in devices),
         "bytes_down_per_device": round(sum(d["bytes_global"] + d["bytes_round"] for d in devices) / n),
+        "globals_per_device": round(sum(d["globals_received"] for d in devices) / n, 2),
+        "round_messages_per_device": round(sum(d["rounds_received"] for d in devices) / n, 2),
         "wall_s": round(wall_s, 1), "load_after": [round(x, 2) for x in os.getloadavg()],
     }
 

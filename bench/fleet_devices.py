@@ -115,6 +115,7 @@ class Device:
     bytes_global: int = 0
     bytes_round: int = 0
     globals_received: int = 0
+    rounds_received: int = 0
 
 
 def _round_key(payload: bytes) -> bytes:
@@ -187,6 +188,7 @@ class Fleet:
         elif msg.topic == self.topics.round:
             key = _round_key(payload)
             d.round_key, d.bytes_round = key, d.bytes_round + len(payload)
+            d.rounds_received += 1
             if key not in self.rounds:
                 self.rounds[key] = self._parse_round(payload)
                 if self.rounds[key].state == "done":
@@ -334,6 +336,7 @@ class Fleet:
             "bytes_global": sum(d.bytes_global for d in self.devices),
             "bytes_round": sum(d.bytes_round for d in self.devices),
             "globals_received": sum(d.globals_received for d in self.devices),
+            "rounds_received": sum(d.rounds_received for d in self.devices),
             "peak_rss_mib": round(peak_rss_mib(), 1),
         }
 
