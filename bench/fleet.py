@@ -39,7 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 
-from bench.fleet_devices import FEDERATION, TEMPLATES, peak_rss_mib, raise_fd_limit, template_samples  # noqa: E402
+from bench.fleet_devices import (  # noqa: E402
+    FEDERATION,
+    TEMPLATES,
+    cpu_seconds,
+    peak_rss_mib,
+    raise_fd_limit,
+    template_samples,
+)
 
 #: The adapters the fleet sends. ViT-B/32's text tower is 12 blocks of width 512.
 ADAPTERS: Dict[str, Dict[str, Any]] = {
@@ -115,6 +122,7 @@ class PeakRss(threading.Thread):
         super().__init__(daemon=True)
         self.pids, self.every_s = pids, every_s
         self.peak = {name: 0.0 for name in pids}
+        self.cpu = {name: 0.0 for name in pids}  # CPU seconds, last read
         self.halt = threading.Event()
         self.start()
 
@@ -122,12 +130,14 @@ class PeakRss(threading.Thread):
         while not self.halt.is_set():
             for name, pid in self.pids.items():
                 self.peak[name] = max(self.peak[name], peak_rss_mib(str(pid)))
+                self.cpu[name] = max(self.cpu[name], cpu_seconds(str(pid)))
             self.halt.wait(self.every_s)
 
     def stop(self) -> Dict[str, float]:
         self.halt.set()
         self.join()
-        return {name: round(v, 1) for name, v in self.peak.items()}
+        return {**{name: round(v, 1) for name, v in self.peak.items()},
+                **{f"{name}_cpu_s": round(v, 1) for name, v in self.cpu.items()}}
 
 
 def _split(n: int, parts: int) -> List[range]:
@@ -163,6 +173,20 @@ def _wait_connected(workers: Sequence[Dict[str, Any]], timeout: float) -> float:
     return max(seconds)
 
 
+def _devices_say(workers: Sequence[Dict[str, Any]]) -> str:
+    """Stop the device processes (SIGTERM: each writes its result) and report what they were still waiting for."""
+    out = []
+    for w in workers:
+        w["proc"].terminate()
+        try:
+            w["proc"].wait(timeout=30)
+            got = json.loads(w["result"].read_text())
+            out.append(json.dumps({k: got[k] for k in ("missing", "in_flight", "queued", "published")}))
+        except (subprocess.TimeoutExpired, OSError, ValueError) as exc:
+            out.append(f"no result ({exc})")
+    return "; ".join(out)
+
+
 def _tail(path: str, lines: int = 20) -> str:
     try:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
@@ -172,7 +196,8 @@ def _tail(path: str, lines: int = 20) -> str:
 
 def _aggregator_cmd(bundle: Path, url: str, state: Path, n: int, rounds: int, mode: str,
                     extra: Sequence[str]) -> List[str]:
-    cmd = [sys.executable, "-m", "flora.broker.cli", "--bundle", str(bundle), "--broker", url,
+    runner = os.environ.get("FLORA_FLEET_AGGREGATOR", "-m flora.broker.cli").split()  # e.g. under a profiler
+    cmd = [sys.executable, *runner, "--bundle", str(bundle), "--broker", url,
            "--federation", FEDERATION, "--rounds", str(rounds), "--state-dir", str(state),
            "--wait-for-clients", str(n), "--min-clients", str(n), "--round-timeout", "900", "--wait-timeout", "600"]
     if mode == "async":
@@ -225,8 +250,12 @@ def run_config(n: int, mode: str, adapter_name: str, rounds: int, processes: int
     if fds < n + 100:
         raise RuntimeError(f"RLIMIT_NOFILE is {fds}: {n} devices need more (raise the hard limit: ulimit -Hn)")
     manifest = fleet_manifest(adapter_name)
-    with tempfile.TemporaryDirectory(prefix="fleet-", dir=keep) as tmp_name, contextlib.ExitStack() as stack:
-        tmp = Path(tmp_name)
+    with contextlib.ExitStack() as stack:
+        if keep is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fleet-")))
+        else:  # kept for a look at the logs
+            keep.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix="fleet-", dir=keep))
         bundle = write_bundle(tmp / "bundle", manifest)
         broker = start_mosquitto(tmp / "mosquitto", extra_config=broker_config(n))
         procs: List[subprocess.Popen] = []
@@ -246,6 +275,9 @@ def run_config(n: int, mode: str, adapter_name: str, rounds: int, processes: int
             rss = PeakRss({"aggregator": agg.pid, "broker": broker.process.pid})
             try:
                 code = agg.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"the federation did not finish in {timeout:.0f} s; the devices say: "
+                                   f"{_devices_say(workers)}") from None
             finally:
                 peaks = rss.stop()
             if code != 0:
@@ -302,6 +334,9 @@ def _row(n, mode, adapter_name, rounds, processes, window, qos_down, connect_s, 
         "global_exact": all(r["global_max_ulps"] is not None and r["global_max_ulps"] <= MAX_ULPS for r in per_round),
         "aggregator_peak_rss_mib": peaks["aggregator"], "broker_peak_rss_mib": peaks["broker"],
         "device_process_peak_rss_mib": max(d["peak_rss_mib"] for d in devices),
+        # CPU seconds over the whole run (start-up, connections, every round): what a quiet machine would need
+        "cpu_s": {"aggregator": peaks["aggregator_cpu_s"], "broker": peaks["broker_cpu_s"],
+                  "devices": round(sum(d["cpu_s"] for d in devices), 1)},
         "bytes_down_per_device": round(sum(d["bytes_global"] + d["bytes_round"] for d in devices) / n),
         "globals_per_device": round(sum(d["globals_received"] for d in devices) / n, 2),
         "round_messages_per_device": round(sum(d["rounds_received"] for d in devices) / n, 2),
@@ -358,6 +393,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--qos-down", type=int, default=1, choices=[0, 1], help="devices' subscription QoS")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for fleet.json and fleet.md")
+    p.add_argument("--keep", type=Path, help="keep each run's folder (logs, state dir) under this folder")
     args = p.parse_args(argv)
     result = {"command": "python -m bench.fleet " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -366,7 +402,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for n in (int(x) for x in args.n.split(",")):
         for mode in args.modes.split(","):
             for name in args.adapters.split(","):
-                row = run_config(n, mode, name, args.rounds, args.processes, args.window, args.qos_down, args.timeout)
+                row = run_config(n, mode, name, args.rounds, args.processes, args.window, args.qos_down, args.timeout,
+                                 keep=args.keep)
                 print(json.dumps({k: v for k, v in row.items() if k != "per_round"}), flush=True)
                 result["rows"].append(row)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import selectors
+import signal
 import struct
 import sys
 import time
@@ -329,15 +331,34 @@ class Fleet:
                 with _quiet():
                     d.client.loop_write()
 
+    def missing(self) -> Dict[str, List[str]]:
+        """Devices a round asked that never sent for it, by why (a harness check: all lists stay empty)."""
+        out: Dict[str, List[str]] = {}
+        for r in self.rounds.values():
+            if r.state != "training":
+                continue
+            for i in sorted(r.ours):
+                d = self.by_index[i]
+                if r.number in d.submitted:
+                    continue
+                g = self.globals.get(d.global_key) if d.global_key is not None else None
+                why = ("queued" if i in self.queued else "no-round" if d.round_key is None else
+                       "newer-round" if self.rounds[d.round_key].number != r.number else
+                       "no-global" if g is None else "global-mismatch" if g[1] != r.global_sha256 else "?")
+                out.setdefault(f"round {r.number}: {why}", []).append(device_id(i))
+        return out
+
     def result(self) -> Dict:
         return {
+            "missing": {k: v[:20] for k, v in self.missing().items()},
+            "in_flight": self.in_flight, "queued": len(self.queue),
             "devices": len(self.devices), "connect_s": round(self.connect_s, 3), "published": self.published,
             "acked": {str(r): ids for r, ids in sorted(self.acked.items())}, "refused": self.refused[:20],
             "bytes_global": sum(d.bytes_global for d in self.devices),
             "bytes_round": sum(d.bytes_round for d in self.devices),
             "globals_received": sum(d.globals_received for d in self.devices),
             "rounds_received": sum(d.rounds_received for d in self.devices),
-            "peak_rss_mib": round(peak_rss_mib(), 1),
+            "peak_rss_mib": round(peak_rss_mib(), 1), "cpu_s": round(cpu_seconds(), 1),
         }
 
 
@@ -364,6 +385,15 @@ def _round_of(blob: bytes) -> int:
         return -1
 
 
+def cpu_seconds(pid: str = "self") -> float:
+    """User + system CPU time of a process so far (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def peak_rss_mib(pid: str = "self") -> float:
     """VmHWM of a process (MiB), 0 if it is gone."""
     try:
@@ -373,6 +403,10 @@ def peak_rss_mib(pid: str = "self") -> float:
     except (OSError, ValueError, IndexError):
         pass
     return 0.0
+
+
+def _stop(signum, frame) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -395,6 +429,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     manifest = load_manifest(args.manifest)
     fleet = Fleet(args.url, args.first, args.count, UpdateTemplates(manifest, args.dtype), args.window,
                   args.qos_down, not args.no_metrics)
+    signal.signal(signal.SIGTERM, _stop)
     fleet.connect()
     print(json.dumps({"connected": args.count, "seconds": round(fleet.connect_s, 3)}), flush=True)
     try:

@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -41,7 +41,7 @@ from flora.edge.protocol import (
     TrainConfig,
 )
 
-from .checkpoint import AggregatorState, Checkpoint, CheckpointError
+from .checkpoint import METRICS, REJECTION, UPDATE, AggregatorState, Checkpoint, CheckpointError, apply_record
 from .dashboard.server import Snapshots
 from .dashboard.snapshot import FederationInfo
 from .rounds import CLOSE, EXTEND, GIVE_UP, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
@@ -73,6 +73,11 @@ KINDS = ("update", "status", "metrics")
 BAD_UPDATE = "bad-update"
 #: The largest --max-num-samples accepted: every weight a strategy gets is then a finite float64.
 MAX_WEIGHT = 10 ** 300
+#: Messages handled between two syncs of the journal (the broker keeps at most 20 updates in flight anyway).
+MAX_BATCH = 256
+#: The open round's snapshot (round.json) is rewritten at most this often while only the journal grows.
+SNAPSHOT_EVERY_S = 2.0
+JOURNAL_OFFSET = "journal_offset"
 
 
 @dataclass
@@ -149,6 +154,7 @@ class Aggregator:
         self.current: Optional[RoundRecord] = None
         self.no_round: Optional[NoRoundUpdates] = None
         self.connections = 0  # (re)connections so far: an ack token is good on its own connection only
+        self._snapshot_dirty, self._snapshot_at = False, 0.0  # the open round's journal has grown past round.json
         self.state: Optional[AggregatorState] = None
         self.global_blob = b""
         self.global_tensors: Dict[str, np.ndarray] = {}
@@ -264,7 +270,8 @@ class Aggregator:
         saved = self.checkpoint.load_open_round(number)
         if saved is not None:
             self.checkpoint.clear_no_round(number)  # a crash after they were merged into the saved record
-            self._restore_round(RoundRecord.from_json(saved))
+            offset = int(saved.pop(JOURNAL_OFFSET, 0) or 0)
+            self._restore_round(RoundRecord.from_json(saved), offset)
             return
         pending = self.checkpoint.load_no_round(number)
         self.no_round = NoRoundUpdates.from_json(pending) if pending is not None else None
@@ -285,23 +292,38 @@ class Aggregator:
     def _announce_done(self) -> None:
         self._publish(self.topics.round, self._announcement(ROUND_DONE, None).to_json(), retain=True)
 
-    def _begin(self, rec: RoundRecord) -> None:
+    def _begin(self, rec: RoundRecord, journal_offset: int = 0) -> None:
+        """Start folding `rec`; after a restart, replay its journal: every update re-folded in arrival order,
+        the rejections and metrics the snapshot (`rec`, saved at `journal_offset`) does not hold yet."""
         self.current = rec
         self.strategy.begin_round(self.manifest.trainable, self.global_tensors)
         self.strategy.set_round_size(len(rec.asked))
         restored = 0
-        for client, blob in self.checkpoint.spooled(rec.number):  # accepted before a restart
-            rec.asked.add(client)  # it was asked when its update was accepted
-            if self._fold(client, blob, spool=False):
-                restored += 1
-            else:  # no longer valid (e.g. a lower --max-num-samples): counted once, never re-folded
-                self.checkpoint.unspool(rec.number, client)
+        for entry in self.checkpoint.journaled(rec.number):
+            if entry.kind == UPDATE:  # accepted before a restart
+                rec.asked.add(entry.key)  # it was asked when its update was accepted
+                if self._fold(entry.key, entry.payload, spool=False):
+                    restored += 1
+                else:  # no longer valid (e.g. a lower --max-num-samples): counted once, never re-folded
+                    self.checkpoint.unspool(rec.number, entry.key)
+            elif entry.offset >= journal_offset:
+                apply_record(rec, entry)
         self._save_round(rec)
         if restored:
             log.info("round %d: %d update(s) restored from the spool", rec.number, restored)
 
     def _save_round(self, rec: RoundRecord) -> None:
-        self.checkpoint.save_open_round(rec.number, rec.to_json())
+        """Snapshot the open round's record with the journal it includes (made durable first)."""
+        self.checkpoint.sync()
+        record = rec.to_json()
+        record[JOURNAL_OFFSET] = self.checkpoint.journal_end(rec.number)
+        self.checkpoint.save_open_round(rec.number, record)
+        self._snapshot_dirty, self._snapshot_at = False, time.monotonic()
+
+    def _journal(self, rec: RoundRecord, kind: int, client: str, data: Dict[str, Any]) -> None:
+        """Append a rejection or metrics message to the open round's journal (durable at the batch's sync)."""
+        self.checkpoint.record(rec.number, kind, client, data)
+        self._snapshot_dirty = True
 
     def _open_round(self) -> None:
         rec = self.rounds.open(self.state.round, self.online, self.watch.errors)
@@ -317,10 +339,10 @@ class Aggregator:
                  self.state.rounds_total, len(rec.asked), self.cfg.sampling.describe, sorted(rec.asked),
                  self.cfg.round_timeout_s, extra=fields("round-open", round=rec.number))
 
-    def _restore_round(self, saved: RoundRecord) -> None:
-        saved.reported, saved.bytes_received, saved.complete_since = {}, 0, None  # rebuilt from the spool
+    def _restore_round(self, saved: RoundRecord, journal_offset: int = 0) -> None:
+        saved.reported, saved.bytes_received, saved.complete_since = {}, 0, None  # rebuilt from the journal
         rec = self.rounds.resume(saved)
-        self._begin(rec)
+        self._begin(rec, journal_offset)
         log.info("round %d resumed: asked %s, %d reported, deadline in %.0f s", rec.number, sorted(rec.asked),
                  len(rec.reported), self.cfg.round_timeout_s)
 
@@ -355,7 +377,7 @@ class Aggregator:
         log.warning("round %d: rejected update from %s: %s: %s", rec.number, client, reason, detail,
                     extra=fields("rejected", round=rec.number, client=client, reason=reason))
         if save:
-            self._save_round(rec)
+            self._journal(rec, REJECTION, client, {"reason": reason, "detail": detail, "size": size})
         return False
 
     def _no_round_record(self) -> NoRoundUpdates:
@@ -526,7 +548,7 @@ class Aggregator:
             log.debug("metrics from %s for round %s not recorded", client, metrics.round)
             return
         rec.metrics[client] = {k: getattr(metrics, k, None) for k in METRIC_FIELDS}
-        self._save_round(rec)
+        self._journal(rec, METRICS, client, rec.metrics[client])
 
     @property
     def errored(self) -> Set[str]:
@@ -538,10 +560,10 @@ class Aggregator:
         """Clients that can train now: online and not in `error` (what an extension counts and samples)."""
         return self.online - set(self.watch.errors)
 
-    def _handle_event(self, kind: str, client: str, payload: bytes, token: Optional[AckToken]) -> None:
-        """Handle one queued message, then acknowledge it if it is an update (its outcome is on disk by then).
+    def _handle_event(self, kind: str, client: str, payload: bytes, token: Optional[AckToken]) -> Optional[AckToken]:
+        """Handle one queued message; the ack token of an update, to send once its outcome is durable.
 
-        An exception other than the three below (an OSError writing the spool) propagates unacknowledged.
+        An exception other than the three below (an OSError writing the journal) propagates unacknowledged.
         """
         try:
             self.handle(kind, client, payload)
@@ -554,8 +576,7 @@ class Aggregator:
         finally:
             if kind in ("update", BAD_UPDATE):
                 self._room.release()
-        if token is not None:
-            self._ack(token)
+        return token
 
     def _count_unhandled(self, client: str, exc: Exception, size: int) -> None:
         """Count an update whose handling raised as `malformed` (saved before it is acknowledged)."""
@@ -567,19 +588,35 @@ class Aggregator:
             self.checkpoint.save_no_round(self.no_round.round, self.no_round.to_json())
 
     def _drain(self, timeout: float) -> None:
-        """Handle every queued message, waiting up to `timeout` for the first."""
+        """Handle every queued message (waiting up to `timeout` for the first), then make their outcomes durable
+        with one sync of the journal and acknowledge the updates among them (group commit)."""
         try:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
             self.watch.tick(self.state, self.current)
             return
-        while True:
-            self._handle_event(*event)
-            try:
-                event = self.events.get_nowait()
-            except queue.Empty:
-                self.watch.tick(self.state, self.current)
-                return
+        tokens = []
+        try:
+            while True:
+                token = self._handle_event(*event)
+                if token is not None:
+                    tokens.append(token)
+                if len(tokens) >= MAX_BATCH:
+                    break
+                try:
+                    event = self.events.get_nowait()
+                except queue.Empty:
+                    break
+        finally:  # what was handled before an exception (a failed journal write) is still made durable and acked
+            self._settle(tokens)
+        self.watch.tick(self.state, self.current)
+
+    def _settle(self, tokens: Sequence[AckToken]) -> None:
+        """One sync of the journal, then the PUBACKs of the updates it made durable."""
+        if tokens:
+            self.checkpoint.sync()
+            for token in tokens:
+                self._ack(token)
 
     def _wait_for_clients(self, need: int, timeout: Optional[float] = None) -> None:
         """Process messages until `need` clients are online; ClientsAbsent after `timeout` seconds if given."""
@@ -638,6 +675,8 @@ class Aggregator:
         """Close, extend (and re-announce) or give up on the open round, as the round clock says."""
         rec = self.current
         assert rec is not None
+        if self._snapshot_dirty and time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_S:
+            self._save_round(rec)
         step = self.rounds.step(rec, self.available, self.watch.errors)
         for client in step.errored:  # once per round each
             error = self.watch.errors[client]

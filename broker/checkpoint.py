@@ -5,11 +5,17 @@ to its own file, then state.json switches to it (carrying the round's history ro
 appended to history.jsonl. A crash between any two leaves a state that `load` repairs: state.json
 is the truth, and a row it carries that history.jsonl lacks is appended.
 
-Accepted updates of the open round are spooled to disk (written and fsynced) before the aggregator
-acknowledges them to the broker, and the open round's record (asked clients, rejections, metrics,
-extensions) is saved beside them when the round opens, after every rejection, metrics message and
-extension, so a restarted aggregator resumes the same round with the same clients, rejection counts
-and updates instead of waiting for clients that already submitted (they never submit a round twice).
+The open round lives in its spool folder as a snapshot of its record (round.json: asked clients,
+rejections, metrics, extensions) and an append-only journal (broker/journal.py) of what happened since
+it opened: every accepted update's blob, every rejection, every metrics message, in arrival order. The
+aggregator appends to the journal as it handles a batch of messages and makes the batch durable with one
+sync before it acknowledges any of them, so an acknowledged update or rejection is never lost and a
+rejection costs one appended record, not a rewrite of the round. The snapshot is rewritten when the
+round opens or is extended and every few seconds, and says how much of the journal it includes
+(`journal_offset`); a restarted aggregator re-folds every journaled update in arrival order (the same
+sums, bit for bit), applies the rejections and metrics after that offset to the snapshot, and resumes
+the same round with the same clients, rejection counts and updates instead of waiting for clients that
+already submitted (they never submit a round twice).
 Updates that arrive while no round is open are counted in `no-round.json` in the next round's spool
 folder until that round opens and takes them into its record.
 
@@ -23,21 +29,46 @@ import json
 import os
 import secrets
 import shutil
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from flora.edge.errors import EXIT_UNAVAILABLE, FloraError
-from flora.edge.fileio import PathLike, append_line, atomic_write_bytes, atomic_write_json, sha256_bytes, strict_json
+from flora.edge.fileio import (
+    PathLike,
+    append_line,
+    atomic_write_bytes,
+    atomic_write_json,
+    json_safe,
+    sha256_bytes,
+    strict_json,
+)
+
+from .journal import Journal, Record, scan
 
 STATE = "state.json"
 HISTORY = "history.jsonl"
 SPOOL = "spool"
 OPEN_ROUND = "round.json"
+JOURNAL = "journal.log"
+# journal record kinds
+UPDATE, REJECTION, METRICS, DROP = 1, 2, 3, 4
 NO_ROUND = "no-round.json"
 DEVICES = "devices.json"
 LOCK = ".lock"
 FORMAT = "flora-aggregator-state"
+
+
+def apply_record(rec: Any, entry: Record) -> None:
+    """A journaled rejection or metrics message, applied to a `RoundRecord` (as a restart rebuilds it)."""
+    try:
+        data = json.loads(entry.payload)
+    except ValueError:  # written by the aggregator itself: only disk corruption the CRC missed
+        return
+    if entry.kind == REJECTION:
+        rec.reject(entry.key, data["reason"], data["detail"], int(data["size"]))
+    elif entry.kind == METRICS and entry.key in rec.reported:
+        rec.metrics[entry.key] = data
 
 
 class CheckpointError(FloraError, RuntimeError):
@@ -74,6 +105,8 @@ class Checkpoint:
         if create:
             self.dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd: Optional[int] = None
+        self._journal: Optional[Journal] = None
+        self._journal_round: Optional[int] = None
 
     @classmethod
     def reader(cls, directory: PathLike) -> Checkpoint:
@@ -154,11 +187,20 @@ class Checkpoint:
         """A fresh state at round 0 with a new run id (or `run_id`)."""
         state = AggregatorState(model_id, 0, rounds_total, "", "", run_id=run_id or new_run_id())
         self._write_global(state, 0, initial_global)
-        atomic_write_json(self.dir / STATE, asdict(state))
+        self._write_state(state)
         return state
 
+    def _write_state(self, state: AggregatorState) -> None:
+        """state.json, atomically: shallow (its last_row of a 10,000-client round is not deep-copied) and compact
+        JSON when it is large (the C encoder; indented JSON is written by the pure-Python one)."""
+        data = json_safe({f.name: getattr(state, f.name) for f in fields(state)})
+        big = len((state.last_row or {}).get("asked", ())) > 100
+        text = json.dumps(data, sort_keys=True, allow_nan=False, **({"separators": (",", ":")} if big else
+                                                                    {"indent": 2}))
+        atomic_write_bytes(self.dir / STATE, (text + "\n").encode())
+
     def save(self, state: AggregatorState) -> None:
-        atomic_write_json(self.dir / STATE, asdict(state))
+        self._write_state(state)
 
     def commit(self, state: AggregatorState, next_round: int, global_blob: bytes, row: Dict[str, Any],
                done: bool) -> AggregatorState:
@@ -166,7 +208,7 @@ class Checkpoint:
         previous = state.global_file
         new = replace(state, round=next_round, done=done, last_row=row, extra=dict(state.extra))
         self._write_global(new, next_round, global_blob)
-        atomic_write_json(self.dir / STATE, asdict(new))
+        self._write_state(new)
         append_line(self.dir / HISTORY, strict_json(row))
         if previous and previous != new.global_file:
             (self.dir / previous).unlink(missing_ok=True)
@@ -197,27 +239,58 @@ class Checkpoint:
     def spool_dir(self, round_: int) -> Path:
         return self.dir / SPOOL / f"round-{round_:06d}"
 
+    def journal(self, round_: int) -> Journal:
+        """The open round's journal (opened on first use, a torn tail cut off; one open journal at a time)."""
+        if self._journal is None or self._journal_round != round_:
+            self.close_journal()
+            self._journal, self._journal_round = Journal(self.spool_dir(round_) / JOURNAL).open(), round_
+        return self._journal
+
+    def close_journal(self) -> None:
+        if self._journal is not None:
+            self._journal.close()
+            self._journal, self._journal_round = None, None
+
+    def sync(self) -> None:
+        """Make everything journaled so far durable (one flush; call it before acknowledging)."""
+        if self._journal is not None:
+            self._journal.sync()
+
+    def journal_end(self, round_: int) -> int:
+        """Bytes journaled so far in `round_` (what a snapshot taken now includes)."""
+        return self.journal(round_).end
+
     def spool(self, round_: int, client: str, blob: bytes) -> None:
-        """Store an accepted update durably (written, fsynced, renamed) before it is acknowledged."""
-        atomic_write_bytes(self.spool_dir(round_) / f"{client}.safetensors", blob)
+        """Journal an accepted update (durable at the next `sync`, which comes before its acknowledgement)."""
+        self.journal(round_).append(UPDATE, client, blob)
+
+    def record(self, round_: int, kind: int, client: str, data: Dict[str, Any]) -> None:
+        """Journal a rejection or a metrics message of the open round (JSON)."""
+        self.journal(round_).append(kind, client, strict_json(data).encode())
 
     def unspool(self, round_: int, client: str) -> None:
-        """Forget a spooled update (one that no longer validates when it is re-folded)."""
-        (self.spool_dir(round_) / f"{client}.safetensors").unlink(missing_ok=True)
+        """Forget a journaled update (one that no longer validates when it is re-folded)."""
+        self.journal(round_).append(DROP, client, b"")
+
+    def journaled(self, round_: int) -> Iterator[Record]:
+        """Every record of `round_`'s journal in arrival order, updates that were dropped later left out."""
+        path = self.spool_dir(round_) / JOURNAL
+        if self._journal is not None and self._journal_round == round_:
+            self._journal.sync()
+        dropped = {r.key for r in scan(path) if r.kind == DROP}
+        for rec in scan(path):
+            if not (rec.kind in (UPDATE, DROP) and rec.key in dropped):
+                yield rec
 
     def spooled(self, round_: int) -> Iterator[Tuple[str, bytes]]:
-        """(client, blob) of each update accepted in `round_` before a restart, read one at a time."""
-        folder = self.spool_dir(round_)
-        if not folder.is_dir():
-            return
-        for path in sorted(folder.glob("*.safetensors")):
-            try:
-                blob = path.read_bytes()
-            except OSError:
-                continue
-            yield path.name[: -len(".safetensors")], blob
+        """(client, blob) of each update accepted in `round_` (and not dropped), in arrival order."""
+        for rec in self.journaled(round_):
+            if rec.kind == UPDATE:
+                yield rec.key, rec.payload
 
     def clear_spool(self, round_: int) -> None:
+        if self._journal_round == round_:
+            self.close_journal()
         shutil.rmtree(self.spool_dir(round_), ignore_errors=True)
 
     def _drop_stale_spools(self, open_round: int) -> None:
@@ -231,16 +304,42 @@ class Checkpoint:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def save_open_round(self, round_: int, record: Dict[str, Any]) -> None:
-        atomic_write_json(self.spool_dir(round_) / OPEN_ROUND, record)
+        """The snapshot of the open round's record (`journal_offset`: the journal bytes it includes); compact
+        JSON, which the C encoder writes (a record of 10,000 clients is megabytes)."""
+        text = json.dumps(json_safe(record), sort_keys=True, separators=(",", ":"), allow_nan=False)
+        atomic_write_bytes(self.spool_dir(round_) / OPEN_ROUND, text.encode())
 
-    def load_open_round(self, round_: int) -> Optional[Dict[str, Any]]:
-        """The saved record of open round `round_`, or None (not started, or unreadable: start it afresh)."""
+    def load_open_round(self, round_: int, replay: bool = False) -> Optional[Dict[str, Any]]:
+        """The saved snapshot of open round `round_`, or None (not started, or unreadable: start it afresh).
+
+        With `replay`, as a restarted aggregator would rebuild it: the journal's updates (`reported`, their
+        num_samples) and the rejections and metrics journaled after the snapshot applied (reads the journal)."""
         path = self.spool_dir(round_) / OPEN_ROUND
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        return record if isinstance(record, dict) and record.get("number") == round_ else None
+        if not (isinstance(record, dict) and record.get("number") == round_):
+            return None
+        return self._replayed(round_, record) if replay else record
+
+    def _replayed(self, round_: int, record: Dict[str, Any]) -> Dict[str, Any]:
+        from flora.edge import adapter
+
+        from .rounds import RoundRecord
+
+        offset = int(record.pop("journal_offset", 0) or 0)
+        rec = RoundRecord.from_json(record)
+        rec.reported = {}
+        for entry in self.journaled(round_):
+            if entry.kind == UPDATE:
+                try:
+                    rec.reported[entry.key] = int(adapter.read_header(entry.payload)[1].get("num_samples", 0))
+                except (adapter.AdapterError, ValueError):
+                    rec.reported[entry.key] = 0
+            elif entry.offset >= offset:
+                apply_record(rec, entry)
+        return rec.to_json()
 
     # -- devices (what the operator views show; not needed to resume) --------------------------------
     def save_devices(self, registry: Dict[str, Any]) -> None:

@@ -93,6 +93,7 @@ class Journal:
         self._fd: Optional[int] = None
         self.unsynced = 0  # records appended since the last sync
         self.syncs = 0
+        self.end = 0  # bytes in the file: the end of the last record written
 
     def open(self) -> Journal:
         if self._fd is not None:
@@ -106,6 +107,7 @@ class Journal:
                 os.ftruncate(fd, end)  # a torn record left by a crash: it was never acknowledged
                 os.fsync(fd)
             os.lseek(fd, end, os.SEEK_SET)
+            self.end = end
         except OSError as exc:
             raise JournalError(f"cannot open the journal {self.path}: {exc}") from exc
         self._fd = fd
@@ -125,6 +127,7 @@ class Journal:
         frame = _FRAME.pack(MAGIC, kind, len(raw_key), len(payload), _crc(kind, raw_key, payload))
         _write_all(self._fd, frame + raw_key)
         _write_all(self._fd, payload)
+        self.end += len(frame) + len(raw_key) + len(payload)
         self.unsynced += 1
 
     def sync(self) -> None:

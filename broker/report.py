@@ -82,9 +82,9 @@ def print_status(state_dir: Path, plot: Optional[Path] = None, out: Callable[[st
         phase = "done"
     else:
         phase = f"round {state['round']} open"
-        record = cp.load_open_round(state["round"])
+        record = cp.load_open_round(state["round"], replay=True)
         if record is not None:
-            spooled = len(list(cp.spool_dir(state["round"]).glob("*.safetensors")))
+            spooled = len(record["reported"])
             phase += (f" (asked {len(record['asked'])}, {spooled} update(s) accepted so far, "
                       f"extended {record['extensions']} time(s))")
     run = f" (run {state['run_id']})" if state.get("run_id") else ""

@@ -35,7 +35,8 @@ class RecordingClient(FakeMqttClient):
         assert self.agg is not None and self.agg.state is not None
         number = self.agg.state.round
         spooled = dict(self.agg.checkpoint.spooled(number))
-        record = self.agg.checkpoint.load_open_round(number) or self.agg.checkpoint.load_no_round(number)
+        # what a restarted aggregator would find: the round's snapshot and its journal (or the no-round record)
+        record = self.agg.checkpoint.load_open_round(number, replay=True) or self.agg.checkpoint.load_no_round(number)
         self.snapshots.append((mid, qos, spooled, record))
 
 
@@ -82,10 +83,13 @@ def test_a_rejected_update_is_acked_after_its_rejection_is_saved(agg):
     agg._open_round()
     deliver(agg, fake, "update", "a", encode_update(M, random_adapter(M, 1), "a", 7, 5), mid=5)  # early
     deliver(agg, fake, "update", "a", b"junk", mid=6)
+    syncs = agg.checkpoint.journal(0).syncs
     agg._drain(0)
     assert fake.acked() == [5, 6]
-    assert fake.snapshots[0][3]["rejection_counts"] == {"early": 1}
-    assert fake.snapshots[1][3]["rejection_counts"] == {"early": 1, "malformed": 1} and fake.snapshots[1][2] == {}
+    # one batch, one sync (group commit): both rejections were durable before either ack went out
+    assert agg.checkpoint.journal(0).syncs == syncs + 1
+    assert fake.snapshots[0][3]["rejection_counts"] == {"early": 1, "malformed": 1} and fake.snapshots[1][2] == {}
+    assert fake.snapshots[1][3]["rejection_counts"] == {"early": 1, "malformed": 1}
 
 
 def test_an_update_while_no_round_is_open_is_acked_after_it_is_counted_on_disk(agg):
@@ -170,7 +174,8 @@ def test_an_update_received_but_not_yet_spooled_when_the_aggregator_dies_is_deli
         handled = encode_update(M, random_adapter(M, 1), "a", 0, 5)
         in_memory = encode_update(M, random_adapter(M, 2), "a", 0, 6)
         publish(topics.update("a"), handled)
-        first._handle_event(*_next_event(first, "update"))  # no round open: counted on disk, then acked
+        token = first._handle_event(*_next_event(first, "update"))  # no round open: counted on disk
+        first._settle([token])  # ... then acked
         # a QoS 1 round trip after the ack: the broker has processed the PUBACK once this is acknowledged
         assert first.client.publish("flora/acks/probe", b"", qos=1).wait_for_publish(5) is None
         publish(topics.update("a"), in_memory)

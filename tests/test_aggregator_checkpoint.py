@@ -184,7 +184,7 @@ def test_an_implausible_num_samples_is_rejected_before_it_is_spooled_or_folded(n
     agg.handle("update", "a", encode_update(m, random_adapter(m, 1), "a", 0, num_samples))
     assert agg.current.reported == {} and agg.current.rejection_counts == {"bad-num-samples": 1}
     assert list(agg.checkpoint.spooled(0)) == [] and agg.strategy.count == 0
-    assert agg.checkpoint.load_open_round(0)["rejection_counts"] == {"bad-num-samples": 1}
+    assert agg.checkpoint.load_open_round(0, replay=True)["rejection_counts"] == {"bad-num-samples": 1}
     good = random_adapter(m, 2)
     agg.handle("update", "a", encode_update(m, good, "a", 0, 7))  # a's next, sane update still counts
     agg._close_round()
