@@ -30,6 +30,7 @@ from flora.edge.fileio import sha256_bytes
 from flora.edge.logs import fields
 from flora.edge.mqtt import BrokerConfig, Connection, make_client
 from flora.edge.protocol import (
+    MODE_SYNC,
     QOS,
     ROUND_DONE,
     ROUND_TRAINING,
@@ -44,6 +45,7 @@ from flora.edge.protocol import (
 from .checkpoint import METRICS, REJECTION, UPDATE, AggregatorState, Checkpoint, CheckpointError, apply_record
 from .dashboard.server import Snapshots
 from .dashboard.snapshot import FederationInfo
+from .fedbuff import BufferConfig
 from .rounds import CLOSE, EXTEND, GIVE_UP, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
 from .strategies import StrategyFull, make_strategy
 from .validation import BAD_CLIENT_ID, DEFAULT_MAX_NUM_SAMPLES, STRATEGY_FULL, Rejected, RoundView, validate_update
@@ -104,6 +106,8 @@ class AggregatorConfig:
     on_start: Optional[StartHook] = None
     client_id: str = "flora-aggregator"
     snapshots: Optional[Snapshots] = None  # where live dashboard snapshots go (`--http`), if anywhere
+    mode: str = MODE_SYNC  # or "async": buffered asynchronous rounds (broker/async_rounds.py)
+    buffer: BufferConfig = field(default_factory=BufferConfig)  # async only
 
 
 class ClientsAbsent(FloraError, TimeoutError):

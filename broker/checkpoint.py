@@ -59,6 +59,17 @@ LOCK = ".lock"
 FORMAT = "flora-aggregator-state"
 
 
+def global_file_name(round_: int) -> str:
+    return f"global-{round_:06d}.safetensors"
+
+
+def _global_number(name: str) -> Optional[int]:
+    try:
+        return int(name[len("global-"):-len(".safetensors")])
+    except ValueError:
+        return None
+
+
 def apply_record(rec: Any, entry: Record) -> None:
     """A journaled rejection or metrics message, applied to a `RoundRecord` (as a restart rebuilds it)."""
     try:
@@ -203,20 +214,36 @@ class Checkpoint:
         self._write_state(state)
 
     def commit(self, state: AggregatorState, next_round: int, global_blob: bytes, row: Dict[str, Any],
-               done: bool) -> AggregatorState:
-        """Record a completed round (the new global, the next open round, the history row); the new state."""
+               done: bool, keep_globals: int = 1) -> AggregatorState:
+        """Record a completed round (the new global, the next open round, the history row); the new state.
+
+        `keep_globals` > 1 (async rounds) keeps that many of the latest globals on disk: the bases an update
+        may still have."""
         previous = state.global_file
         new = replace(state, round=next_round, done=done, last_row=row, extra=dict(state.extra))
         self._write_global(new, next_round, global_blob)
         self._write_state(new)
         append_line(self.dir / HISTORY, strict_json(row))
-        if previous and previous != new.global_file:
-            (self.dir / previous).unlink(missing_ok=True)
+        if keep_globals <= 1:
+            if previous and previous != new.global_file:
+                (self.dir / previous).unlink(missing_ok=True)
+        else:
+            for path in self.dir.glob("global-*.safetensors"):
+                number = _global_number(path.name)
+                if number is not None and number <= next_round - keep_globals:
+                    path.unlink(missing_ok=True)
         self.clear_spool(row["round"])
         return new
 
+    def load_global(self, round_: int) -> Optional[bytes]:
+        """The global of an earlier round if it is still kept (async rounds keep a window of them), else None."""
+        try:
+            return (self.dir / global_file_name(round_)).read_bytes()
+        except OSError:
+            return None
+
     def _write_global(self, state: AggregatorState, round_: int, blob: bytes) -> None:
-        name = f"global-{round_:06d}.safetensors"
+        name = global_file_name(round_)
         atomic_write_bytes(self.dir / name, blob)
         state.global_file = name
         state.global_sha256 = sha256_bytes(blob)

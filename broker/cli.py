@@ -80,6 +80,19 @@ def build_parser() -> CommandParser:
     s.add_argument("--metrics-grace", type=float, default=1.0,
                    help="once every asked client reported, wait up to this long (s) for their metrics")
     s.add_argument("--seed", type=int, default=0, help="seed of the client sampling")
+    a = run.add_argument_group("buffered asynchronous rounds (FedBuff)")
+    a.add_argument("--mode", default="sync", choices=["sync", "async"],
+                   help="sync: rounds of asked clients (the default); async: agents train whenever they hold a newer "
+                        "global, a new global version every --buffer updates")
+    a.add_argument("--buffer", type=int, default=10, help="async: updates folded into each new version (default: 10)")
+    a.add_argument("--max-staleness", type=int, default=10,
+                   help="async: reject updates whose base is more than this many versions old, as stale; the last "
+                        "S + 1 globals are kept in memory and on disk (default: 10)")
+    a.add_argument("--staleness", default="sqrt",
+                   help="async: weight of an update s versions old: sqrt (1/(1+sqrt(s))), constant (1) or "
+                        "hinge:A,B (1 up to B, then 1/(1+A(s-B))) (default: sqrt)")
+    a.add_argument("--server-lr", type=float, default=1.0,
+                   help="async: the server learning rate eta: next = current + eta * (buffer average - current)")
     run.add_argument("--strategy", default="fedavg", help="aggregation strategy (default: fedavg)")
     run.add_argument("--max-update-bytes", type=int, help="reject larger updates (default: fp32 size + 64 KiB)")
     run.add_argument("--max-queued-updates", type=int, default=32,
@@ -268,10 +281,22 @@ def _hooks(bundle, eval_data: Optional[Path]) -> Dict[str, Any]:
     return {"on_start": evaluator, "on_round_closed": evaluator.on_round_closed}
 
 
+def _buffer(args: argparse.Namespace):
+    """The async buffer's settings (checked even in sync mode, where they are unused)."""
+    from .fedbuff import BufferConfig, Staleness
+
+    try:
+        return BufferConfig(args.buffer, args.max_staleness, Staleness.parse(args.staleness), args.server_lr,
+                            args.min_clients)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def run(args: argparse.Namespace) -> int:
     from flora.edge.protocol import TrainConfig
 
-    from .aggregator import Aggregator, AggregatorConfig
+    from .aggregator import AggregatorConfig
+    from .async_rounds import make_aggregator
     from .rounds import Sampling
     from .strategies import STRATEGIES
 
@@ -292,11 +317,11 @@ def run(args: argparse.Namespace) -> int:
             wait_timeout_s=args.wait_timeout, metrics_grace_s=args.metrics_grace, strategy=args.strategy,
             max_update_bytes=args.max_update_bytes, max_num_samples=args.max_num_samples,
             max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
-            client_id=args.client_id, **_hooks(bundle, args.eval_data),
+            client_id=args.client_id, mode=args.mode, buffer=_buffer(args), **_hooks(bundle, args.eval_data),
         )
         if args.http:
             cfg.snapshots, dashboard = _live_dashboard(args.http)
-        aggregator = Aggregator.open(cfg)
+        aggregator = make_aggregator(cfg)
     except FloraError as exc:
         if dashboard is not None:
             dashboard.stop()

@@ -166,10 +166,21 @@ class BufferRecord:
     bytes_received: int = 0
     bytes_rejected: int = 0
     first_update_at: Optional[float] = None
+    metrics: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # by pair_key(client, base)
+
+    @property
+    def number(self) -> int:
+        """The version this buffer builds on (the protocol's round)."""
+        return self.version
 
     @property
     def count(self) -> int:
         return len(self.accepted)
+
+    @property
+    def reported(self) -> Dict[str, int]:
+        """num_samples by pair_key(client, base) of the accepted updates."""
+        return {pair_key(c, b): n for c, b, n, _ in self.accepted}
 
     @property
     def samples(self) -> int:
@@ -189,11 +200,22 @@ class BufferRecord:
         return {"version": self.version, "started_at": self.started_at, "deadline": self.deadline,
                 "accepted": [list(a) for a in self.accepted], "rejected": list(self.rejected),
                 "rejection_counts": dict(self.rejection_counts), "bytes_received": self.bytes_received,
-                "bytes_rejected": self.bytes_rejected, "first_update_at": self.first_update_at}
+                "bytes_rejected": self.bytes_rejected, "first_update_at": self.first_update_at,
+                "metrics": dict(self.metrics)}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> BufferRecord:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})  # type: ignore[arg-type]
+
+
+def pair_key(client: str, base: int) -> str:
+    """`client@base`: one accepted update's name in the journal and the history (ids never hold '@')."""
+    return f"{client}@{base}"
+
+
+def split_pair(key: str) -> Tuple[str, int]:
+    client, _, base = key.rpartition("@")
+    return client, int(base)
 
 
 class FedBuff:

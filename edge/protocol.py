@@ -26,6 +26,8 @@ _ID = wire.ID_PATTERN
 
 ROUND_TRAINING = "training"
 ROUND_DONE = "done"
+MODE_SYNC = "sync"
+MODE_ASYNC = "async"
 
 #: Bounds of the protocol's numbers and lists (far beyond any real federation, far below an overflow).
 MAX_ROUND = 10 ** 9
@@ -168,6 +170,9 @@ ROUND_MESSAGE = Message("round", Object({
     "total_rounds": Int(0, MAX_ROUND),
     "protocol": optional(Int(0, 2 ** 31), PROTOCOL_VERSION),
     "run_id": optional(Str(64), ""),
+    "mode": optional(Str(choices=(MODE_SYNC, MODE_ASYNC)), MODE_SYNC),  # async only: these three
+    "buffer": optional(Int(0, MAX_CLIENTS), 0),
+    "max_staleness": optional(Int(0, MAX_ROUND), 0),
 }), max_bytes=8 << 20)
 
 
@@ -187,12 +192,26 @@ class RoundAnnouncement:
     # names one federation run (the aggregator's state dir): an agent's record of submitted rounds
     # holds for that run only, so a federation started afresh is trained again from round 0
     run_id: str = ""
+    # buffered asynchronous rounds (`mode` "async"): `round` is the global's version, an agent trains from
+    # it and tags its update with it; the aggregator publishes a new version every `buffer` updates and
+    # accepts updates at most `max_staleness` versions old. Sync messages leave these three keys out.
+    mode: str = MODE_SYNC
+    buffer: int = 0
+    max_staleness: int = 0
 
     def asks(self, client_id: str) -> bool:
         return self.state == ROUND_TRAINING and (self.clients == "all" or client_id in self.clients)
 
+    @property
+    def is_async(self) -> bool:
+        return self.mode == MODE_ASYNC
+
     def to_json(self) -> bytes:
-        return ROUND_MESSAGE.encode(asdict(self))
+        d = asdict(self)
+        if self.mode == MODE_SYNC:  # a synchronous round message is what it always was
+            for key in ("mode", "buffer", "max_staleness"):
+                d.pop(key)
+        return ROUND_MESSAGE.encode(d)
 
     @classmethod
     def from_json(cls, payload: Union[bytes, str]) -> RoundAnnouncement:
