@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -80,6 +80,7 @@ MAX_BATCH = 256
 #: The open round's snapshot (round.json) is rewritten at most this often while only the journal grows.
 SNAPSHOT_EVERY_S = 2.0
 JOURNAL_OFFSET = "journal_offset"
+PARTIAL_KINDS = ("update", adapter.PARTIAL)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class AggregatorConfig:
     on_start: Optional[StartHook] = None
     client_id: str = "flora-aggregator"
     snapshots: Optional[Snapshots] = None  # where live dashboard snapshots go (`--http`), if anywhere
+    sites: FrozenSet[str] = frozenset()  # clients that are site aggregators: their updates are partials
     mode: str = MODE_SYNC  # or "async": buffered asynchronous rounds (broker/async_rounds.py)
     buffer: BufferConfig = field(default_factory=BufferConfig)  # async only
 
@@ -146,6 +148,10 @@ class Aggregator:
         self.strategy = make_strategy(cfg.strategy, cfg.strategy_options)
         self.checkpoint = Checkpoint(cfg.state_dir)
         self.max_bytes = cfg.max_update_bytes or adapter.max_blob_bytes(self.manifest.trainable)
+        self.max_partial_bytes = adapter.max_blob_bytes(self.manifest.trainable, itemsize=8)
+        if cfg.sites and not self.strategy.folds_partials:
+            raise ConfigError(f"--sites: the {self.strategy.name} strategy cannot fold a site's partial (its aggregate "
+                              "is not a sum); use fedavg")
         if cfg.max_queued_updates < 1:
             raise ConfigError(f"--max-queued-updates must be >= 1, got {cfg.max_queued_updates}")
         self.events: queue.Queue[Event] = queue.Queue()
@@ -356,13 +362,19 @@ class Aggregator:
         rec = self.current
         assert rec is not None
         view = RoundView(rec.number, rec.asked, rec.reported.keys())
+        site = client in self.cfg.sites  # a site aggregator's partial (the weighted sum of its devices' updates)
         try:
-            update = validate_update(blob, client, self.manifest, view, self.max_bytes, self.cfg.max_num_samples)
+            update = validate_update(blob, client, self.manifest, view, self.max_partial_bytes if site else
+                                     self.max_bytes, self.cfg.max_num_samples, kinds=PARTIAL_KINDS if site else
+                                     ("update",))
         except Rejected as why:
             return self._reject(rec, client, why.reason, why.detail, len(blob), save=spool)
         num_samples = int(update.meta.num_samples or 0)
         try:
-            self.strategy.accumulate(update.tensors, num_samples)  # checks the weight before touching a sum
+            if update.meta.kind == adapter.PARTIAL:  # folded as it is: the root's sums become the flat ones
+                self.strategy.accumulate_partial(update.tensors, num_samples)
+            else:
+                self.strategy.accumulate(update.tensors, num_samples)  # checks the weight before touching a sum
         except StrategyFull as exc:  # a strategy that keeps every update holds as many as it may
             return self._reject(rec, client, STRATEGY_FULL, str(exc), len(blob), save=spool)
         except ValueError as exc:  # the strategy refused the weight: the sums are untouched

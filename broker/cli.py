@@ -93,6 +93,15 @@ def build_parser() -> CommandParser:
                         "hinge:A,B (1 up to B, then 1/(1+A(s-B))) (default: sqrt)")
     a.add_argument("--server-lr", type=float, default=1.0,
                    help="async: the server learning rate eta: next = current + eta * (buffer average - current)")
+    g = run.add_argument_group("sites: aggregation over bridged brokers")
+    g.add_argument("--role", default="root", choices=["root", "site"],
+                   help="root: run the federation (the default); site: serve the root's rounds to this site's devices "
+                        "and send the root one partial (weighted sum, total weight) per round")
+    g.add_argument("--upstream", help="site: the broker where the root federation's topics are (the root's, or this "
+                                      "site's own when a mosquitto bridge carries them; devices/mosquitto/)")
+    g.add_argument("--upstream-federation", help="site: the root's federation name (default: --federation)")
+    g.add_argument("--site-id", help="site: this site's client id in the root federation (default: --client-id)")
+    g.add_argument("--sites", help="root: comma-separated client ids of site aggregators, whose updates are partials")
     run.add_argument("--strategy", default="fedavg", help="aggregation strategy (default: fedavg)")
     run.add_argument("--max-update-bytes", type=int, help="reject larger updates (default: fp32 size + 64 KiB)")
     run.add_argument("--max-queued-updates", type=int, default=32,
@@ -292,6 +301,12 @@ def _buffer(args: argparse.Namespace):
         raise ConfigError(str(exc)) from None
 
 
+def _sites(text: Optional[str]) -> frozenset:
+    from flora.edge.protocol import check_id
+
+    return frozenset(check_id(s.strip(), "site id") for s in (text or "").split(",") if s.strip())
+
+
 def run(args: argparse.Namespace) -> int:
     from flora.edge.protocol import TrainConfig
 
@@ -317,11 +332,17 @@ def run(args: argparse.Namespace) -> int:
             wait_timeout_s=args.wait_timeout, metrics_grace_s=args.metrics_grace, strategy=args.strategy,
             max_update_bytes=args.max_update_bytes, max_num_samples=args.max_num_samples,
             max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
-            client_id=args.client_id, mode=args.mode, buffer=_buffer(args), **_hooks(bundle, args.eval_data),
+            client_id=args.client_id, mode=args.mode, buffer=_buffer(args), sites=_sites(args.sites),
+            **_hooks(bundle, args.eval_data),
         )
         if args.http:
             cfg.snapshots, dashboard = _live_dashboard(args.http)
-        aggregator = make_aggregator(cfg)
+        if args.role == "site":
+            from .site import site_from_args
+
+            aggregator = site_from_args(cfg, args.upstream, args.upstream_federation, args.site_id)
+        else:
+            aggregator = make_aggregator(cfg)
     except FloraError as exc:
         if dashboard is not None:
             dashboard.stop()
