@@ -12,22 +12,13 @@ from flora.broker.checkpoint import JOURNAL, OPEN_ROUND
 from flora.broker.rounds import Sampling
 from flora.edge.synthetic import encode_update, random_adapter
 
-from .test_aggregator_rounds import FakeClock, metrics, offline_aggregator, status
-
-
-class CountingAcks:
-    def __init__(self) -> None:
-        self.acked = []
-
-    def ack(self, mid: int, qos: int) -> int:
-        self.acked.append(mid)
-        return 0
+from .fakes import FakeClock, metrics, offline_aggregator, status
 
 
 def started(tmp_path, clock, clients=("a", "b", "c", "d")):
     agg = offline_aggregator(tmp_path, clock, rounds=2, sampling=Sampling(min_clients=len(clients)))
     agg._resume_or_start()
-    agg.client, agg.connections = CountingAcks(), 1
+    agg.connections = 1
     for c in clients:
         agg.handle("status", c, status(c))
     agg._open_round()
@@ -53,7 +44,7 @@ def test_a_batch_is_made_durable_by_one_sync_and_rejections_and_metrics_rewrite_
     deliver(agg, "update", "c", b"junk", mid=13)  # malformed
     deliver(agg, "metrics", "a", metrics("a", 0, 0.5), mid=14)
     agg._drain(0)
-    assert agg.client.acked == [14, 10, 11, 12, 13]  # metrics at once; the updates after the batch's sync
+    assert agg.client.acked() == [14, 10, 11, 12, 13]  # metrics at once; the updates after the batch's sync
     assert journal.syncs == syncs + 1  # four updates and a metrics message: one flush
     assert snapshot.stat().st_mtime_ns == written  # rejections and metrics only appended to the journal
     assert agg.current.rejection_counts == {"duplicate": 1, "malformed": 1}
@@ -119,7 +110,7 @@ def test_a_full_batch_leaves_the_rest_of_the_queue_for_the_next_drain(tmp_path, 
     for i, c in enumerate(clients):
         deliver(agg, "update", c, encode_update(m, random_adapter(m, i), c, 0, 1 + i), mid=20 + i)
     agg._drain(0)
-    assert agg.client.acked == [20, 21] and len(agg.current.reported) == 2  # one batch of two
+    assert agg.client.acked() == [20, 21] and len(agg.current.reported) == 2  # one batch of two
     agg._drain(0)
     agg._drain(0)
-    assert agg.client.acked == [20, 21, 22, 23, 24] and sorted(agg.current.reported) == clients
+    assert agg.client.acked() == [20, 21, 22, 23, 24] and sorted(agg.current.reported) == clients
