@@ -60,6 +60,7 @@ class Counter:
 
 
 def measure(qos: int, rounds: int, manifest, workdir: Path) -> Dict:
+    """One device away for `rounds` rounds, subscribed as the agent is (`Topics.downlink`) but at `qos`."""
     from flora.broker.mosquitto import start_mosquitto
     from flora.edge import adapter
     from flora.edge.fileio import sha256_bytes
@@ -87,7 +88,7 @@ def measure(qos: int, rounds: int, manifest, workdir: Path) -> Dict:
         counter = Counter()
         device = make_client(cfg, "device")
         device.on_message = counter.on_message
-        subscribe = [(topics.global_, qos), (topics.round, qos)]
+        subscribe = [(topic, qos) for topic, _ in topics.downlink()]  # the agent's own subscriptions, at `qos`
         conn = Connection(cfg, device, on_connected=lambda c: c.subscribe(subscribe))
         conn.start()
         counter.quiet_for(1.0)
@@ -137,7 +138,8 @@ def markdown(result: Dict) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=20)
-    p.add_argument("--qos", default="1,0", help="comma-separated subscription QoS values to measure")
+    p.add_argument("--qos", default="1,0", help="comma-separated subscription QoS values to measure (the agent "
+                                                "subscribes at flora.edge.protocol.DOWNLINK_QOS, 0; it did at 1)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     from flora.edge.synthetic import vitb32_manifest

@@ -61,6 +61,7 @@ class AgentConfig:
     publish_timeout_s: float = 60.0  # how long a round waits for the broker to acknowledge its update
     metrics_port: Optional[int] = None  # serve this agent's figures for Prometheus (`--metrics-port`)
     metrics_host: str = "127.0.0.1"
+    slowdown: float = 1.0  # > 1: a straggler for tests and simulations, each round takes this many times as long
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else Path("flora-state") / self.client_id
@@ -163,11 +164,13 @@ class Agent:
         self.connection = Connection(self.broker_cfg, client, on_connected=self._on_connected)
 
     @classmethod
-    def open(cls, cfg: AgentConfig, client: Optional[MqttClient] = None) -> Agent:
-        """Load the bundle and its trainer, the state dir, the local data (features through the cache),
-        and make a paho client with the agent's last will (or use `client`). Nothing is connected yet."""
+    def open(cls, cfg: AgentConfig, client: Optional[MqttClient] = None,
+             parts: Optional[Tuple[Bundle, Trainer]] = None) -> Agent:
+        """Load the bundle and its trainer (or use `parts`: a simulation's clients share one session), the
+        state dir, the local data (features through the cache), and make a paho client with the agent's
+        last will (or use `client`). Nothing is connected yet."""
         check_id(cfg.client_id)
-        bundle, trainer = open_bundle_and_trainer(cfg)
+        bundle, trainer = parts if parts is not None else open_bundle_and_trainer(cfg)
         store = StateStore(cfg.resolved_state_dir())
         state = open_state(store, cfg.client_id, bundle.manifest.model_id, cfg.federation)
         data = load_device_data(cfg.data, bundle, store.dir, shots=cfg.shots, val_fraction=cfg.val_fraction,
@@ -194,7 +197,7 @@ class Agent:
 
     # -- MQTT callbacks (paho's thread) ------------------------------------------------------
     def _on_connected(self, client) -> None:
-        client.subscribe([(self.topics.global_, QOS), (self.topics.round, QOS)])
+        client.subscribe(self.topics.downlink())
         self.events.put(("connected", b""))
 
     def _on_message(self, client, userdata, message) -> None:
@@ -380,6 +383,7 @@ class Agent:
             seed=self.cfg.seed * 100003 + r.round, progress=lambda line: log.info("round %d: %s", r.round, line),
             progress_every_s=self.cfg.progress_every_s, should_stop=self.stop_event.is_set,
         )
+        self._straggle(result.wall_time_s)
         val = evaluate(self.trainer, self.val_data, eval_batch_size(self.manifest.input_kind, cfg.batch_size))
         blob = adapter_blob.encode(
             self.trainer.get_adapter(), model_id=self.manifest.model_id, round=r.round, kind="update",
@@ -399,6 +403,11 @@ class Agent:
                  result.train_accuracy, f"{val.accuracy:.3f}" if val else "n/a", result.wall_time_s,
                  1e3 * result.step_time_s, result.peak_rss_mb, extra=fields("sent", round=r.round))
         self.publish_status("idle")
+
+    def _straggle(self, trained_s: float) -> None:
+        """With --slowdown F, wait (F - 1) times the round's training time (a slow device; stop ends it)."""
+        if self.cfg.slowdown > 1.0 and self.stop_event.wait((self.cfg.slowdown - 1.0) * trained_s):
+            raise Stopped()
 
     def _publish_metrics(self, r: RoundAnnouncement, result: RoundResult, val: Optional[Evaluation],
                          update_bytes: int) -> None:

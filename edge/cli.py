@@ -75,6 +75,9 @@ def build_parser() -> CommandParser:
                      help="serve this agent's step time, round time, samples, peak RSS and last round for "
                           "Prometheus at http://HOST:PORT/metrics (off by default)")
     run.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port (default: loopback)")
+    run.add_argument("--slowdown", type=Bounded(float, minimum=1.0), default=1.0, metavar="F",
+                     help="take F times as long per round as this device needs (a straggler, for tests and "
+                          "simulations; default %(default)s)")
     run.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     run.add_argument("--log-format", default="plain", choices=FORMATS,
                      help="plain lines, or one JSON object per line (journald, log shippers)")
@@ -118,18 +121,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     return run_agent(args)
 
 
+def agent_config(args: argparse.Namespace):
+    """The AgentConfig of parsed `run` options."""
+    from .agent import AgentConfig
+
+    return AgentConfig(
+        bundle=Path(args.bundle), data=Path(args.data), broker=BrokerConfig.from_args(args),
+        client_id=args.client_id, federation=args.federation,
+        state_dir=Path(args.state_dir) if args.state_dir else None, backend=args.backend, threads=args.threads,
+        providers=args.providers, shots=args.shots, val_fraction=args.val_fraction, seed=args.seed,
+        fp16_updates=args.fp16_updates, exit_when_done=args.exit_when_done,
+        progress_every_s=args.progress_every_s, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+        slowdown=args.slowdown,
+    )
+
+
 def run_agent(args: argparse.Namespace) -> int:
-    from .agent import Agent, AgentConfig
+    from .agent import Agent
 
     try:
-        cfg = AgentConfig(
-            bundle=Path(args.bundle), data=Path(args.data), broker=BrokerConfig.from_args(args),
-            client_id=args.client_id, federation=args.federation,
-            state_dir=Path(args.state_dir) if args.state_dir else None, backend=args.backend, threads=args.threads,
-            providers=args.providers, shots=args.shots, val_fraction=args.val_fraction, seed=args.seed,
-            fp16_updates=args.fp16_updates, exit_when_done=args.exit_when_done,
-            progress_every_s=args.progress_every_s, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-        )
+        cfg = agent_config(args)
         agent = Agent.open(cfg)
     except FloraError as exc:
         return report(PROG, exc)

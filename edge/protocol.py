@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from . import wire
 from .fileio import json_safe
@@ -20,6 +20,10 @@ from .wire import Array, Const, Float, Int, Map, Message, Nullable, Object, OneO
 
 PREFIX = "flora"
 QOS = 1
+#: The QoS devices subscribe `global` and `round` with: both are retained, so every (re)subscription brings
+#: the current ones once, and nothing is queued for a device while it is away (a device back after 20
+#: rounds downloads one global, not 21). Updates, statuses and metrics stay at QOS.
+DOWNLINK_QOS = 0
 PROTOCOL_VERSION = 1
 
 _ID = wire.ID_PATTERN
@@ -104,6 +108,10 @@ class Topics:
     @property
     def all_secagg_up(self) -> str:
         return f"{self.base}/secagg/up/+"
+
+    def downlink(self) -> List[Tuple[str, int]]:
+        """What a device subscribes to, with its QoS: the retained `global` and `round` at DOWNLINK_QOS."""
+        return [(self.global_, DOWNLINK_QOS), (self.round, DOWNLINK_QOS)]
 
     @property
     def all_updates(self) -> str:
