@@ -86,14 +86,15 @@ class AsyncAggregator(Aggregator):
             max_staleness=self.buffer.max_staleness,
         )
 
-    def _open_round(self) -> None:
+    def _open_round(self, announce: bool = True) -> None:
         rec = self.fedbuff.open()
         if self.no_round is not None and self.no_round.round == rec.version:
             self.no_round.merge_into(rec)  # type: ignore[arg-type]
         self._begin(rec)
         self.checkpoint.clear_no_round(rec.version)  # after round.json holds them
         self.no_round = None
-        self._announce(rec)  # type: ignore[arg-type]
+        if announce:
+            self._announce(rec)  # type: ignore[arg-type]
         log.info("version %d of %d open: buffer of %d update(s), staleness %s up to %d version(s), server lr %g",
                  rec.version, self.state.rounds_total, self.buffer.buffer, self.buffer.staleness.describe,
                  self.buffer.max_staleness, self.buffer.server_lr)
@@ -211,9 +212,14 @@ class AsyncAggregator(Aggregator):
                                             keep_globals=self.buffer.max_staleness + 1)
         self.global_blob, self.global_tensors = blob, tensors
         self.current = None
+        if self.state.done:
+            self._publish(self.topics.global_, blob, retain=True)
+            return
+        # the next buffer opens before the new global goes out: the updates that arrive meanwhile (from older
+        # bases) are folded into it, never left without a buffer
+        self._open_round(announce=False)
         self._publish(self.topics.global_, blob, retain=True)
-        if not self.state.done:  # the next buffer opens at once: no update ever waits for a round to open
-            self._open_round()
+        self._announce(self.current)  # type: ignore[arg-type]
 
     def _history_row(self, rec: BufferRecord, new: Optional[Dict[str, np.ndarray]]) -> Dict[str, Any]:  # type: ignore
         now = self.clock()

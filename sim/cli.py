@@ -44,7 +44,11 @@ def build_parser() -> CommandParser:
                    help="'digits' (scikit-learn's, written as PNG folders under OUT/data, offline) or an image "
                         "folder: DIR/<class>/ (20%% split off as the test set) or DIR/train/<class>/ and "
                         "DIR/test/<class>/ (default: %(default)s)")
-    d.add_argument("--clients", type=int, default=4, help="number of agent processes (default: %(default)s)")
+    d.add_argument("--clients", type=int, default=4,
+                   help="number of clients, each with its own data, state dir and MQTT identity (default: %(default)s)")
+    d.add_argument("--processes", type=int, metavar="P",
+                   help="agent processes for them (default: one per client); fewer than --clients hosts several "
+                        "virtual clients per process sharing one ONNX Runtime session (the step backend)")
     d.add_argument("--partition", default="iid",
                    help="how the training images are split among clients: iid, dirichlet:ALPHA (label skew, "
                         "smaller is more skewed) or shards:K (K classes per client) (default: %(default)s)")
@@ -67,6 +71,17 @@ def build_parser() -> CommandParser:
                    help="after the federated run add baselines to the report: zero-shot (round 0), centralised "
                         "LoRA on the union of the clients' training splits, and local-only LoRA per client "
                         "(mean of their test accuracies)")
+    a = p.add_argument_group("asynchronous rounds")
+    a.add_argument("--mode", default="sync", choices=["sync", "async"],
+                   help="async: buffered asynchronous rounds (FedBuff), run after a sync run on the same data and "
+                        "reported side by side: time to the sync run's final accuracy (default: %(default)s)")
+    a.add_argument("--straggler-factor", type=float, default=1.0, metavar="F",
+                   help="the last client takes F times as long per round (flora-agent --slowdown) "
+                        "(default: %(default)s)")
+    a.add_argument("--buffer", type=int, help="async: updates per version (default: clients - 1)")
+    a.add_argument("--max-staleness", type=int, default=10, help="async: see flora-aggregator (default: %(default)s)")
+    a.add_argument("--staleness", default="sqrt", help="async: sqrt, constant or hinge:A,B (default: %(default)s)")
+    a.add_argument("--server-lr", type=float, default=1.0, help="async: server learning rate (default: %(default)s)")
     r = p.add_argument_group("run")
     r.add_argument("--round-timeout", type=float, default=120.0,
                    help="seconds the aggregator waits for a round's updates (default: %(default)s)")
@@ -87,7 +102,9 @@ def config_from_args(args: argparse.Namespace):
         out=args.out, shots=args.shots, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         compare=args.compare, backend=args.backend, fp16_updates=args.fp16_updates, bundle=args.bundle,
         val_fraction=args.val_fraction, round_timeout=args.round_timeout, timeout=args.timeout,
-        random_init=args.random_init, http=args.http,
+        random_init=args.random_init, http=args.http, processes=args.processes, mode=args.mode, buffer=args.buffer,
+        max_staleness=args.max_staleness, staleness=args.staleness, server_lr=args.server_lr,
+        straggler_factor=args.straggler_factor,
     )
 
 

@@ -8,7 +8,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -69,6 +69,27 @@ class SimConfig:
     timeout: float = 1800.0
     random_init: bool = False
     http: Optional[str] = None  # the aggregator's dashboard address, if any
+    processes: Optional[int] = None  # agent processes; fewer than clients: virtual clients share a step session
+    mode: str = "sync"  # async: buffered asynchronous rounds, reported side by side with a sync run
+    buffer: Optional[int] = None  # async: updates per version (default: clients - 1)
+    max_staleness: int = 10
+    staleness: str = "sqrt"
+    server_lr: float = 1.0
+    straggler_factor: float = 1.0  # the last client takes this many times as long per round
+
+    @property
+    def hosted(self) -> bool:
+        """Several clients per agent process (`--processes` below `--clients`)."""
+        return self.processes is not None and self.processes < self.clients
+
+    @property
+    def async_buffer(self) -> int:
+        return self.buffer if self.buffer is not None else max(1, self.clients - 1)
+
+    @property
+    def async_versions(self) -> int:
+        """Versions an async run publishes: as many updates in all as the sync run's rounds take."""
+        return -(-self.rounds * self.clients // self.async_buffer)
 
 
 class SimError(FloraError, RuntimeError):
@@ -210,6 +231,16 @@ def _f(v: Optional[float]) -> str:
 
 
 # -- the run -------------------------------------------------------------------------------------
+def effective_backend(cfg: SimConfig) -> str:
+    """The agents' backend: virtual clients sharing a session need `step` (its weights and moments are inputs)."""
+    if not cfg.hosted:
+        return cfg.backend
+    if cfg.backend == "ort-training":
+        raise SimError("--processes below --clients needs the step backend (its weights and AdamW moments are inputs "
+                       "a client can swap); ort-training keeps them inside its session")
+    return "step"
+
+
 def check_config(cfg: SimConfig) -> None:
     """Everything that can be refused before any data is written or any bundle exported (SimError,
     PartitionError, UnknownPresetError)."""
@@ -231,12 +262,28 @@ def check_config(cfg: SimConfig) -> None:
         get_preset(cfg.model)
     elif not Path(cfg.bundle).is_dir():
         raise SimError(f"--bundle {cfg.bundle} is not a folder")
+    if cfg.processes is not None and cfg.processes < 1:
+        raise SimError(f"--processes must be >= 1, got {cfg.processes}")
+    if cfg.mode not in ("sync", "async"):
+        raise SimError(f"--mode must be sync or async, got {cfg.mode!r}")
+    if cfg.straggler_factor < 1:
+        raise SimError(f"--straggler-factor must be >= 1, got {cfg.straggler_factor}")
+    if cfg.mode == "async":
+        from flora.broker.fedbuff import BufferConfig, Staleness  # no torch, no MQTT
+
+        try:
+            BufferConfig(cfg.async_buffer, cfg.max_staleness, Staleness.parse(cfg.staleness), cfg.server_lr)
+        except ValueError as exc:
+            raise SimError(str(exc)) from None
+    effective_backend(cfg)
 
 
 def run(cfg: SimConfig, say: Say = print) -> Dict:
-    """Federate, report, then (with --compare) add the baselines to the report already written."""
+    """Federate, report, then (with --compare) add the baselines to the report already written. With --mode
+    async a synchronous run comes first, and the report compares their time to the sync run's accuracy."""
     check_config(cfg)
     t_start = time.monotonic()
+    cfg = replace(cfg, backend=effective_backend(cfg))
     cfg.out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg)
     bundle = prepare_bundle(cfg, data.classes, say)
@@ -247,9 +294,18 @@ def run(cfg: SimConfig, say: Say = print) -> Dict:
     write_csv(cfg.out / "test.csv", data.test, data.classes)
     say(f"{data.name}: {len(data.train)} training images in {cfg.clients} shards ({cfg.partition}, label skew "
         f"{histogram_skew(hist):.3f}; sizes {[len(s) for s in shards]}), {len(data.test)} held-out test images")
-    rows, initial = federate(cfg, bundle, t_start, say)
+    modes = {}
+    if cfg.mode == "async":
+        say(f"sync rounds first ({cfg.rounds} rounds of {cfg.clients} clients), for comparison")
+        modes["sync"] = federate(cfg, bundle, time.monotonic(), say, mode="sync", tag="-sync")
+        say(f"async: buffer {cfg.async_buffer}, {cfg.async_versions} versions, staleness {cfg.staleness} up to "
+            f"{cfg.max_staleness}, server lr {cfg.server_lr}")
+    rows, initial = modes[cfg.mode] = federate(cfg, bundle, time.monotonic() if modes else t_start, say,
+                                               mode=cfg.mode)
     report = build_report(cfg, data, bundle, shards, hist, rows, initial)
     report["federated_seconds"] = round(time.monotonic() - t_start, 1)
+    if cfg.mode == "async":
+        report["modes"] = compare_modes(modes)
     write_report(cfg.out, report, say)
     if cfg.compare:
         add_baselines(cfg, bundle, shards, data, report, say)
@@ -261,22 +317,22 @@ def client_dir(cfg: SimConfig, i: int) -> Path:
     return cfg.out / "clients" / f"client-{i}"
 
 
-def federate(cfg: SimConfig, bundle: Bundle, t_start: float, say: Say) -> Tuple[List[Dict], Dict]:
+def federate(cfg: SimConfig, bundle: Bundle, t_start: float, say: Say, mode: str = "sync",
+             tag: str = "") -> Tuple[List[Dict], Dict]:
     """Run the broker, the aggregator and the agents to the end; every one is stopped on every way out."""
-    state_dir = cfg.out / "aggregator"
+    state_dir = cfg.out / f"aggregator{tag}"
     for stale in (state_dir, *(client_dir(cfg, i) / "state" for i in range(cfg.clients))):
         if stale.exists():
             shutil.rmtree(stale)  # a new run, not a resume
-    group = ProcessGroup(cfg.out / "logs")
+    group = ProcessGroup(cfg.out / f"logs{tag}")
     broker: Optional[Mosquitto] = None
     try:
         with signals_deferred():  # a Ctrl-C while mosquitto starts up is held until `broker` is set
-            broker = start_mosquitto(cfg.out / "mosquitto")
-        say(f"mosquitto on {broker.url}; logs in {cfg.out / 'logs'}"
+            broker = start_mosquitto(cfg.out / f"mosquitto{tag}")
+        say(f"mosquitto on {broker.url}; logs in {cfg.out / f'logs{tag}'}"
             + (f"; dashboard on http://{cfg.http}/" if cfg.http else ""))
-        group.start("aggregator", "flora.broker.cli", aggregator_args(cfg, bundle, broker.url))
-        agents = [group.start(f"client-{i}", "flora.edge.cli", agent_args(cfg, bundle, broker.url, i))
-                  for i in range(cfg.clients)]
+        group.start("aggregator", "flora.broker.cli", aggregator_args(cfg, bundle, broker.url, mode, state_dir))
+        agents = start_agents(cfg, bundle, broker.url, group, cfg.out / f"logs{tag}")
         rows = watch(cfg, state_dir, group, t_start, say)
         if not group.wait(agents, timeout=60):
             raise SimError("the agents did not exit after the federation finished")
@@ -296,13 +352,34 @@ def teardown(group: ProcessGroup, broker: Optional[Mosquitto]) -> None:
                 broker.stop()
 
 
-def aggregator_args(cfg: SimConfig, bundle: Bundle, url: str) -> List[str]:
-    return ["--bundle", str(bundle.root), "--broker", url, "--federation", FEDERATION,
-            "--rounds", str(cfg.rounds), "--state-dir", str(cfg.out / "aggregator"),
-            "--wait-for-clients", str(cfg.clients), "--min-clients", str(cfg.clients),
+def aggregator_args(cfg: SimConfig, bundle: Bundle, url: str, mode: str = "sync",
+                    state_dir: Optional[Path] = None) -> List[str]:
+    args = ["--bundle", str(bundle.root), "--broker", url, "--federation", FEDERATION,
+            "--state-dir", str(state_dir or cfg.out / "aggregator"), "--wait-for-clients", str(cfg.clients),
             "--round-timeout", str(cfg.round_timeout), "--epochs", str(cfg.epochs), "--lr", str(cfg.lr),
             "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--eval-data", str(cfg.out / "test.csv"),
             "--wait-timeout", "300", *(["--http", cfg.http] if cfg.http else [])]
+    if mode == "async":
+        return [*args, "--mode", "async", "--rounds", str(cfg.async_versions), "--min-clients", "1",
+                "--buffer", str(cfg.async_buffer), "--max-staleness", str(cfg.max_staleness),
+                "--staleness", cfg.staleness, "--server-lr", str(cfg.server_lr)]
+    return [*args, "--rounds", str(cfg.rounds), "--min-clients", str(cfg.clients)]
+
+
+def start_agents(cfg: SimConfig, bundle: Bundle, url: str, group: ProcessGroup, logs: Path) -> List[Child]:
+    """One flora-agent process per client, or (--processes below --clients) that many hosts of virtual clients."""
+    if not cfg.hosted:
+        return [group.start(f"client-{i}", "flora.edge.cli", agent_args(cfg, bundle, url, i))
+                for i in range(cfg.clients)]
+    assert cfg.processes is not None
+    hosts = []
+    for k, part in enumerate(np.array_split(np.arange(cfg.clients), cfg.processes)):
+        spec = logs / f"host-{k}-clients.json"
+        spec.parent.mkdir(parents=True, exist_ok=True)
+        spec.write_text(json.dumps([agent_args(cfg, bundle, url, int(i)) for i in part]))
+        hosts.append(group.start(f"host-{k}", "flora.sim.host", ["--bundle", str(bundle.root),
+                                                                  "--clients-file", str(spec)]))
+    return hosts
 
 
 def agent_args(cfg: SimConfig, bundle: Bundle, url: str, i: int) -> List[str]:
@@ -310,6 +387,8 @@ def agent_args(cfg: SimConfig, bundle: Bundle, url: str, i: int) -> List[str]:
             "--client-id", f"client-{i}", "--federation", FEDERATION, "--state-dir", str(client_dir(cfg, i) / "state"),
             "--exit-when-done", "--val-fraction", str(cfg.val_fraction), "--seed", str(client_seed(cfg.seed, i)),
             "--backend", cfg.backend, "--threads", "1"]
+    if cfg.straggler_factor > 1.0 and i == cfg.clients - 1:
+        args += ["--slowdown", str(cfg.straggler_factor)]
     return args + (["--fp16-updates"] if cfg.fp16_updates else [])
 
 
@@ -425,6 +504,42 @@ def compare(cfg: SimConfig, bundle: Bundle, shards: List[List[Sample]], data: Sp
     return accuracy, info
 
 
+def time_to_accuracy(rows: List[Dict], target: Optional[float]) -> Optional[float]:
+    """Seconds from the first round's start until a global first reached `target` test accuracy (None: never)."""
+    if target is None or not rows:
+        return None
+    for r in rows:
+        acc = r.get("test_accuracy")
+        if isinstance(acc, (int, float)) and acc >= target - 1e-12:
+            return round(r["closed_at"] - rows[0]["started_at"], 2)
+    return None
+
+
+def compare_modes(modes: Dict[str, Tuple[List[Dict], Dict]]) -> Dict:
+    """Sync and async side by side: accuracy against time, and each one's time to the sync run's final accuracy."""
+    sync_rows = modes["sync"][0]
+    target = sync_rows[-1].get("test_accuracy") if sync_rows else None
+    out: Dict = {"target_accuracy": target, "target": "the sync run's final held-out test accuracy"}
+    for name, (rows, _) in modes.items():
+        t0 = rows[0]["started_at"] if rows else 0.0
+        out[name] = {"globals": len(rows), "final_accuracy": rows[-1].get("test_accuracy") if rows else None,
+                     "seconds": round(rows[-1]["closed_at"] - t0, 2) if rows else None,
+                     "time_to_target_s": time_to_accuracy(rows, target),
+                     "curve": [[round(r["closed_at"] - t0, 2), r.get("test_accuracy")] for r in rows],
+                     "rejection_counts": _sum_counts(rows)}
+        if name == "async":
+            out[name]["staleness"] = [r.get("staleness", {}).get("mean") for r in rows]
+    return out
+
+
+def _sum_counts(rows: List[Dict]) -> Dict[str, int]:
+    total: Dict[str, int] = {}
+    for r in rows:
+        for reason, n in r.get("rejection_counts", {}).items():
+            total[reason] = total.get(reason, 0) + n
+    return dict(sorted(total.items()))
+
+
 def write_report(out: Path, report: Dict, say: Say) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     try:
@@ -475,6 +590,14 @@ def summary(report: Dict) -> str:
     if "centralised" in acc:
         lines += [f"  centralised LoRA {_f(acc['centralised'][-1])}", f"  local-only LoRA  {_f(acc['local_only'][-1])}"]
     lines.append(f"  zero-shot        {_f(acc['zero_shot'])}")
+    if "modes" in report:
+        m = report["modes"]
+        lines.append(f"time to the sync run's final accuracy ({_f(m['target_accuracy'])}), from the first round:")
+        for name in ("sync", "async"):
+            got = m[name]
+            reach = "never" if got["time_to_target_s"] is None else f"{got['time_to_target_s']:.1f} s"
+            lines.append(f"  {name:<5} {reach:>8}  ({got['globals']} globals in {got['seconds']:.1f} s, final "
+                         f"{_f(got['final_accuracy'])}, rejected {got['rejection_counts'] or 'none'})")
     out = Path(report["out"])
     lines.append(f"report: {out / 'report.json'} and {out / 'report.png'}")
     return "\n".join(lines)
