@@ -146,13 +146,14 @@ def _split(n: int, parts: int) -> List[range]:
 
 
 def _start_workers(stack: contextlib.ExitStack, url: str, manifest_file: Path, n: int, processes: int, dtype: str,
-                   window: int, qos_down: int, out: Path, timeout: float) -> List[Dict[str, Any]]:
+                   window: int, qos_down: int, out: Path, timeout: float, max_updates: int = 0) -> List[Dict[str, Any]]:
     workers = []
     for k, part in enumerate(_split(n, processes)):
         result = out / f"devices-{k}.json"
         cmd = [sys.executable, "-m", "bench.fleet_devices", "--url", url, "--manifest", str(manifest_file),
                "--first", str(part.start), "--count", str(len(part)), "--dtype", dtype, "--window", str(window),
-               "--qos-down", str(qos_down), "--timeout", str(timeout), "--out", str(result)]
+               "--qos-down", str(qos_down), "--timeout", str(timeout), "--out", str(result),
+               "--max-updates", str(max_updates)]
         log = stack.enter_context((out / f"devices-{k}.log").open("wb"))
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, start_new_session=True)
         workers.append({"proc": proc, "result": result, "log": log, "count": len(part)})
@@ -195,13 +196,15 @@ def _tail(path: str, lines: int = 20) -> str:
 
 
 def _aggregator_cmd(bundle: Path, url: str, state: Path, n: int, rounds: int, mode: str,
-                    extra: Sequence[str]) -> List[str]:
+                    extra: Sequence[str], buffer: int = 0) -> List[str]:
     runner = os.environ.get("FLORA_FLEET_AGGREGATOR", "-m flora.broker.cli").split()  # e.g. under a profiler
     cmd = [sys.executable, *runner, "--bundle", str(bundle), "--broker", url,
            "--federation", FEDERATION, "--rounds", str(rounds), "--state-dir", str(state),
-           "--wait-for-clients", str(n), "--min-clients", str(n), "--round-timeout", "900", "--wait-timeout", "600"]
-    if mode == "async":
-        cmd += ["--mode", "async"]
+           "--wait-for-clients", str(n), "--round-timeout", "900", "--wait-timeout", "600"]
+    if mode == "async":  # every version's buffer is a quarter of the fleet; each device sends once (see run_config)
+        cmd += ["--mode", "async", "--buffer", str(buffer), "--max-staleness", str(rounds), "--min-clients", "1"]
+    else:
+        cmd += ["--min-clients", str(n)]
     return cmd + list(extra)
 
 
@@ -221,13 +224,45 @@ def expected_global(manifest, dtype: str, clients: Sequence[str]) -> np.ndarray:
     return (total / weight).astype(np.float32)
 
 
+def _pair(key: str, row: Dict) -> tuple:
+    """(device, round) of a sync row's `reported` key, (device, base version) of an async one's `client@base`."""
+    if row.get("mode") == "async":
+        client, _, base = key.rpartition("@")
+        return client, int(base)
+    return key, row["round"]
+
+
+def expected_async_global(manifest, dtype: str, row: Dict, globals_: Dict[int, bytes]) -> Optional[np.ndarray]:
+    """The next version as FedBuff makes it from the version's accepted list: g_v + sum n w (u - g_b) / sum n
+    (server lr 1), each u the device's template, each g the global the observer received."""
+    from bench.fleet_devices import _index_of
+    from flora.edge.synthetic import random_adapter
+
+    if any(b not in globals_ for _, b, _, _ in row["accepted"]) or row["round"] not in globals_:
+        return None
+    flat = {b: _flat(blob, manifest).astype(np.float64) for b, blob in globals_.items()}
+    templates = {}
+    step, weight = np.zeros_like(flat[row["round"]]), 0
+    for client, base, n, w in row["accepted"]:
+        t = _index_of(client) % TEMPLATES
+        if t not in templates:
+            tensors = random_adapter(manifest, t, scale=0.01)
+            templates[t] = np.concatenate([tensors[s.name].astype(dtype).astype(np.float64).ravel()
+                                           for s in manifest.trainable])
+        step += n * w * (templates[t] - flat[base])
+        weight += n
+    return (flat[row["round"]] + step / weight).astype(np.float32)
+
+
 #: float64 sums in another order, then one rounding to float32: the global may differ from the expected by an ulp
 MAX_ULPS = 2
 
 
-def _ulps(got: np.ndarray, expected: np.ndarray) -> float:
+def _ulps(got: np.ndarray, expected: Optional[np.ndarray]) -> Optional[float]:
     """The largest difference in units of float32 spacing at the expected values (one update counted twice, or
     lost, among 10,000 moves some value by about 15)."""
+    if expected is None:
+        return None
     return float(np.max(np.abs(got.astype(np.float64) - expected) / np.spacing(np.abs(expected))))
 
 
@@ -240,7 +275,8 @@ def _flat(blob: bytes, manifest) -> np.ndarray:
 
 def run_config(n: int, mode: str, adapter_name: str, rounds: int, processes: int, window: int, qos_down: int = 1,
                timeout: float = 900.0, keep: Optional[Path] = None, aggregator_args: Sequence[str] = ()) -> Dict:
-    """One federation of n devices for `rounds` rounds; the measured row."""
+    """One federation of n devices for `rounds` rounds (sync), or `rounds` versions of n / rounds updates each
+    (async: every device sends one update, from the newest version it holds); the measured row."""
     from flora.broker.checkpoint import Checkpoint
     from flora.broker.mosquitto import start_mosquitto
     from flora.edge.synthetic import write_bundle
@@ -264,12 +300,12 @@ def run_config(n: int, mode: str, adapter_name: str, rounds: int, processes: int
             observer = Observer(broker.url)
             t_start = time.monotonic()
             workers = _start_workers(stack, broker.url, bundle / "manifest.json", n, processes, a["dtype"], window,
-                                     qos_down, tmp, timeout)
+                                     qos_down, tmp, timeout, max_updates=1 if mode == "async" else 0)
             procs += [w["proc"] for w in workers]
             connect_s = _wait_connected(workers, timeout)
             agg_log = stack.enter_context((tmp / "aggregator.log").open("wb"))
             agg = subprocess.Popen(_aggregator_cmd(bundle, broker.url, tmp / "state", n, rounds, mode,
-                                                   aggregator_args), cwd=ROOT, stdout=agg_log,
+                                                   aggregator_args, buffer=n // rounds), cwd=ROOT, stdout=agg_log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(agg)
             rss = PeakRss({"aggregator": agg.pid, "broker": broker.process.pid})
@@ -307,12 +343,17 @@ def _row(n, mode, adapter_name, rounds, processes, window, qos_down, connect_s, 
         for r, ids in d["acked"].items():
             acked.setdefault(int(r), []).extend(ids)
     per_round = []
+    sent_pairs = {(c, r) for r, ids in acked.items() for c in ids}  # (device, round or base version)
+    counted_pairs = [_pair(key, row) for row in history for key in row["reported"]]
     for row in history:
         r = row["round"]
-        sent = set(acked.get(r, []))
-        counted = set(row["reported"])
+        counted = {_pair(key, row) for key in row["reported"]}
+        sent = {p for p in sent_pairs if p[1] == r} if mode == "sync" else counted & sent_pairs
         close_s = observer.globals.get(r + 1, float("nan")) - observer.rounds.get(r, float("nan"))
-        expected = expected_global(manifest, a["dtype"], sorted(sent))
+        if mode == "sync":
+            expected = expected_global(manifest, a["dtype"], sorted(c for c, _ in sent))
+        else:
+            expected = expected_async_global(manifest, a["dtype"], row, observer.global_blobs)
         blob = observer.global_blobs.get(r + 1)
         ulps = _ulps(_flat(blob, manifest), expected) if blob is not None else None
         per_round.append({
@@ -320,17 +361,18 @@ def _row(n, mode, adapter_name, rounds, processes, window, qos_down, connect_s, 
             "updates": row["num_reported"], "bytes_received": row["bytes_received"],
             "updates_per_s": round(row["num_reported"] / close_s, 1),
             "mb_per_s": round(row["bytes_received"] / close_s / 1e6, 2),
-            "acked_by_broker": len(sent), "lost": len(sent - counted), "counted_not_acked": len(counted - sent),
+            "acked_by_broker": len(sent), "counted_not_acked": len(counted - sent_pairs),
             "rejections": row["rejection_counts"], "global_max_ulps": ulps,
+            **({"staleness": row["staleness"]} if mode == "async" else {}),
         })
-    pairs = [(c, row["round"]) for row in history for c in row["reported"]]
+    lost = len(sent_pairs - set(counted_pairs))  # acknowledged to a device, in no round's (or version's) sums
     update_bytes = per_round[0]["bytes_received"] // max(per_round[0]["updates"], 1) if per_round else 0
     return {
         "n": n, "mode": mode, "adapter": adapter_name, "dtype": a["dtype"], "update_bytes": update_bytes,
         "rounds": rounds, "device_processes": processes, "window": window, "qos_down": qos_down,
         "connect_s": connect_s, "per_round": per_round,
         "round_close_s_max": max(r["close_s"] for r in per_round),
-        "lost": sum(r["lost"] for r in per_round), "double_counted": len(pairs) - len(set(pairs)),
+        "acked": len(sent_pairs), "lost": lost, "double_counted": len(counted_pairs) - len(set(counted_pairs)),
         "global_exact": all(r["global_max_ulps"] is not None and r["global_max_ulps"] <= MAX_ULPS for r in per_round),
         "aggregator_peak_rss_mib": peaks["aggregator"], "broker_peak_rss_mib": peaks["broker"],
         "device_process_peak_rss_mib": max(d["peak_rss_mib"] for d in devices),

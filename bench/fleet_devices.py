@@ -135,7 +135,7 @@ class Fleet:
     """`count` devices from index `first`, all in this process."""
 
     def __init__(self, url: str, first: int, count: int, templates: UpdateTemplates, window: int = 64,
-                 qos_down: int = 1, metrics: bool = True) -> None:
+                 qos_down: int = 1, metrics: bool = True, max_updates: int = 0) -> None:
         from flora.edge.mqtt import BrokerConfig
         from flora.edge.protocol import Topics
 
@@ -145,6 +145,7 @@ class Fleet:
         self.window = window
         self.qos_down = qos_down
         self.metrics = metrics
+        self.max_updates = max_updates  # per device (0: one for every round or version that asks it)
         self.sel = selectors.DefaultSelector()
         self.devices = [self._device(i) for i in range(first, first + count)]
         self.by_index = {d.index: d for d in self.devices}
@@ -211,6 +212,8 @@ class Fleet:
         """Queue the device's update once a round asks it and it holds that round's global."""
         r = self.rounds.get(d.round_key) if d.round_key is not None else None
         if r is None or r.state != "training" or d.index not in r.ours or r.number in d.submitted:
+            return
+        if self.max_updates and len(d.submitted) >= self.max_updates:
             return
         g = self.globals.get(d.global_key) if d.global_key is not None else None
         if g is None or g[1] != r.global_sha256 or d.index in self.queued:
@@ -419,6 +422,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--window", type=int, default=64, help="updates in flight at once (this process)")
     p.add_argument("--qos-down", type=int, default=1, choices=[0, 1], help="subscription QoS of global and round")
     p.add_argument("--no-metrics", action="store_true", help="send no metrics message after each update")
+    p.add_argument("--max-updates", type=int, default=0, help="updates per device at most (0: no limit)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
@@ -428,7 +432,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     raise_fd_limit()
     manifest = load_manifest(args.manifest)
     fleet = Fleet(args.url, args.first, args.count, UpdateTemplates(manifest, args.dtype), args.window,
-                  args.qos_down, not args.no_metrics)
+                  args.qos_down, not args.no_metrics, args.max_updates)
     signal.signal(signal.SIGTERM, _stop)
     fleet.connect()
     print(json.dumps({"connected": args.count, "seconds": round(fleet.connect_s, 3)}), flush=True)

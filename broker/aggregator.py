@@ -227,7 +227,7 @@ class Aggregator:
         deadline = time.monotonic() + wait
         while not info.is_published() and time.monotonic() < deadline and not self.stop_event.is_set():
             self._drain(0.01)  # keep handling messages: paho's thread may be waiting for room in the queue
-        if not info.is_published() and not self.stop_event.is_set():
+        if wait > 0 and not info.is_published() and not self.stop_event.is_set():
             log.warning("no PUBACK for %s within %.0f s; paho will resend it after reconnecting", topic, wait)
 
     # -- state -------------------------------------------------------------------------------
@@ -617,6 +617,10 @@ class Aggregator:
                 token = self._handle_event(*event)
                 if token is not None:
                     tokens.append(token)
+                if self._buffer_full():  # async: the K-th update closes the buffer before the next is handled
+                    self._settle(tokens)
+                    tokens = []
+                    self._close_round()
                 if len(tokens) >= MAX_BATCH:
                     break
                 try:
@@ -626,6 +630,10 @@ class Aggregator:
         finally:  # what was handled before an exception (a failed journal write) is still made durable and acked
             self._settle(tokens)
         self.watch.tick(self.state, self.current)
+
+    def _buffer_full(self) -> bool:
+        """Whether the open round must close before another message is handled (never, in sync rounds)."""
+        return False
 
     def _settle(self, tokens: Sequence[AckToken]) -> None:
         """One sync of the journal, then the PUBACKs of the updates it made durable."""
@@ -678,7 +686,8 @@ class Aggregator:
                         self._open_round()
                     continue
                 self._drain(0.05)
-                self._tick()
+                if self.current is not None:  # an async buffer may have closed the last version while draining
+                    self._tick()
             log.info("stopped%s", f" in round {self.current.number} (resumes there)" if self.current else "")
             return 0
         finally:

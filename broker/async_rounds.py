@@ -20,7 +20,7 @@ import numpy as np
 
 from flora.edge import adapter
 from flora.edge.fileio import sha256_bytes
-from flora.edge.protocol import MODE_ASYNC, Metrics, ProtocolError, RoundAnnouncement
+from flora.edge.protocol import MODE_ASYNC, ROUND_TRAINING, Metrics, ProtocolError, RoundAnnouncement
 
 from .aggregator import METRIC_FIELDS, SNAPSHOT_EVERY_S, Aggregator, AggregatorConfig
 from .checkpoint import METRICS, UPDATE, apply_record, global_file_name
@@ -138,6 +138,9 @@ class AsyncAggregator(Aggregator):
                  rec.version, client, base, rec.version - base, weight, num_samples, rec.count, self.buffer.buffer)
         return True
 
+    def _buffer_full(self) -> bool:
+        return self.current is not None and self.current.count >= self.buffer.buffer
+
     def _handle_metrics(self, client: str, payload: bytes) -> None:
         """Metrics of an update in the buffer (an agent's metrics name the base version it trained from)."""
         try:
@@ -218,8 +221,11 @@ class AsyncAggregator(Aggregator):
         # the next buffer opens before the new global goes out: the updates that arrive meanwhile (from older
         # bases) are folded into it, never left without a buffer
         self._open_round(announce=False)
-        self._publish(self.topics.global_, blob, retain=True)
-        self._announce(self.current)  # type: ignore[arg-type]
+        # not waited for: a version may close in the middle of handling a batch (the broker still gets both in
+        # order; paho re-sends them after a reconnect, and a restart re-publishes the checkpointed global)
+        self._publish(self.topics.global_, blob, retain=True, wait=0.0)
+        self._publish(self.topics.round, self._announcement(ROUND_TRAINING, self.current).to_json(), retain=True,
+                      wait=0.0)
 
     def _history_row(self, rec: BufferRecord, new: Optional[Dict[str, np.ndarray]]) -> Dict[str, Any]:  # type: ignore
         now = self.clock()

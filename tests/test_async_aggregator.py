@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import List
 
 import numpy as np
@@ -161,3 +163,19 @@ def test_round_messages_of_sync_federations_keep_their_shape_and_async_ones_say_
     bad["mode"] = "eventually"
     with pytest.raises(ProtocolError):
         RoundAnnouncement.from_json(json.dumps(bad))
+
+
+def test_a_batch_larger_than_the_buffer_fills_versions_of_exactly_k(tmp_path):
+    """Messages are handled in batches; the K-th update closes the buffer before the next one is folded."""
+    clock = Clock()
+    agg = make(tmp_path, clock, k=2, s=3)
+    agg._room = threading.Semaphore(10)
+    agg.connections = 1
+    for i, c in enumerate("abcde"):
+        blob = encode_update(M, random_adapter(M, i), c, 0, 5)
+        agg._on_message(agg.client, None, SimpleNamespace(topic=agg.topics.update(c), payload=blob, mid=10 + i,
+                                                          qos=1))
+    agg._drain(0)  # one batch of five updates: versions 1 and 2 close inside it
+    assert [r["num_reported"] for r in agg.checkpoint.history()] == [2, 2]
+    assert agg.state.round == 2 and agg.current.count == 1 and agg.client.acked() == [10, 11, 12, 13, 14]
+    assert [a[:2] for a in agg.current.accepted] == [["e", 0]]  # two versions old, still in the window

@@ -46,3 +46,12 @@ def test_two_hundred_devices_two_rounds_nothing_lost_nothing_counted_twice(tmp_p
         assert 0 < r["close_s"] < 240 and r["updates_per_s"] > 0
     assert row["connect_s"] > 0 and row["aggregator_peak_rss_mib"] > 10 and row["broker_peak_rss_mib"] > 1
     json.dumps(row)  # the row is what bench/results/fleet.json holds
+
+
+@pytest.mark.mqtt
+@pytest.mark.usefixtures("mosquitto_binary")
+def test_two_hundred_devices_async_versions_each_the_fedbuff_step_of_exactly_its_buffer(tmp_path):
+    row = fleet.run_config(200, "async", "tiny", rounds=2, processes=2, window=32, timeout=240, keep=tmp_path)
+    assert row["acked"] == 200 and row["lost"] == 0 and row["double_counted"] == 0 and row["global_exact"]
+    assert [r["updates"] for r in row["per_round"]] == [100, 100]  # versions of 200 / 2 updates
+    assert row["per_round"][1]["staleness"]["max"] >= 1  # the second buffer holds updates from version 0

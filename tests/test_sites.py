@@ -22,7 +22,7 @@ from flora.broker.checkpoint import Checkpoint
 from flora.broker.mosquitto import Mosquitto, start_mosquitto
 from flora.edge.synthetic import write_bundle
 
-from .conftest import REPO
+from .helpers import REPO
 
 pytestmark = pytest.mark.mqtt
 ROOT_FEDERATION = "world"
