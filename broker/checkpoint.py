@@ -356,6 +356,9 @@ class Checkpoint:
         from .rounds import RoundRecord
 
         offset = int(record.pop("journal_offset", 0) or 0)
+        if record.get("mode") == "async":  # a FedBuff buffer: its updates by client@base
+            record["reported"] = {e.key: 0 for e in self.journaled(round_) if e.kind == UPDATE}
+            return record
         rec = RoundRecord.from_json(record)
         rec.reported = {}
         for entry in self.journaled(round_):

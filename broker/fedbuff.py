@@ -201,7 +201,9 @@ class BufferRecord:
                 "accepted": [list(a) for a in self.accepted], "rejected": list(self.rejected),
                 "rejection_counts": dict(self.rejection_counts), "bytes_received": self.bytes_received,
                 "bytes_rejected": self.bytes_rejected, "first_update_at": self.first_update_at,
-                "metrics": dict(self.metrics)}
+                "metrics": dict(self.metrics),
+                # what readers of a round's snapshot look for (the dashboard, `flora-aggregator status`)
+                "mode": "async", "number": self.version, "reported": self.reported, "asked": [], "extensions": 0}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> BufferRecord:

@@ -179,3 +179,17 @@ def test_a_batch_larger_than_the_buffer_fills_versions_of_exactly_k(tmp_path):
     assert [r["num_reported"] for r in agg.checkpoint.history()] == [2, 2]
     assert agg.state.round == 2 and agg.current.count == 1 and agg.client.acked() == [10, 11, 12, 13, 14]
     assert [a[:2] for a in agg.current.accepted] == [["e", 0]]  # two versions old, still in the window
+
+
+def test_status_and_the_dashboard_read_an_async_state_dir(tmp_path, capsys):
+    from flora.broker.dashboard.snapshot import from_state_dir
+    from flora.broker.report import print_status
+
+    agg = make(tmp_path, Clock(), k=3)
+    send(agg, "a", 0, 1)
+    agg.checkpoint.sync()
+    agg._save_round(agg.current)
+    assert print_status(tmp_path / "state", None) == 0
+    assert "1 update(s) accepted so far" in capsys.readouterr().out
+    snap = from_state_dir(tmp_path / "state", 0.0)
+    assert snap["current"]["reported"] == 1 and snap["current"]["number"] == 0
