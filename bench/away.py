@@ -52,6 +52,7 @@ class Counter:
     def reset(self) -> None:
         with self.lock:
             self.by_topic, self.rounds = {}, []
+            self.last = time.monotonic()  # quiet is counted from now, not from the last message before
 
     def quiet_for(self, seconds: float, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
