@@ -165,6 +165,7 @@ class Aggregator:
         self.no_round: Optional[NoRoundUpdates] = None
         self.connections = 0  # (re)connections so far: an ack token is good on its own connection only
         self._snapshot_dirty, self._snapshot_at = False, 0.0  # the open round's journal has grown past round.json
+        self._digests: Dict[str, str] = {}  # sha256 of each update accepted in the open round, by client
         self.state: Optional[AggregatorState] = None
         self.global_blob = b""
         self.global_tensors: Dict[str, np.ndarray] = {}
@@ -308,6 +309,7 @@ class Aggregator:
         self.current = rec
         self.strategy.begin_round(self.manifest.trainable, self.global_tensors)
         self.strategy.set_round_size(len(rec.asked))
+        self._digests = {}
         restored = 0
         for entry in self.checkpoint.journaled(rec.number):
             if entry.kind == UPDATE:  # accepted before a restart
@@ -368,6 +370,8 @@ class Aggregator:
                                      self.max_bytes, self.cfg.max_num_samples, kinds=PARTIAL_KINDS if site else
                                      ("update",))
         except Rejected as why:
+            if why.reason == "duplicate" and self._redelivered(client, blob):
+                return False
             return self._reject(rec, client, why.reason, why.detail, len(blob), save=spool)
         num_samples = int(update.meta.num_samples or 0)
         try:
@@ -381,10 +385,20 @@ class Aggregator:
             return self._reject(rec, client, "bad-num-samples", str(exc), len(blob), save=spool)
         if spool:
             self.checkpoint.spool(rec.number, client, blob)  # an OSError here is fatal: nothing is acked
+        self._digests[client] = sha256_bytes(blob)
         rec.accept(client, num_samples, len(blob))
         log.info("round %d: accepted update from %s (%d samples, %d bytes, %s); %d of %d asked reported", rec.number,
                  client, num_samples, len(blob), update.meta.dtype, len(rec.reported), len(rec.asked),
                  extra=fields("accepted", round=rec.number, client=client))
+        return True
+
+    def _redelivered(self, key: str, blob: bytes) -> bool:
+        """The very update accepted before (same bytes): the broker's redelivery of a message whose PUBACK a crash
+        or a dropped connection lost. Acknowledged again, counted neither as an update nor as a rejection."""
+        if self._digests.get(key) != sha256_bytes(blob):
+            return False
+        log.info("round %d: the update of %s came again (a redelivery): acknowledged, not counted again",
+                 self.current.number if self.current is not None else -1, key)
         return True
 
     def _reject(self, rec: RoundRecord, client: str, reason: str, detail: str, size: int, save: bool) -> bool:

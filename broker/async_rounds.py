@@ -103,6 +103,8 @@ class AsyncAggregator(Aggregator):
         """Start the buffer; after a restart, re-fold its journaled updates in arrival order."""
         self.current = rec
         self.strategy.begin_round(self.manifest.trainable, self.global_tensors)
+        oldest = self.fedbuff.oldest_base  # redeliveries are recognised for the bases still in the window
+        self._digests = {k: v for k, v in self._digests.items() if split_pair(k)[1] >= oldest}
         restored = 0
         for entry in self.checkpoint.journaled(rec.version):
             if entry.kind == UPDATE:
@@ -128,11 +130,14 @@ class AsyncAggregator(Aggregator):
             rebased = self.fedbuff.rebase(self._flat(update.tensors), base, weight)
             self.strategy.accumulate(adapter.FlatTensors(rebased, self.layout), num_samples)
         except Rejected as why:
+            if why.reason == "duplicate" and self._redelivered(pair_key(client, _claimed_base(blob)), blob):
+                return False
             return self._reject(rec, client, why.reason, why.detail, len(blob), save=spool)  # type: ignore[arg-type]
         except ValueError as exc:
             return self._reject(rec, client, "bad-num-samples", str(exc), len(blob), save=spool)  # type: ignore
         if spool:
             self.checkpoint.spool(rec.version, pair_key(client, base), blob)
+        self._digests[pair_key(client, base)] = sha256_bytes(blob)
         self.fedbuff.accept(rec, client, base, num_samples, weight, len(blob))
         log.info("version %d: accepted update from %s (base %d, staleness %d, weight %.3f, %d samples); %d of %d",
                  rec.version, client, base, rec.version - base, weight, num_samples, rec.count, self.buffer.buffer)
@@ -253,6 +258,13 @@ class AsyncAggregator(Aggregator):
             row.update(self._call_hook(f"version {rec.version}: on_round_closed", self.cfg.on_round_closed,
                                        rec.version, new))
         return row
+
+
+def _claimed_base(blob: bytes) -> int:
+    try:
+        return int(adapter.read_header(blob)[1].get("round", -1))
+    except (adapter.AdapterError, ValueError):
+        return -1
 
 
 def make_aggregator(cfg: AggregatorConfig, clock: Callable[[], float] = time.time) -> Aggregator:

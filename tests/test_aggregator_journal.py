@@ -114,3 +114,19 @@ def test_a_full_batch_leaves_the_rest_of_the_queue_for_the_next_drain(tmp_path, 
     agg._drain(0)
     agg._drain(0)
     assert agg.client.acked() == [20, 21, 22, 23, 24] and sorted(agg.current.reported) == clients
+
+
+def test_a_redelivered_update_is_acked_and_counted_neither_twice_nor_as_a_rejection(tmp_path):
+    """A crash between the journal write and the PUBACK: the broker sends the same message again."""
+    clock = FakeClock()
+    agg = started(tmp_path, clock, clients=("a", "b"))
+    m = agg.manifest
+    blob = encode_update(m, random_adapter(m, 1), "a", 0, 5)
+    agg.handle("update", "a", blob)
+    agg.checkpoint.close_journal()
+    again = offline_aggregator(tmp_path, FakeClock(clock.t + 1), rounds=2, sampling=Sampling(min_clients=2))
+    again._resume_or_start()
+    again.handle("update", "a", blob)  # the same bytes: a redelivery
+    assert again.current.reported == {"a": 5} and again.current.num_rejected == 0
+    again.handle("update", "a", encode_update(m, random_adapter(m, 2), "a", 0, 5))  # other bytes: a duplicate
+    assert again.current.rejection_counts == {"duplicate": 1}
