@@ -35,6 +35,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from flora.edge.protocol import DOWNLINK_QOS
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
@@ -279,7 +281,8 @@ def _flat(blob: bytes, manifest) -> np.ndarray:
     return np.concatenate([tensors[s.name].ravel() for s in manifest.trainable])
 
 
-def run_config(n: int, mode: str, adapter_name: str, rounds: int, processes: int, window: int, qos_down: int = 1,
+def run_config(n: int, mode: str, adapter_name: str, rounds: int, processes: int, window: int,
+               qos_down: int = DOWNLINK_QOS,
                timeout: float = 900.0, keep: Optional[Path] = None, aggregator_args: Sequence[str] = ()) -> Dict:
     """One federation of n devices for `rounds` rounds (sync), or `rounds` versions of n / rounds updates each
     (async: every device sends one update, from the newest version it holds); the measured row."""
@@ -447,7 +450,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--processes", type=int, default=2, help="device processes")
     p.add_argument("--window", type=int, default=64, help="updates in flight per device process")
-    p.add_argument("--qos-down", type=int, default=1, choices=[0, 1], help="devices' subscription QoS")
+    p.add_argument("--qos-down", type=int, default=DOWNLINK_QOS, choices=[0, 1],
+                   help="devices' subscription QoS of global and round (default: the agent's, %(default)s)")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for fleet.json and fleet.md")
     p.add_argument("--keep", type=Path, help="keep each run's folder (logs, state dir) under this folder")

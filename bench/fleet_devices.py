@@ -42,6 +42,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from flora.edge.protocol import DOWNLINK_QOS
+
 ROOT = Path(__file__).resolve().parents[1]
 FEDERATION = "fleet"
 ID_WIDTH = 5  # device ids dev00000..dev99999: one fixed width, so a template's header keeps its length
@@ -135,7 +137,7 @@ class Fleet:
     """`count` devices from index `first`, all in this process."""
 
     def __init__(self, url: str, first: int, count: int, templates: UpdateTemplates, window: int = 64,
-                 qos_down: int = 1, metrics: bool = True, max_updates: int = 0) -> None:
+                 qos_down: int = DOWNLINK_QOS, metrics: bool = True, max_updates: int = 0) -> None:
         from flora.edge.mqtt import BrokerConfig
         from flora.edge.protocol import Topics
 
@@ -420,7 +422,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--window", type=int, default=64, help="updates in flight at once (this process)")
-    p.add_argument("--qos-down", type=int, default=1, choices=[0, 1], help="subscription QoS of global and round")
+    p.add_argument("--qos-down", type=int, default=DOWNLINK_QOS, choices=[0, 1],
+                   help="subscription QoS of global and round (default: the agent's)")
     p.add_argument("--no-metrics", action="store_true", help="send no metrics message after each update")
     p.add_argument("--max-updates", type=int, default=0, help="updates per device at most (0: no limit)")
     p.add_argument("--timeout", type=float, default=900.0)

@@ -167,6 +167,7 @@ class BufferRecord:
     bytes_rejected: int = 0
     first_update_at: Optional[float] = None
     metrics: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # by pair_key(client, base)
+    _reported: Dict[str, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def number(self) -> int:
@@ -179,12 +180,20 @@ class BufferRecord:
 
     @property
     def reported(self) -> Dict[str, int]:
-        """num_samples by pair_key(client, base) of the accepted updates."""
-        return {pair_key(c, b): n for c, b, n, _ in self.accepted}
+        """num_samples by pair_key(client, base) of the accepted updates (kept as they are accepted: a buffer
+        of thousands is looked up for every metrics message)."""
+        if len(self._reported) != len(self.accepted):
+            self._reported = {pair_key(c, b): n for c, b, n, _ in self.accepted}
+        return self._reported
 
     @property
     def samples(self) -> int:
         return int(sum(entry[2] for entry in self.accepted))
+
+    def add(self, client: str, base: int, num_samples: int, weight: float) -> None:
+        reported = self.reported  # in step with `accepted` before this one
+        reported[pair_key(client, base)] = int(num_samples)
+        self.accepted.append([client, int(base), int(num_samples), float(weight)])
 
     @property
     def num_rejected(self) -> int:
@@ -302,7 +311,7 @@ class FedBuff:
     def accept(self, rec: BufferRecord, client: str, base: int, num_samples: int, weight: float, size: int) -> None:
         """Record an update folded into the buffer (call it once the update is durable)."""
         self.seen.setdefault(base, set()).add(client)
-        rec.accepted.append([client, int(base), int(num_samples), float(weight)])
+        rec.add(client, base, num_samples, weight)
         rec.bytes_received += size
         if rec.first_update_at is None:
             rec.first_update_at = self.clock()
