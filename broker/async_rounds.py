@@ -26,7 +26,8 @@ from .aggregator import METRIC_FIELDS, SNAPSHOT_EVERY_S, Aggregator, AggregatorC
 from .checkpoint import METRICS, UPDATE, apply_record, global_file_name
 from .fedbuff import CLOSE, BufferConfig, BufferRecord, FedBuff, pair_key, split_pair
 from .rounds import NoRoundUpdates
-from .validation import Rejected, RoundView, validate_update
+from .strategies import StrategyFull
+from .validation import STRATEGY_FULL, Rejected, RoundView, validate_update
 
 if TYPE_CHECKING:
     from paho.mqtt.client import Client as MqttClient
@@ -103,6 +104,7 @@ class AsyncAggregator(Aggregator):
         """Start the buffer; after a restart, re-fold its journaled updates in arrival order."""
         self.current = rec
         self.strategy.begin_round(self.manifest.trainable, self.global_tensors)
+        self.strategy.set_round_size(self.buffer.buffer)
         oldest = self.fedbuff.oldest_base  # redeliveries are recognised for the bases still in the window
         self._digests = {k: v for k, v in self._digests.items() if split_pair(k)[1] >= oldest}
         restored = 0
@@ -133,6 +135,8 @@ class AsyncAggregator(Aggregator):
             if why.reason == "duplicate" and self._redelivered(pair_key(client, _claimed_base(blob)), blob):
                 return False
             return self._reject(rec, client, why.reason, why.detail, len(blob), save=spool)  # type: ignore[arg-type]
+        except StrategyFull as exc:  # a strategy that keeps every update holds as many as it may
+            return self._reject(rec, client, STRATEGY_FULL, str(exc), len(blob), save=spool)  # type: ignore
         except ValueError as exc:
             return self._reject(rec, client, "bad-num-samples", str(exc), len(blob), save=spool)  # type: ignore
         if spool:

@@ -160,7 +160,8 @@ def test_the_aggregator_runs_rounds_from_events_with_quorum_extension_and_hook(t
 
     u0 = encode_update(m, random_adapter(m, 10), asked[0], 0, 30)
     agg.handle("update", asked[0], u0)
-    agg.handle("update", asked[0], u0)  # duplicate
+    agg.handle("update", asked[0], u0)  # the same bytes again: a redelivery, acked and counted nowhere
+    agg.handle("update", asked[0], encode_update(m, random_adapter(m, 11), asked[0], 0, 30))  # duplicate
     agg.handle("metrics", asked[0], metrics(asked[0], 0, 0.5))
     agg.handle("metrics", asked[1], metrics(asked[1], 0, 0.9))  # has not reported: not recorded
     agg.handle("status", asked[1], status(asked[1], "offline"))

@@ -156,10 +156,10 @@ def test_a_restart_mid_buffer_resumes_exactly_and_keeps_the_accepted_pairs(tmp_p
 
 
 def test_round_messages_of_sync_federations_keep_their_shape_and_async_ones_say_their_mode():
-    sync = RoundAnnouncement(3, "m", "training", TrainConfig(), ["a"], 1.0, "s", 5)
+    sync = RoundAnnouncement(3, "m", "training", TrainConfig(), ["a"], 1.0, "0" * 64, 5)
     assert not {"mode", "buffer", "max_staleness"} & set(json.loads(sync.to_json()))
     assert RoundAnnouncement.from_json(sync.to_json()) == sync
-    fast = RoundAnnouncement(3, "m", "training", TrainConfig(), "all", 1.0, "s", 5, mode="async", buffer=4,
+    fast = RoundAnnouncement(3, "m", "training", TrainConfig(), "all", 1.0, "0" * 64, 5, mode="async", buffer=4,
                              max_staleness=2)
     assert RoundAnnouncement.from_json(fast.to_json()) == fast and fast.is_async and fast.asks("anyone")
     bad = json.loads(fast.to_json())
