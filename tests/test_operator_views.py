@@ -147,3 +147,24 @@ def test_the_aggregators_key_events_carry_structured_fields(tmp_path, caplog):
               for r in caplog.records if getattr(r, "event", None)]
     assert events == [("round-open", 0, None, None), ("accepted", 0, "a", None), ("rejected", 0, "a", "duplicate"),
                       ("round-closed", 0, None, None)]
+
+
+def test_a_large_fleets_snapshot_is_built_less_often(tmp_path, monkeypatch):
+    import flora.broker.watch as watch_mod
+    from flora.broker.dashboard.snapshot import FederationInfo
+
+    now = [100.0]
+    monkeypatch.setattr(watch_mod.time, "monotonic", lambda: now[0])
+    snapshots = Snapshots()
+    watch = watch_mod.Watch(Checkpoint(tmp_path), FederationInfo(), snapshots)
+    for i in range(3000):
+        watch.devices.status(f"dev-{i}", "idle", 0.0)
+    watch.tick(None, None)
+    assert snapshots.latest()[0] == 1
+    now[0] += 2.9  # 3,000 devices: one snapshot per 3 s at most
+    watch.tick(None, None)
+    assert snapshots.latest()[0] == 1
+    now[0] += 0.2
+    watch.tick(None, None)
+    version, latest = snapshots.latest()
+    assert version == 2 and len(latest["devices"]) == 3000
