@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Sequence, Set, Tuple
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from flora.edge import adapter, wire
+from flora.edge import adapter, signing, wire
 from flora.edge.bundle import Manifest
 from flora.edge.errors import EXIT_UNAVAILABLE, ConfigError, FloraError
 from flora.edge.fileio import sha256_bytes
 from flora.edge.logs import fields
-from flora.edge.mqtt import BrokerConfig, Connection, make_client
+from flora.edge.mqtt import BrokerConfig, Connection, from_others, make_client
 from flora.edge.protocol import (
     MODE_SYNC,
     QOS,
@@ -45,6 +46,7 @@ from flora.edge.protocol import (
 from .checkpoint import METRICS, REJECTION, UPDATE, AggregatorState, Checkpoint, CheckpointError, apply_record
 from .dashboard.server import Snapshots
 from .dashboard.snapshot import FederationInfo
+from .enroll import SIGN_AUTO, aggregator_signer
 from .fedbuff import BufferConfig
 from .rounds import CLOSE, EXTEND, GIVE_UP, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
 from .strategies import StrategyFull, make_strategy
@@ -71,6 +73,10 @@ AckToken = Tuple[int, int, int]
 #: (kind, client, payload, ack token or None) as paho's thread queues it.
 Event = Tuple[str, str, bytes, Optional[AckToken]]
 KINDS = ("update", "status", "metrics")
+#: The queue's kind for a message someone else published on the aggregator's own `global` or `round` topic.
+FOREIGN = "foreign"
+#: The aggregator re-publishes its own `global` and `round` over a foreign one at most this often.
+REPUBLISH_EVERY_S = 5.0
 #: The queue's kind for an update whose topic id is outside the id grammar.
 BAD_UPDATE = "bad-update"
 #: The largest --max-num-samples accepted: every weight a strategy gets is then a finite float64.
@@ -110,6 +116,7 @@ class AggregatorConfig:
     sites: FrozenSet[str] = frozenset()  # clients that are site aggregators: their updates are partials
     mode: str = MODE_SYNC  # or "async": buffered asynchronous rounds (broker/async_rounds.py)
     buffer: BufferConfig = field(default_factory=BufferConfig)  # async only
+    sign: str = SIGN_AUTO  # sign `global` and `round`: auto (when the state dir holds the key), yes, no
 
 
 class ClientsAbsent(FloraError, TimeoutError):
@@ -169,6 +176,10 @@ class Aggregator:
         self.state: Optional[AggregatorState] = None
         self.global_blob = b""
         self.global_tensors: Dict[str, np.ndarray] = {}
+        self.signer: Optional[Ed25519PrivateKey] = None  # loaded from the state dir in run()
+        self._signed_topics = {self.topics.global_: "global", self.topics.round: "round"}
+        self._retained: Dict[str, bytes] = {}  # topic -> the payload this aggregator last published retained there
+        self._republish_at: Dict[str, float] = {}  # topic -> earliest time to put ours back over a foreign one
         self.broker_cfg = cfg.broker
         self.client = client
         self.client.manual_ack_set(True)  # updates are acked after they are durable (see _handle_event)
@@ -184,7 +195,8 @@ class Aggregator:
     def _on_connected(self, client) -> None:
         self.connections += 1
         client.subscribe([(self.topics.all_updates, QOS), (self.topics.all_status, QOS),
-                          (self.topics.all_metrics, QOS)])
+                          (self.topics.all_metrics, QOS), (self.topics.global_, from_others(QOS)),
+                          (self.topics.round, from_others(QOS))])
 
     def _route(self, topic: str) -> Tuple[Optional[str], str]:
         """(kind, client) of a subscribed topic; kind `bad-update` for an update whose topic id is outside the
@@ -199,6 +211,10 @@ class Aggregator:
 
     def _on_message(self, client, userdata, msg) -> None:
         """Queue the message; acknowledge all but updates at once (an update is acked once it is durable)."""
+        if msg.topic in self._signed_topics:  # not our own (No Local): someone else wrote our topic
+            client.ack(msg.mid, msg.qos)
+            self.events.put((FOREIGN, msg.topic, bytes(msg.payload), None))
+            return
         kind, who = self._route(msg.topic)
         if kind in ("update", BAD_UPDATE):
             self._wait_for_room()
@@ -223,7 +239,13 @@ class Aggregator:
         self.client.ack(mid, qos)
 
     def _publish(self, topic: str, payload: bytes, retain: bool, wait: float = 30.0) -> None:
-        """Publish at QoS 1 and wait for the broker's PUBACK (paho resends after a reconnect)."""
+        """Publish at QoS 1 and wait for the broker's PUBACK (paho resends after a reconnect). `global` and
+        `round` go out signed when the aggregator has a key (docs/protocol.md, "Signed messages")."""
+        purpose = self._signed_topics.get(topic)
+        if purpose is not None and self.signer is not None:
+            payload = signing.sign(self.signer, purpose, self.cfg.federation, payload)
+        if retain:
+            self._retained[topic] = payload
         info = self.client.publish(topic, payload, qos=QOS, retain=retain)
         deadline = time.monotonic() + wait
         while not info.is_published() and time.monotonic() < deadline and not self.stop_event.is_set():
@@ -232,7 +254,17 @@ class Aggregator:
             log.warning("no PUBACK for %s within %.0f s; paho will resend it after reconnecting", topic, wait)
 
     # -- state -------------------------------------------------------------------------------
+    def _load_signer(self) -> None:
+        self.signer = aggregator_signer(self.checkpoint.dir, self.cfg.federation, self.cfg.sign)
+        if self.signer is not None:
+            log.info("signing global and round with the federation's key in %s (public key %s)",
+                     self.checkpoint.dir, signing.public_key_b64(self.signer.public_key()))
+        else:
+            log.info("global and round are not signed (no aggregator key in %s; --sign yes makes one)",
+                     self.checkpoint.dir)
+
     def _resume_or_start(self) -> None:
+        self._load_signer()
         loaded = self.checkpoint.load()
         if loaded is None:
             blob = adapter.encode(self.cfg.initial_adapter, model_id=self.manifest.model_id, round=0, kind="global")
@@ -531,6 +563,23 @@ class Aggregator:
             self._handle_status(client, payload)
         elif kind == "metrics":
             self._handle_metrics(client, payload)
+        elif kind == FOREIGN:
+            self._answer_foreign(client, payload)
+
+    def _answer_foreign(self, topic: str, payload: bytes) -> None:
+        """Someone else published on our `global` or `round` topic (an open broker, a second aggregator): agents
+        that trust our key refuse it, but a retained one would hide ours from agents that connect later, so
+        ours goes back (at most every REPUBLISH_EVERY_S)."""
+        ours = self._retained.get(topic)
+        if ours is None or payload == ours:  # nothing of ours yet, or the retained copy of ours
+            return
+        now = time.monotonic()
+        if now < self._republish_at.get(topic, 0.0):
+            return
+        self._republish_at[topic] = now + REPUBLISH_EVERY_S
+        log.warning("a message (%d bytes) not from this aggregator was published on %s: publishing ours again",
+                    len(payload), topic, extra=fields("foreign-message", reason="foreign"))
+        self.client.publish(topic, ours, qos=QOS, retain=True)  # not waited for: paho resends it after a reconnect
 
     def _count_bad_topic(self, topic_id: str, payload: bytes) -> None:
         """An update on `update/<id>` with an id outside the grammar: counted as `bad-client-id` in the open

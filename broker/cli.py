@@ -109,6 +109,10 @@ def build_parser() -> CommandParser:
     run.add_argument("--max-num-samples", type=int, default=DEFAULT_MAX_NUM_SAMPLES,
                      help="reject updates claiming more local samples, as bad-num-samples (default: 10**9)")
     run.add_argument("--eval-data", type=Path, help="held-out images (folder or CSV) to test every global on")
+    run.add_argument("--sign", default="auto", choices=["auto", "yes", "no"],
+                     help="sign `global` and `round` with the federation's Ed25519 key in the state dir: auto when "
+                          "it is there (`enroll` makes it), yes (made if missing), no (default %(default)s); "
+                          "agents given the key (--aggregator-key, --identity-dir) accept only signed messages")
     m = add_connection_options(run.add_argument_group("broker connection"))
     m.add_argument("--client-id", default="flora-aggregator", help="MQTT client id (and, by convention, username)")
     run.add_argument("--http", metavar="HOST:PORT",
@@ -333,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
             max_update_bytes=args.max_update_bytes, max_num_samples=args.max_num_samples,
             max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
             client_id=args.client_id, mode=args.mode, buffer=_buffer(args), sites=_sites(args.sites),
+            sign=args.sign,
             **_hooks(bundle, args.eval_data),
         )
         if args.http:

@@ -34,16 +34,19 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flora.edge.errors import FloraError
 from flora.edge.fileio import atomic_write_bytes, atomic_write_json
-from flora.edge.identity import CA_CERT, IDENTITY_CERT, IDENTITY_KEY, IDENTITY_OU, load_private_key
+from flora.edge.identity import AGGREGATOR_PUB, CA_CERT, IDENTITY_CERT, IDENTITY_KEY, IDENTITY_OU, load_private_key
 from flora.edge.protocol import check_id
 from flora.edge.signing import public_key_b64, public_key_from_b64
 
 PKI = "pki"
 AGGREGATOR_KEY = "aggregator.key"
-AGGREGATOR_PUB = "aggregator.pub"
 REGISTRY = "pki/enrolled.json"
 ACL = Path("mosquitto") / "acl"
 AGGREGATOR_ID = "flora-aggregator"
+#: `flora-aggregator --sign`: sign `global` and `round` when the state dir holds the key (auto), always (yes:
+#: the federation's keys are made if missing) or never (no)
+SIGN_AUTO, SIGN_YES, SIGN_NO = "auto", "yes", "no"
+SIGN_MODES = (SIGN_AUTO, SIGN_YES, SIGN_NO)
 CA_DAYS = 3650
 CERT_DAYS = 825
 
@@ -270,3 +273,19 @@ class FederationPKI:
         path = self.pki / "crl.pem"
         atomic_write_bytes(path, b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
         return path
+
+
+def aggregator_signer(state_dir: Path, federation: str, mode: str = SIGN_AUTO) -> Optional[Ed25519PrivateKey]:
+    """The key the aggregator signs `global` and `round` with (`aggregator.key` in its state dir), per `mode`:
+    auto signs when the federation's keys exist (`enroll` made them), yes makes them if missing, no never
+    signs. EnrollError for a state dir whose keys are another federation's."""
+    if mode not in SIGN_MODES:
+        raise EnrollError(f"--sign must be one of {', '.join(SIGN_MODES)}, got {mode!r}")
+    if mode == SIGN_NO:
+        return None
+    pki = FederationPKI(state_dir, federation)
+    if mode == SIGN_YES or (pki.pki / "ca.crt").exists():
+        pki.ensure()  # checks the federation of existing keys
+    if not (pki.state_dir / AGGREGATOR_KEY).exists():
+        return None
+    return pki.signer()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, List, Optional, Set, Tuple
 from . import adapter as adapter_blob
 from . import agent_rules as rules
 from .bundle import Bundle
+from .identity import aggregator_key
 from .local_data import DeviceData, load_device_data
 from .logs import fields
 from .mqtt import BrokerConfig, Connection, make_client
@@ -62,6 +63,11 @@ class AgentConfig:
     metrics_port: Optional[int] = None  # serve this agent's figures for Prometheus (`--metrics-port`)
     metrics_host: str = "127.0.0.1"
     slowdown: float = 1.0  # > 1: a straggler for tests and simulations, each round takes this many times as long
+    # the aggregator's Ed25519 key (base64, `--aggregator-key`), or a file of it; else identity_dir/aggregator.pub.
+    # With one, only `global` and `round` messages it signed are accepted (docs/protocol.md, "Signed messages")
+    aggregator_key: Optional[str] = None
+    aggregator_key_file: Optional[Path] = None
+    identity_dir: Optional[Path] = None  # the folder `flora-aggregator enroll` wrote for this device
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else Path("flora-state") / self.client_id
@@ -129,6 +135,12 @@ def open_state(store: StateStore, client_id: str, model_id: str, federation: str
     return state
 
 
+def open_trust(cfg: AgentConfig) -> rules.Trust:
+    """Whom the agent believes for `global` and `round`: the aggregator key the config names, if any
+    (IdentityError, exit 2, for one that cannot be read)."""
+    return rules.Trust(cfg.federation, aggregator_key(cfg.aggregator_key, cfg.aggregator_key_file, cfg.identity_dir))
+
+
 class Agent:
     """One device in one federation: `run()` until stopped (or, with exit_when_done, until it is done).
 
@@ -138,7 +150,7 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, *, bundle: Bundle, trainer: Trainer, data: DeviceData,
                  store: StateStore, state: AgentState, client: MqttClient,
-                 metrics: Optional[AgentMetrics] = None) -> None:
+                 metrics: Optional[AgentMetrics] = None, trust: Optional[rules.Trust] = None) -> None:
         self.cfg = cfg
         check_id(cfg.client_id)
         self.topics = Topics(cfg.federation)
@@ -151,6 +163,7 @@ class Agent:
         self.done = False
         self.round: Optional[RoundAnnouncement] = None
         self.global_: Optional[rules.GlobalAdapter] = None
+        self.trust = trust if trust is not None else rules.Trust(cfg.federation)
         self._said: Set[str] = set()
         self._failed: Set[Tuple[str, int]] = set()  # (run_id, round) that failed in this process
         self._inflight: Optional[InFlight] = None
@@ -186,7 +199,7 @@ class Agent:
 
             metrics = AgentMetrics(cfg.client_id, trainer.name)
         return cls(cfg, bundle=bundle, trainer=trainer, data=data, store=store, state=state, client=client,
-                   metrics=metrics)
+                   metrics=metrics, trust=open_trust(cfg))
 
     def view(self) -> rules.AgentView:
         """The frozen view of this agent the rules decide on."""
@@ -207,14 +220,17 @@ class Agent:
             self.events.put(("round", bytes(message.payload)))
 
     # -- helpers -----------------------------------------------------------------------------
-    def _status(self, state: str, error: Optional[str] = None, code: Optional[str] = None) -> Status:
-        return Status(self.cfg.client_id, state, self.round.round if self.round else None, error,
-                      len(self.train_data), self.backend, time.time(), code)
+    def _status(self, state: str, error: Optional[str] = None, code: Optional[str] = None,
+                about_round: bool = True) -> Status:
+        number = self.round.round if self.round and about_round else None
+        return Status(self.cfg.client_id, state, number, error, len(self.train_data), self.backend, time.time(), code)
 
-    def publish_status(self, state: str, error: Optional[str] = None, code: Optional[str] = None) -> None:
-        """A retained status; with `error`, a message and an error code the aggregator acts on."""
-        self.client.publish(self.topics.status(self.cfg.client_id), self._status(state, error, code).to_json(),
-                            qos=QOS, retain=True)
+    def publish_status(self, state: str, error: Optional[str] = None, code: Optional[str] = None,
+                       about_round: bool = True) -> None:
+        """A retained status; with `error`, a message and an error code the aggregator acts on (`about_round`:
+        the status names the round held, so the aggregator stops waiting for this device in it)."""
+        self.client.publish(self.topics.status(self.cfg.client_id),
+                            self._status(state, error, code, about_round).to_json(), qos=QOS, retain=True)
 
     def _say(self, note: Optional[rules.Note]) -> bool:
         """Log a decision's note (once per process for a keyed one); True if it was logged now."""
@@ -227,7 +243,11 @@ class Agent:
 
     def _refused(self, refusal: rules.Refused) -> None:
         if self._say(refusal.note) and refusal.status_error is not None:
-            self.publish_status("error", refusal.status_error, refusal.status_code)
+            self.publish_status("error", refusal.status_error, refusal.status_code, refusal.about_round)
+
+    def _where(self) -> str:
+        """The run and round this agent is in, to key a refusal's note (said once per round)."""
+        return f"{self.state.run_id}/{self.round.round if self.round else '-'}"
 
     # -- sending the update --------------------------------------------------------------------
     def _publish_update(self, round_: int, blob: bytes) -> bool:
@@ -298,7 +318,11 @@ class Agent:
             log.exception("a %s message (%d bytes) could not be handled; it is ignored", kind, len(payload))
 
     def _handle_global(self, payload: bytes) -> None:
-        received = rules.read_global(payload, self.manifest)
+        body = rules.authenticate(payload, "global", self.trust, self._where())
+        if isinstance(body, rules.Refused):
+            self._refused(body)
+            return
+        received = rules.read_global(body, self.manifest)
         if isinstance(received, rules.Refused):
             self._refused(received)
             return
@@ -306,7 +330,11 @@ class Agent:
         log.info("received the global adapter of round %d (%d bytes)", received.adapter.meta.round, len(payload))
 
     def _handle_round(self, payload: bytes) -> None:
-        announcement = rules.read_round(payload)
+        body = rules.authenticate(payload, "round", self.trust, self._where())
+        if isinstance(body, rules.Refused):
+            self._refused(body)
+            return
+        announcement = rules.read_round(body)
         if isinstance(announcement, rules.Refused):
             if announcement.forget_round:
                 self.round = None
@@ -428,6 +456,11 @@ class Agent:
         if self.metrics is not None and self.cfg.metrics_port is not None:
             port = self.metrics.serve(self.cfg.metrics_port, self.cfg.metrics_host)
             log.info("metrics for Prometheus on http://%s:%d/metrics", self.cfg.metrics_host, port)
+        if self.trust.required:
+            log.info("global and round messages must carry the aggregator's signature")
+        else:
+            log.info("no aggregator key configured (--aggregator-key, --identity-dir): global and round messages "
+                     "are not authenticated")
         self.connection.start(timeout=self.cfg.connect_timeout_s)
         try:
             while not self.stop_event.is_set() and self.pump(timeout=0.5):

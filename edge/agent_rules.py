@@ -5,6 +5,8 @@ into a decision here, carries the decision out (train, publish, persist) and log
 once per key. The rules see the agent through a frozen `AgentView` of its state:
 
 - `adopt_state`: at start-up, whether the state dir's record belongs to this model and federation.
+- `authenticate`: the aggregator's signature on a `global` or `round` payload (when the agent trusts a
+  key), checked before anything reads the body.
 - `read_round` / `read_global`: a `round` or `global` payload, accepted or refused with a reason.
 - `enter_round`: what an accepted announcement changes: a new federation run forgets the record of
   submitted rounds (`StartRun`); after a restart the stored, unacknowledged update is re-sent once
@@ -20,7 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import FrozenSet, Optional, Tuple, Union
 
-from . import adapter
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from . import adapter, signing
 from .bundle import Manifest
 from .fileio import sha256_bytes
 from .protocol import (
@@ -129,6 +133,42 @@ class Refused:
     status_error: Optional[str] = None
     status_code: Optional[str] = None  # the status's error_code (protocol.MODEL_MISMATCH, ...)
     forget_round: bool = False  # the announcement held so far no longer stands
+    # the error is about the round the agent holds (its status names that round, and the aggregator stops
+    # waiting for the device in it); False for a message someone else forged: the device still trains
+    about_round: bool = True
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Whom the agent believes for `global` and `round` (docs/protocol.md, "Signed messages").
+
+    With the aggregator's Ed25519 key (the enrollment snippet's `aggregator_key`, `--aggregator-key`), only
+    messages it signed for this federation are accepted. Without one (an open federation, as before
+    signatures existed) unsigned messages are accepted, and a signed one is read without being checked.
+    """
+
+    federation: str
+    aggregator_key: Optional[Ed25519PublicKey] = None
+
+    @property
+    def required(self) -> bool:
+        return self.aggregator_key is not None
+
+
+def authenticate(payload: bytes, purpose: str, trust: Optional[Trust], where: str = "") -> Union[bytes, Refused]:
+    """The body of a `global` or `round` payload (`purpose`): verified against the trusted key, or refused as
+    `unsigned` / `bad-signature` with an error status that names no round (a forger must not make the
+    aggregator stop waiting for this device). Without a trusted key the body is taken as it comes.
+    `where` (the agent's run and round) keys the note: said once per reason, kind and round."""
+    if trust is None or not trust.required:
+        return signing.body_of(payload) if signing.is_signed(payload) else payload
+    try:
+        return signing.verify(trust.aggregator_key, purpose, trust.federation, payload)
+    except signing.SignatureError as exc:
+        why = f"refused a {purpose} message: {exc.reason}: {exc.detail}"
+        return Refused(Note(WARNING, f"{why} (not from the aggregator whose key this agent trusts)",
+                            key=f"{exc.reason}-{purpose}-{where}"),
+                       status_error=why, status_code=exc.reason, about_round=False)
 
 
 def read_round(payload: bytes) -> Union[RoundAnnouncement, Refused]:

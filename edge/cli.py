@@ -78,6 +78,15 @@ def build_parser() -> CommandParser:
     run.add_argument("--slowdown", type=Bounded(float, minimum=1.0), default=1.0, metavar="F",
                      help="take F times as long per round as this device needs (a straggler, for tests and "
                           "simulations; default %(default)s)")
+    trust = run.add_argument_group("trust (what `flora-aggregator enroll` wrote into agent.toml)")
+    trust.add_argument("--identity-dir", type=Path, metavar="DIR",
+                       help="the device's enrollment folder: identity key and certificate, ca.crt, aggregator.pub")
+    trust.add_argument("--aggregator-key", metavar="BASE64",
+                       help="the aggregator's Ed25519 public key: only `global` and `round` messages it signed are "
+                            "accepted (default: --aggregator-key-file, else DIR/aggregator.pub of --identity-dir; "
+                            "with none, an open federation: messages are not authenticated)")
+    trust.add_argument("--aggregator-key-file", type=Path, metavar="FILE",
+                       help="a file holding the aggregator's public key (base64), e.g. aggregator.pub")
     run.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     run.add_argument("--log-format", default="plain", choices=FORMATS,
                      help="plain lines, or one JSON object per line (journald, log shippers)")
@@ -132,7 +141,8 @@ def agent_config(args: argparse.Namespace):
         providers=args.providers, shots=args.shots, val_fraction=args.val_fraction, seed=args.seed,
         fp16_updates=args.fp16_updates, exit_when_done=args.exit_when_done,
         progress_every_s=args.progress_every_s, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-        slowdown=args.slowdown,
+        slowdown=args.slowdown, aggregator_key=args.aggregator_key, aggregator_key_file=args.aggregator_key_file,
+        identity_dir=args.identity_dir,
     )
 
 

@@ -21,11 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import NameOID
 
 from .errors import FloraError
+from .signing import public_key_from_b64
 
 IDENTITY_OU = "flora-device-identity"
 IDENTITY_KEY = "identity.key"
 IDENTITY_CERT = "identity.crt"
 CA_CERT = "ca.crt"
+AGGREGATOR_PUB = "aggregator.pub"  # the aggregator's Ed25519 public key, base64
 MAX_CERT_BYTES = 4096
 
 
@@ -108,3 +110,26 @@ def verify_identity_cert(der: bytes, ca: x509.Certificate, device_id: str, feder
     if not isinstance(public, Ed25519PublicKey):
         raise IdentityError(f"the identity certificate of {device_id} holds no Ed25519 key")
     return public
+
+
+
+def aggregator_key(text: Optional[str] = None, file: Optional[Path] = None,
+                   identity_dir: Optional[Path] = None) -> Optional[Ed25519PublicKey]:
+    """The aggregator's Ed25519 public key a device trusts: `text` (base64, the enrollment snippet's
+    `aggregator_key`, `--aggregator-key`), else the file `file` (`--aggregator-key-file`), else
+    `aggregator.pub` in the identity folder enrollment wrote; None when none is given (an open federation)."""
+    where = "--aggregator-key"
+    if text is None and file is None and identity_dir is not None and (Path(identity_dir) / AGGREGATOR_PUB).exists():
+        file = Path(identity_dir) / AGGREGATOR_PUB
+    if text is None and file is not None:
+        where = str(file)
+        try:
+            text = Path(file).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise IdentityError(f"cannot read the aggregator key {file}: {exc}") from exc
+    if text is None:
+        return None
+    try:
+        return public_key_from_b64(text)
+    except ValueError as exc:
+        raise IdentityError(f"{where}: {exc}") from exc

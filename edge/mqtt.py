@@ -17,6 +17,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from .errors import EXIT_BAD_INPUT, EXIT_UNAVAILABLE, FloraError
 
@@ -152,6 +153,12 @@ def add_connection_options(parser, *, session_expiry: bool = True):
                             help="how long the broker keeps this client's session and queued messages while it "
                                  "is away (default %(default)s)")
     return parser
+
+
+def from_others(qos: int = 1) -> SubscribeOptions:
+    """Options of a subscription that leaves out this client's own publishes (MQTT 5 No Local): what arrives
+    on it was published by someone else."""
+    return SubscribeOptions(qos=qos, noLocal=True)
 
 
 def make_client(

@@ -12,6 +12,7 @@ import numpy as np
 from flora.broker.aggregator import Aggregator, AggregatorConfig
 from flora.edge import adapter
 from flora.edge.agent import Agent, AgentConfig, open_state
+from flora.edge.agent_rules import Trust
 from flora.edge.bundle import Bundle, Manifest
 from flora.edge.fileio import sha256_bytes
 from flora.edge.local_data import DeviceData
@@ -152,7 +153,7 @@ def offline_aggregator(state_dir: Path, clock: FakeClock, client: Optional[FakeM
     (`agg.client`): its publishes are recorded and acknowledged at once."""
     m = kw.pop("manifest", None) or synthetic_manifest()
     cfg = AggregatorConfig(manifest=m, initial_adapter=random_adapter(m, 0),
-                           broker=OFFLINE_BROKER, state_dir=state_dir, federation="fed",
+                           broker=kw.pop("broker", OFFLINE_BROKER), state_dir=state_dir, federation="fed",
                            **kw)
     return Aggregator(cfg, client if client is not None else FakeMqttClient(), clock=clock)
 
@@ -219,8 +220,8 @@ def feature_data(manifest: Manifest, n: int, seed: int = 0) -> LocalData:
 
 
 def offline_agent(state_dir: Path, *, manifest: Optional[Manifest] = None, train: int = 18, val: int = 6,
-                  client: Optional[FakeMqttClient] = None, trainer: Optional[Trainer] = None, **overrides: Any
-                  ) -> Agent:
+                  client: Optional[FakeMqttClient] = None, trainer: Optional[Trainer] = None,
+                  trust: Optional[Trust] = None, **overrides: Any) -> Agent:
     """Agent `dev-1` of federation `fed` on a synthetic manifest, with a FakeTrainer, `train` + `val` random
     feature vectors and a FakeMqttClient (`agent.client`); its state dir is opened as `Agent.open` does."""
     m = manifest or synthetic_manifest()
@@ -233,7 +234,7 @@ def offline_agent(state_dir: Path, *, manifest: Optional[Manifest] = None, train
     state = open_state(store, cfg.client_id, m.model_id, cfg.federation)
     return Agent(cfg, bundle=bundle, trainer=trainer or FakeTrainer(bundle),
                  data=DeviceData(feature_data(m, train, 0), feature_data(m, val, 1)), store=store, state=state,
-                 client=client if client is not None else FakeMqttClient())
+                 client=client if client is not None else FakeMqttClient(), trust=trust)
 
 
 def offer_round(agent: Agent, round_: int, run_id: str = "run-a", protocol: int = 1,
@@ -256,3 +257,67 @@ def offer_round(agent: Agent, round_: int, run_id: str = "run-a", protocol: int 
 def updates(agent: Agent) -> List[adapter.Adapter]:
     """The updates the agent published (decoded against its manifest)."""
     return [adapter.decode(p, agent.manifest.trainable) for p in agent.client.of("update")]
+
+
+class LiveFederation:
+    """The real Aggregator and `n` real Agents (FakeTrainer, synthetic manifest, federation `fed`) in threads of
+    this process, each with its own paho client on a real broker at `url`: the protocol end to end over MQTT,
+    without bundles, torch or onnxruntime. `agent_kw(i)` and `aggregator_kw` go to offline_agent and
+    offline_aggregator; agents exit once the federation is done."""
+
+    def __init__(self, url: str, root: Path, n: int, aggregator_kw: Optional[Dict[str, Any]] = None,
+                 agent_kw: Callable[[int], Dict[str, Any]] = lambda i: {}) -> None:
+        from flora.edge.mqtt import make_client
+        from flora.edge.protocol import Topics
+
+        self.broker = BrokerConfig.from_url(url)
+        kw = dict(rounds=2, round_timeout_s=30.0, metrics_grace_s=0.2, wait_for_clients=n, wait_timeout_s=60.0)
+        kw.update(aggregator_kw or {})
+        self.aggregator = offline_aggregator(root / "aggregator", time.time,
+                                             make_client(self.broker, "flora-aggregator"), broker=self.broker, **kw)
+        self.agents: List[Agent] = []
+        for i in range(n):
+            cid = f"dev-{i}"
+            will = Status(cid, "offline").to_json()
+            client = make_client(self.broker, cid, will_topic=Topics("fed").status(cid), will_payload=will)
+            extra = dict(agent_kw(i))
+            self.agents.append(offline_agent(root / cid / "state", client=client, broker=self.broker, client_id=cid,
+                                             exit_when_done=True, publish_timeout_s=10.0, **extra))
+        self.threads: List[Any] = []
+        self.errors: List[BaseException] = []
+        self.results: Dict[str, Any] = {}
+
+    def _run(self, name: str, target: Callable[[], Any]) -> None:
+        try:
+            self.results[name] = target()
+        except BaseException as exc:  # reported by wait()
+            self.errors.append(exc)
+
+    def start(self, agents: Optional[Iterable[int]] = None) -> LiveFederation:
+        import threading
+
+        for name, target in [("aggregator", self.aggregator.run),
+                             *((a.cfg.client_id, a.run) for i, a in enumerate(self.agents)
+                               if agents is None or i in set(agents))]:
+            thread = threading.Thread(target=self._run, args=(name, target), name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        return self
+
+    def wait(self, timeout: float) -> Dict[str, Any]:
+        """Wait until the aggregator and every started agent returned (AssertionError after `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        alive = [t.name for t in self.threads if t.is_alive()]
+        if self.errors:
+            raise self.errors[0]
+        assert not alive, f"still running after {timeout:.0f} s: {alive}"
+        return self.results
+
+    def stop(self) -> None:
+        self.aggregator.stop()
+        for agent in self.agents:
+            agent.stop()
+        for thread in self.threads:
+            thread.join(10)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from flora.edge import adapter
+from flora.edge import adapter, signing
 from flora.edge import agent_rules as rules
 from flora.edge.agent_rules import (
     ERROR,
@@ -25,7 +26,9 @@ from flora.edge.agent_rules import (
     Resend,
     StartRun,
     Train,
+    Trust,
     adopt_state,
+    authenticate,
     enter_round,
     next_action,
     read_global,
@@ -192,6 +195,39 @@ def test_a_global_is_accepted_only_for_this_model_and_of_a_global_kind():
     assert "has shape [4, 8], the bundle says [4, 16]" in misfit.note.text and misfit.status_code == "bad-global"
     for junk in (b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", GLOBAL + b"\x00" * (1 << 17)):
         assert isinstance(read_global(junk, M), Refused)
+
+
+# -- signatures -------------------------------------------------------------------------------------
+
+AGGREGATOR = Ed25519PrivateKey.generate()
+TRUST = Trust("fed", AGGREGATOR.public_key())
+
+
+def test_with_a_trusted_key_only_what_the_aggregator_signed_for_this_topic_and_federation_is_read():
+    body = announce().to_json()
+    assert authenticate(signing.sign(AGGREGATOR, "round", "fed", body), "round", TRUST) == body
+    assert authenticate(signing.sign(AGGREGATOR, "global", "fed", GLOBAL), "global", TRUST) == GLOBAL
+    forgeries = {
+        "unsigned": body,
+        "bad-signature": signing.sign(Ed25519PrivateKey.generate(), "round", "fed", body),  # another key
+    }
+    forgeries_bad = [signing.sign(AGGREGATOR, "global", "fed", body),  # signed for the other topic
+                     signing.sign(AGGREGATOR, "round", "other-fed", body),  # for another federation
+                     signing.sign(AGGREGATOR, "round", "fed", body).replace(b'"round":2', b'"round":9')]  # altered
+    for payload, reason in [*((p, r) for r, p in forgeries.items()), *((p, "bad-signature") for p in forgeries_bad)]:
+        refused = authenticate(payload, "round", TRUST, where="run-a/2")
+        assert isinstance(refused, Refused), reason
+        assert refused.status_code == reason and refused.status_error.startswith(f"refused a round message: {reason}")
+        assert refused.about_round is False and refused.forget_round is False  # the held round stands
+        assert refused.note.level == WARNING and refused.note.key == f"{reason}-round-run-a/2"  # once per round
+
+
+def test_without_a_trusted_key_messages_are_read_as_they_come_signed_or_not():
+    body = announce().to_json()
+    for trust in (None, Trust("fed")):
+        assert authenticate(body, "round", trust) == body
+        assert authenticate(signing.sign(Ed25519PrivateKey.generate(), "round", "fed", body), "round", trust) == body
+    assert Trust("fed").required is False and TRUST.required is True
 
 
 # -- start-up ----------------------------------------------------------------------------------------
