@@ -119,7 +119,7 @@ def main(argv=None) -> int:
             updates = [random_adapter(manifest, seed=i, scale=0.05) for i in range(DISTINCT)]
             for n in args.clients:
                 plain = plain_fedavg(n, manifest, updates)
-                k = min(default_shares(n), n - 1 - (n - 1) % 2)
+                k = default_shares(n)
                 sec = secure(n, d, fed, args.drop, k, default_threshold(k))
                 sec["bytes_down"] += plain["bytes_down"]  # a secure round downloads the global as well
                 row = {"clients": n, "params": d, "plain": plain, "secure": sec,

@@ -49,6 +49,8 @@ from .dashboard.snapshot import FederationInfo
 from .enroll import SIGN_AUTO, aggregator_signer
 from .fedbuff import BufferConfig
 from .rounds import CLOSE, EXTEND, GIVE_UP, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
+from .secure_aggregator import SecureAggregation, check_secure_aggregation
+from .secure_round import PLAIN_UPDATE, SecureSettings
 from .strategies import StrategyFull, make_strategy
 from .validation import BAD_CLIENT_ID, DEFAULT_MAX_NUM_SAMPLES, STRATEGY_FULL, Rejected, RoundView, validate_update
 from .watch import Watch
@@ -75,6 +77,8 @@ Event = Tuple[str, str, bytes, Optional[AckToken]]
 KINDS = ("update", "status", "metrics")
 #: The queue's kind for a message someone else published on the aggregator's own `global` or `round` topic.
 FOREIGN = "foreign"
+#: The queue's kind for a client's secure-aggregation message (`secagg/up/<id>`).
+SECAGG = "secagg-up"
 #: The aggregator re-publishes its own `global` and `round` over a foreign one at most this often.
 REPUBLISH_EVERY_S = 5.0
 #: The queue's kind for an update whose topic id is outside the id grammar.
@@ -117,6 +121,8 @@ class AggregatorConfig:
     mode: str = MODE_SYNC  # or "async": buffered asynchronous rounds (broker/async_rounds.py)
     buffer: BufferConfig = field(default_factory=BufferConfig)  # async only
     sign: str = SIGN_AUTO  # sign `global` and `round`: auto (when the state dir holds the key), yes, no
+    secure_aggregation: bool = False  # every round by secure aggregation (the aggregator sees only the sum)
+    secagg: SecureSettings = field(default_factory=SecureSettings)  # its k, t, encoding, timeouts, attempts
 
 
 class ClientsAbsent(FloraError, TimeoutError):
@@ -179,6 +185,16 @@ class Aggregator:
         self.signer: Optional[Ed25519PrivateKey] = None  # loaded from the state dir in run()
         self._signed_topics = {self.topics.global_: "global", self.topics.round: "round"}
         self._retained: Dict[str, bytes] = {}  # topic -> the payload this aggregator last published retained there
+        self._guarded = {self.topics.global_, self.topics.round, self.topics.secagg_stage}
+        self.secagg: Optional[SecureAggregation] = None
+        if cfg.secure_aggregation:
+            check_secure_aggregation(self.strategy)
+            if cfg.mode != MODE_SYNC or cfg.sites:
+                raise ConfigError("--secure-aggregation runs synchronous rounds of devices only: not with --mode "
+                                  "async or --sites")
+            self.secagg = SecureAggregation(cfg.secagg, self.checkpoint, self.topics, cfg.sampling,
+                                            cfg.round_timeout_s, adapter.layout_of(tuple(self.manifest.trainable)),
+                                            clock)
         self._republish_at: Dict[str, float] = {}  # topic -> earliest time to put ours back over a foreign one
         self.broker_cfg = cfg.broker
         self.client = client
@@ -194,14 +210,20 @@ class Aggregator:
     # -- MQTT (paho's thread: queue only) ---------------------------------------------------
     def _on_connected(self, client) -> None:
         self.connections += 1
-        client.subscribe([(self.topics.all_updates, QOS), (self.topics.all_status, QOS),
-                          (self.topics.all_metrics, QOS), (self.topics.global_, from_others(QOS)),
-                          (self.topics.round, from_others(QOS))])
+        topics = [(self.topics.all_updates, QOS), (self.topics.all_status, QOS), (self.topics.all_metrics, QOS),
+                  (self.topics.global_, from_others(QOS)), (self.topics.round, from_others(QOS))]
+        if self.secagg is not None:
+            topics += [(self.topics.all_secagg_up, QOS), (self.topics.secagg_stage, from_others(QOS))]
+        client.subscribe(topics)
 
     def _route(self, topic: str) -> Tuple[Optional[str], str]:
         """(kind, client) of a subscribed topic; kind `bad-update` for an update whose topic id is outside the
         id grammar (counted, not folded); (None, "") for anything else."""
         parts = self.topics.split(topic)
+        if parts is not None and parts[0] == "secagg" and self.secagg is not None:
+            sub, _, who = parts[1].partition("/")
+            return (SECAGG, who) if sub == "up" and self.topics.client_of(f"{self.topics.base}/up/{who}", "up") else (
+                None, "")
         if parts is None or parts[0] not in KINDS:
             return None, ""
         kind, who = parts
@@ -211,7 +233,7 @@ class Aggregator:
 
     def _on_message(self, client, userdata, msg) -> None:
         """Queue the message; acknowledge all but updates at once (an update is acked once it is durable)."""
-        if msg.topic in self._signed_topics:  # not our own (No Local): someone else wrote our topic
+        if msg.topic in self._guarded:  # not our own (No Local): someone else wrote our topic
             client.ack(msg.mid, msg.qos)
             self.events.put((FOREIGN, msg.topic, bytes(msg.payload), None))
             return
@@ -219,6 +241,11 @@ class Aggregator:
         if kind in ("update", BAD_UPDATE):
             self._wait_for_room()
             self.events.put((kind, who, bytes(msg.payload), (msg.mid, msg.qos, self.connections)))
+            return
+        if kind == SECAGG:  # a masked input is as large as an update: it waits for room too (acked at once: a
+            client.ack(msg.mid, msg.qos)  # restart aborts the attempt anyway, nothing of it is kept on disk)
+            self._wait_for_room()
+            self.events.put((kind, who, bytes(msg.payload), None))
             return
         client.ack(msg.mid, msg.qos)
         if kind is not None:
@@ -253,9 +280,26 @@ class Aggregator:
         if wait > 0 and not info.is_published() and not self.stop_event.is_set():
             log.warning("no PUBACK for %s within %.0f s; paho will resend it after reconnecting", topic, wait)
 
+    def _publish_all(self, messages, wait: float = 60.0) -> None:
+        """Publish (topic, payload, retain) messages at QoS 1, then wait for their PUBACKs together (a stage's
+        thousand inbox messages cost one round trip, not a thousand)."""
+        infos = []
+        for topic, payload, retain in messages:
+            if retain:
+                self._retained[topic] = payload
+            infos.append(self.client.publish(topic, payload, qos=QOS, retain=retain))
+        deadline = time.monotonic() + wait
+        while (not all(i.is_published() for i in infos) and time.monotonic() < deadline
+               and not self.stop_event.is_set()):
+            self._drain(0.01)
+
     # -- state -------------------------------------------------------------------------------
     def _load_signer(self) -> None:
         self.signer = aggregator_signer(self.checkpoint.dir, self.cfg.federation, self.cfg.sign)
+        if self.signer is None and self.secagg is not None:
+            raise ConfigError(f"--secure-aggregation needs the federation's keys in {self.checkpoint.dir} (its stage "
+                              "messages are signed, devices must be enrolled): `flora-aggregator enroll DEVICE "
+                              "--state-dir ...` for each device first, and not --sign no")
         if self.signer is not None:
             log.info("signing global and round with the federation's key in %s (public key %s)",
                      self.checkpoint.dir, signing.public_key_b64(self.signer.public_key()))
@@ -321,12 +365,13 @@ class Aggregator:
 
     # -- rounds ------------------------------------------------------------------------------
     def _announcement(self, state: str, rec: Optional[RoundRecord]) -> RoundAnnouncement:
+        secure = self.secagg.announcement_fields() if self.secagg is not None and rec is not None else {}
         return RoundAnnouncement(
             round=self.state.round, model_id=self.manifest.model_id, state=state, config=self.cfg.train,
             clients=sorted(rec.asked) if rec is not None else [],
             deadline=rec.deadline if rec is not None else self.clock(),
             global_sha256=sha256_bytes(self.global_blob), total_rounds=self.state.rounds_total,
-            run_id=self.state.run_id,
+            run_id=self.state.run_id, **secure,
         )
 
     def _announce(self, rec: RoundRecord) -> None:
@@ -369,8 +414,14 @@ class Aggregator:
         self.checkpoint.record(rec.number, kind, client, data)
         self._snapshot_dirty = True
 
+    def _participants(self) -> Set[str]:
+        """Online clients that can be asked: in a secure federation, the enrolled ones only."""
+        return self.secagg.eligible(self.online) if self.secagg is not None else self.online
+
     def _open_round(self) -> None:
-        rec = self.rounds.open(self.state.round, self.online, self.watch.errors)
+        if self.secagg is not None:
+            self.secagg.load_registry()
+        rec = self.rounds.open(self.state.round, self._participants(), self.watch.errors)
         if self.no_round is not None and self.no_round.round == rec.number:
             self.no_round.merge_into(rec)
             log.info("round %d: counts %d update(s) that came while no round was open", rec.number,
@@ -378,7 +429,11 @@ class Aggregator:
         self._begin(rec)
         self.checkpoint.clear_no_round(rec.number)  # after round.json holds them
         self.no_round = None
+        if self.secagg is not None:
+            self.secagg.open(rec, self.state.run_id, self.signer)
         self._announce(rec)
+        if self.secagg is not None:
+            self._publish_all(self.secagg.start_first(rec))
         log.info("round %d of %d open: asked %d client(s) (%s) %s, deadline in %.0f s", rec.number,
                  self.state.rounds_total, len(rec.asked), self.cfg.sampling.describe, sorted(rec.asked),
                  self.cfg.round_timeout_s, extra=fields("round-open", round=rec.number))
@@ -387,6 +442,8 @@ class Aggregator:
         saved.reported, saved.bytes_received, saved.complete_since = {}, 0, None  # rebuilt from the journal
         rec = self.rounds.resume(saved)
         self._begin(rec, journal_offset)
+        if self.secagg is not None:
+            self.secagg.restore(rec, self.state.run_id, self.signer)
         log.info("round %d resumed: asked %s, %d reported, deadline in %.0f s", rec.number, sorted(rec.asked),
                  len(rec.reported), self.cfg.round_timeout_s)
 
@@ -503,6 +560,8 @@ class Aggregator:
         self.global_blob, self.global_tensors = blob, tensors
         self.current = None
         self.watch.round_closed(row)
+        if self.secagg is not None:
+            self._publish_all(self.secagg.closed())
         self._publish(self.topics.global_, blob, retain=True)
 
     def _history_row(self, rec: RoundRecord, new: Optional[Dict[str, np.ndarray]]) -> Dict[str, Any]:
@@ -533,6 +592,8 @@ class Aggregator:
             "mean_client_accuracy": float(np.mean(accs)) if accs else None,
             "mean_client_loss": float(np.mean(losses)) if losses else None,
         }
+        if self.secagg is not None:
+            row.update(self.secagg.row())  # its attempts and survivors, and `samples`: the sum's total weight
         if new is not None:
             row.update(self.strategy.round_info())  # e.g. {"clipped": 2}, {"dp": {...}}
         if self.cfg.on_round_closed is not None and new is not None:
@@ -555,8 +616,14 @@ class Aggregator:
         if kind == "update":
             if self.current is None:
                 self._count_no_round(client, payload)
+            elif self.secagg is not None and self.secagg.round is not None:  # never read: a plain update here
+                self._reject(self.current, client, PLAIN_UPDATE, f"round {self.current.number} runs secure "
+                             "aggregation: a plain update is not read, spooled or folded", len(payload), save=True)
             else:
                 self._fold(client, payload)
+        elif kind == SECAGG:
+            if self.secagg is not None:
+                self.secagg.handle(client, payload)
         elif kind == BAD_UPDATE:
             self._count_bad_topic(client, payload)
         elif kind == "status":
@@ -623,7 +690,8 @@ class Aggregator:
             return
         self.watch.metrics(client, metrics)
         rec = self.current
-        if rec is None or metrics.round != rec.number or client not in rec.reported:
+        secure_asked = self.secagg is not None and rec is not None and client in rec.asked  # no one is reported
+        if rec is None or metrics.round != rec.number or (client not in rec.reported and not secure_asked):
             log.debug("metrics from %s for round %s not recorded", client, metrics.round)
             return
         rec.metrics[client] = {k: getattr(metrics, k, None) for k in METRIC_FIELDS}
@@ -653,7 +721,7 @@ class Aggregator:
             if kind in ("update", BAD_UPDATE):
                 self._count_unhandled(client, exc, len(payload))
         finally:
-            if kind in ("update", BAD_UPDATE):
+            if kind in ("update", BAD_UPDATE, SECAGG):
                 self._room.release()
         return token
 
@@ -709,12 +777,16 @@ class Aggregator:
         """Process messages until `need` clients are online; ClientsAbsent after `timeout` seconds if given."""
         start = time.monotonic()
         next_note = start
-        while len(self.online) < need and not self.stop_event.is_set():
+        if self.secagg is not None:
+            need = max(need, self.secagg.need())
+            self.secagg.load_registry()
+        while len(self._participants()) < need and not self.stop_event.is_set():
             now = time.monotonic()
             if timeout is not None and now - start > timeout:
-                raise ClientsAbsent(f"only {len(self.online)} of {need} clients came online within {timeout:g} s")
+                raise ClientsAbsent(f"only {len(self._participants())} of {need} clients came online within "
+                                    f"{timeout:g} s" + (" (enrolled ones count)" if self.secagg is not None else ""))
             if now >= next_note:
-                log.info("waiting for %d client(s) to come online (%d now)", need, len(self.online))
+                log.info("waiting for %d client(s) to come online (%d now)", need, len(self._participants()))
                 next_note = now + 60.0
             self._drain(0.1)
 
@@ -765,6 +837,9 @@ class Aggregator:
         assert rec is not None
         if self._snapshot_dirty and time.monotonic() - self._snapshot_at >= SNAPSHOT_EVERY_S:
             self._save_round(rec)
+        if self.secagg is not None and self.secagg.round is not None:
+            self._tick_secure(rec)  # a secure round closes when an attempt completes, not by the round clock
+            return
         step = self.rounds.step(rec, self.available, self.watch.errors)
         for client in step.errored:  # once per round each
             error = self.watch.errors[client]
@@ -789,6 +864,20 @@ class Aggregator:
                 f"round {rec.number}: {len(rec.reported)} of {self.rounds.min_clients} needed update(s) after "
                 f"{rec.extensions} extension(s) (--max-extensions {self.cfg.max_extensions}); stopping with the "
                 f"round kept open: a restart resumes it")
+
+    def _tick_secure(self, rec: RoundRecord) -> None:
+        """Carry out what the secure round says: re-announce, publish, then fail or fold the sum and close."""
+        assert self.secagg is not None
+        step = self.secagg.tick(rec, self.available, self.global_tensors)
+        if step.reannounce:
+            self._save_round(rec)
+            self._announce(rec)
+        self._publish_all(step.publish)
+        if step.fail is not None:
+            self._fail_round(rec, step.fail)
+        elif step.fold is not None:
+            self.strategy.accumulate_partial(*step.fold)
+            self._close_round()
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -55,6 +55,8 @@ JOURNAL = "journal.log"
 UPDATE, REJECTION, METRICS, DROP = 1, 2, 3, 4
 NO_ROUND = "no-round.json"
 DEVICES = "devices.json"
+SECAGG = "secagg.json"  # the open round's secure-aggregation attempts (broker/secure_round.py)
+SECURE_SUM = "secure-sum.npy"  # its unmasked sum, once an attempt completed: an aggregate, never one update
 LOCK = ".lock"
 FORMAT = "flora-aggregator-state"
 
@@ -370,6 +372,28 @@ class Checkpoint:
             elif entry.offset >= offset:
                 apply_record(rec, entry)
         return rec.to_json()
+
+    # -- secure aggregation of the open round --------------------------------------------------------
+    def save_secure(self, round_: int, record: Dict[str, Any]) -> None:
+        atomic_write_json(self.spool_dir(round_) / SECAGG, record)
+
+    def load_secure(self, round_: int) -> Optional[Dict[str, Any]]:
+        """The saved attempts of open round `round_`, or None (a plain round, or none saved yet)."""
+        try:
+            record = json.loads((self.spool_dir(round_) / SECAGG).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) and record.get("round") == round_ else None
+
+    def save_secure_sum(self, round_: int, blob: bytes) -> None:
+        """The unmasked sum of a completed attempt (.npy bytes), before the round is committed."""
+        atomic_write_bytes(self.spool_dir(round_) / SECURE_SUM, blob)
+
+    def load_secure_sum(self, round_: int) -> Optional[bytes]:
+        try:
+            return (self.spool_dir(round_) / SECURE_SUM).read_bytes()
+        except OSError:
+            return None
 
     # -- devices (what the operator views show; not needed to resume) --------------------------------
     def save_devices(self, registry: Dict[str, Any]) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from flora.edge.config import (
+    Bounded,
     CommandParser,
     ConfigError,
     add_config_option,
@@ -113,6 +114,26 @@ def build_parser() -> CommandParser:
                      help="sign `global` and `round` with the federation's Ed25519 key in the state dir: auto when "
                           "it is there (`enroll` makes it), yes (made if missing), no (default %(default)s); "
                           "agents given the key (--aggregator-key, --identity-dir) accept only signed messages")
+    sa = run.add_argument_group("secure aggregation (the aggregator sees only the sum of the updates; devices enrolled "
+                                "with `enroll`, docs/protocol.md)")
+    sa.add_argument("--secure-aggregation", action="store_true",
+                    help="every round by SecAgg+ (masked updates, dropout-tolerant); needs a strategy whose aggregate "
+                         "is a weighted sum (fedavg)")
+    sa.add_argument("--shares", type=Bounded(int, minimum=2), metavar="K",
+                    help="neighbours of each device that hold shares of its secrets, even (default 2*ceil(log2 n), "
+                         "at least 4, at most n-1)")
+    sa.add_argument("--threshold", type=Bounded(int, minimum=2), metavar="T",
+                    help="shares that recover a secret, > K/2 (default K/2 + 1): up to K - T of a device's "
+                         "neighbours may drop out")
+    sa.add_argument("--stage-timeout", type=Bounded(float, above=0.0), default=60.0, metavar="S",
+                    help="seconds each stage after advertise-keys waits for the devices (default %(default)s)")
+    sa.add_argument("--max-attempts", type=Bounded(int, minimum=1), default=3,
+                    help="attempts per round (fresh keys each) before the round fails (default %(default)s)")
+    sa.add_argument("--secagg-clip", type=Bounded(float, above=0.0), default=1.0, metavar="C",
+                    help="each element of an update's delta is clipped to [-C, C] before fixed-point encoding "
+                         "(default %(default)s)")
+    sa.add_argument("--secagg-frac-bits", type=Bounded(int, minimum=0, maximum=40), default=16, metavar="F",
+                    help="fixed-point resolution 2^-F: the mean is within 2^-F per element (default %(default)s)")
     m = add_connection_options(run.add_argument_group("broker connection"))
     m.add_argument("--client-id", default="flora-aggregator", help="MQTT client id (and, by convention, username)")
     run.add_argument("--http", metavar="HOST:PORT",
@@ -337,7 +358,7 @@ def run(args: argparse.Namespace) -> int:
             max_update_bytes=args.max_update_bytes, max_num_samples=args.max_num_samples,
             max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
             client_id=args.client_id, mode=args.mode, buffer=_buffer(args), sites=_sites(args.sites),
-            sign=args.sign,
+            sign=args.sign, secure_aggregation=args.secure_aggregation, secagg=_secure_settings(args),
             **_hooks(bundle, args.eval_data),
         )
         if args.http:
@@ -345,6 +366,9 @@ def run(args: argparse.Namespace) -> int:
         if args.role == "site":
             from .site import site_from_args
 
+            if args.secure_aggregation:
+                raise ConfigError("--secure-aggregation is not available for --role site (a site's partial is a "
+                                  "plain weighted sum)")
             aggregator = site_from_args(cfg, args.upstream, args.upstream_federation, args.site_id)
         else:
             aggregator = make_aggregator(cfg)
@@ -372,6 +396,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if dashboard is not None:
             dashboard.stop()
+
+
+def _secure_settings(args: argparse.Namespace):
+    from flora.edge.secagg.encoding import Encoding
+
+    from .secure_round import SecureSettings
+
+    return SecureSettings(args.shares, args.threshold, Encoding(args.secagg_clip, args.secagg_frac_bits),
+                          args.stage_timeout, args.max_attempts)
 
 
 def _live_dashboard(address: str):

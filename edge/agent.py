@@ -16,17 +16,23 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
+
+import numpy as np
 
 from . import adapter as adapter_blob
 from . import agent_rules as rules
 from .bundle import Bundle
-from .identity import aggregator_key
+from .errors import ConfigError
+from .identity import CA_CERT, aggregator_key, load_ca, load_identity
 from .local_data import DeviceData, load_device_data
 from .logs import fields
 from .mqtt import BrokerConfig, Connection, make_client
 from .preprocess import ImageError
 from .protocol import QOS, ROUND_FAILED, Metrics, RoundAnnouncement, Status, Topics, check_id
+from .secagg.messages import MessageError
+from .secagg.params import SecAggParams
+from .secagg.session import SecureSession, SessionStep
 from .state import AgentState, StateStore
 from .trainers import Trainer, TrainerError, open_bundle, open_trainer
 from .training import Evaluation, RoundResult, Stopped, eval_batch_size, evaluate, train_round
@@ -68,6 +74,9 @@ class AgentConfig:
     aggregator_key: Optional[str] = None
     aggregator_key_file: Optional[Path] = None
     identity_dir: Optional[Path] = None  # the folder `flora-aggregator enroll` wrote for this device
+    # take part in secure rounds only (`--secure-aggregation`): the update never leaves the device in the clear.
+    # Without it an agent with an identity still joins secure rounds, and trains plain ones as before
+    secure_aggregation: bool = False
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else Path("flora-state") / self.client_id
@@ -135,6 +144,22 @@ def open_state(store: StateStore, client_id: str, model_id: str, federation: str
     return state
 
 
+def open_secure(cfg: AgentConfig, trust: rules.Trust) -> Optional[SecureSession]:
+    """The secure-aggregation side of an enrolled device (its identity, checked against the federation CA),
+    or None without --identity-dir; ConfigError (exit 2) for --secure-aggregation without one."""
+    if cfg.identity_dir is None:
+        if cfg.secure_aggregation:
+            raise ConfigError("--secure-aggregation needs --identity-dir: the folder `flora-aggregator enroll` wrote "
+                              "for this device (its identity key and certificate, ca.crt, aggregator.pub)")
+        return None
+    if trust.aggregator_key is None:
+        raise ConfigError(f"--identity-dir {cfg.identity_dir}: no aggregator key (aggregator.pub there, or "
+                          "--aggregator-key): secure aggregation checks the aggregator's signature on every stage")
+    ca = load_ca(Path(cfg.identity_dir) / CA_CERT)
+    identity = load_identity(Path(cfg.identity_dir), cfg.client_id, cfg.federation, ca)
+    return SecureSession(identity, ca, trust.aggregator_key)
+
+
 def open_trust(cfg: AgentConfig) -> rules.Trust:
     """Whom the agent believes for `global` and `round`: the aggregator key the config names, if any
     (IdentityError, exit 2, for one that cannot be read)."""
@@ -150,7 +175,8 @@ class Agent:
 
     def __init__(self, cfg: AgentConfig, *, bundle: Bundle, trainer: Trainer, data: DeviceData,
                  store: StateStore, state: AgentState, client: MqttClient,
-                 metrics: Optional[AgentMetrics] = None, trust: Optional[rules.Trust] = None) -> None:
+                 metrics: Optional[AgentMetrics] = None, trust: Optional[rules.Trust] = None,
+                 secure: Optional[SecureSession] = None) -> None:
         self.cfg = cfg
         check_id(cfg.client_id)
         self.topics = Topics(cfg.federation)
@@ -164,6 +190,10 @@ class Agent:
         self.round: Optional[RoundAnnouncement] = None
         self.global_: Optional[rules.GlobalAdapter] = None
         self.trust = trust if trust is not None else rules.Trust(cfg.federation)
+        self.secure = secure  # secure aggregation (an enrolled device), or None
+        if cfg.secure_aggregation and secure is None:
+            raise ConfigError("--secure-aggregation needs an enrolled identity (--identity-dir)")
+        self.layout = adapter_blob.layout_of(tuple(bundle.manifest.trainable))
         self._said: Set[str] = set()
         self._failed: Set[Tuple[str, int]] = set()  # (run_id, round) that failed in this process
         self._inflight: Optional[InFlight] = None
@@ -183,6 +213,8 @@ class Agent:
         state dir, the local data (features through the cache), and make a paho client with the agent's
         last will (or use `client`). Nothing is connected yet."""
         check_id(cfg.client_id)
+        trust = open_trust(cfg)  # identity and keys are checked before the bundle is loaded
+        secure = open_secure(cfg, trust)
         bundle, trainer = parts if parts is not None else open_bundle_and_trainer(cfg)
         store = StateStore(cfg.resolved_state_dir())
         state = open_state(store, cfg.client_id, bundle.manifest.model_id, cfg.federation)
@@ -199,18 +231,24 @@ class Agent:
 
             metrics = AgentMetrics(cfg.client_id, trainer.name)
         return cls(cfg, bundle=bundle, trainer=trainer, data=data, store=store, state=state, client=client,
-                   metrics=metrics, trust=open_trust(cfg))
+                   metrics=metrics, trust=trust, secure=secure)
 
     def view(self) -> rules.AgentView:
         """The frozen view of this agent the rules decide on."""
         return rules.AgentView.of(self.state, self.cfg.client_id, self.manifest.model_id,
                                   resend_pending=self._resend_pending, in_flight=self._inflight is not None,
                                   failed=frozenset(self._failed),
-                                  global_sha256=self.global_.sha256 if self.global_ else None, finished=self.done)
+                                  global_sha256=self.global_.sha256 if self.global_ else None, finished=self.done,
+                                  secure_capable=self.secure is not None,
+                                  secure_required=self.cfg.secure_aggregation,
+                                  holding=self.secure.holding if self.secure is not None else None)
 
     # -- MQTT callbacks (paho's thread) ------------------------------------------------------
     def _on_connected(self, client) -> None:
-        client.subscribe(self.topics.downlink())
+        topics = self.topics.downlink()
+        if self.secure is not None:
+            topics += [(self.topics.secagg_stage, QOS), (self.topics.secagg_inbox(self.cfg.client_id), QOS)]
+        client.subscribe(topics)
         self.events.put(("connected", b""))
 
     def _on_message(self, client, userdata, message) -> None:
@@ -218,6 +256,10 @@ class Agent:
             self.events.put(("global", bytes(message.payload)))
         elif message.topic == self.topics.round:
             self.events.put(("round", bytes(message.payload)))
+        elif self.secure is not None and message.topic == self.topics.secagg_stage:
+            self.events.put(("secagg-stage", bytes(message.payload)))
+        elif self.secure is not None and message.topic == self.topics.secagg_inbox(self.cfg.client_id):
+            self.events.put(("secagg-inbox", bytes(message.payload)))
 
     # -- helpers -----------------------------------------------------------------------------
     def _status(self, state: str, error: Optional[str] = None, code: Optional[str] = None,
@@ -312,6 +354,10 @@ class Agent:
                 self._handle_global(payload)
             elif kind == "round":
                 self._handle_round(payload)
+            elif kind == "secagg-stage" and self.secure is not None:
+                self._secure_step(self.secure.on_stage(payload))
+            elif kind == "secagg-inbox" and self.secure is not None:
+                self._secure_step(self.secure.on_inbox(payload))
         except OSError:
             raise
         except Exception:
@@ -346,6 +392,40 @@ class Agent:
             else:
                 self._resend(effect.round)
         self.round = announcement
+        self._enter_secure(announcement)
+
+    # -- secure aggregation --------------------------------------------------------------------
+    def _enter_secure(self, r: RoundAnnouncement) -> None:
+        """A secure round starts (or goes on) in the session; any other round ends the one it held."""
+        if self.secure is None:
+            return
+        if not r.secure or not r.asks(self.cfg.client_id):
+            self.secure.end()
+            return
+        try:
+            params = SecAggParams.from_json(r.secagg)
+        except MessageError as exc:
+            self._say(rules.Note(rules.ERROR, f"round {r.round}: unusable secure-aggregation parameters, not "
+                                              f"taking part: {exc}", key=f"params-{r.run_id}/{r.round}"))
+            self.secure.end()
+            return
+        self._secure_step(self.secure.begin(r.run_id, r.round, params))
+
+    def _secure_step(self, step: SessionStep) -> None:
+        """Carry out what the session says: log, publish its replies, record a given update as submitted."""
+        for level, text in step.notes:
+            log.log(LEVELS[level], "%s", text)
+        for reply in step.replies:
+            self.client.publish(self.topics.secagg_up(self.cfg.client_id), reply, qos=QOS)
+        if step.given and self.secure is not None and self.secure.round is not None:
+            self.store.record_given(self.state, self.secure.round[1])
+
+    def _delta(self, trained: Dict[str, np.ndarray]) -> np.ndarray:
+        """The trained adapter minus the round's global, flat in the adapter's layout, float64."""
+        assert self.global_ is not None
+        start = self.global_.adapter.as_float32()
+        return np.concatenate([np.ravel(trained[name]).astype(np.float64) - np.ravel(start[name])
+                               for name, _, _, _ in self.layout.entries])
 
     def maybe_train(self) -> None:
         """Do what the rules say for the round announced now: train it, finish, or wait (saying why once)."""
@@ -413,6 +493,9 @@ class Agent:
         )
         self._straggle(result.wall_time_s)
         val = evaluate(self.trainer, self.val_data, eval_batch_size(self.manifest.input_kind, cfg.batch_size))
+        if r.secure:
+            self._hand_to_secure(r, result, val)
+            return
         blob = adapter_blob.encode(
             self.trainer.get_adapter(), model_id=self.manifest.model_id, round=r.round, kind="update",
             dtype="float16" if self.cfg.fp16_updates else "float32", client_id=self.cfg.client_id,
@@ -436,6 +519,17 @@ class Agent:
         """With --slowdown F, wait (F - 1) times the round's training time (a slow device; stop ends it)."""
         if self.cfg.slowdown > 1.0 and self.stop_event.wait((self.cfg.slowdown - 1.0) * trained_s):
             raise Stopped()
+
+    def _hand_to_secure(self, r: RoundAnnouncement, result: RoundResult, val: Optional[Evaluation]) -> None:
+        """A secure round's update goes to the session only: never stored in the outbox nor sent in the clear."""
+        if self.secure is None:  # next_action never trains such a round
+            raise RuntimeError(f"round {r.round} runs secure aggregation and this agent has no identity for it")
+        self._secure_step(self.secure.trained(self._delta(self.trainer.get_adapter()), len(self.train_data)))
+        masked_bytes = (self.layout.numel + 1) * 8
+        self._publish_metrics(r, result, val, masked_bytes)
+        log.info("round %d: trained (train loss %.4f, %.1f s); the update waits for a secure-aggregation attempt",
+                 r.round, result.loss, result.wall_time_s)
+        self.publish_status("idle")
 
     def _publish_metrics(self, r: RoundAnnouncement, result: RoundResult, val: Optional[Evaluation],
                          update_bytes: int) -> None:
@@ -480,6 +574,8 @@ class Agent:
         except queue.Empty:
             pass
         self._settle_inflight()
+        if self.secure is not None:
+            self._secure_step(self.secure.tick())
         try:
             self.maybe_train()
         except Stopped:

@@ -49,6 +49,9 @@ NOT_ASKED = "not-asked"
 SUBMITTED = "submitted"
 FAILED = "failed-in-this-process"
 WAITING_FOR_GLOBAL = "waiting-for-global"
+SECURE_UNAVAILABLE = "secure-aggregation-unavailable"  # a secure round, and this agent has no identity for it
+SECURE_REQUIRED = "secure-aggregation-required"  # a plain round, and this agent sends its update masked only
+SECURE_WAITING = "secure-aggregation-waiting"  # trained: the update waits for an attempt to take it
 
 # Why start-up does not keep the stored record (`Adoption.reset`).
 OTHER_MODEL = "other-model"
@@ -80,6 +83,9 @@ class AgentView:
     failed: FrozenSet[Tuple[str, int]] = field(default_factory=frozenset)  # (run_id, round) failed here
     global_sha256: Optional[str] = None  # of the last global adapter received (and accepted)
     finished: bool = False  # this process has seen the federation done
+    secure_capable: bool = False  # it has an identity and the aggregator's key: it can take part in secure rounds
+    secure_required: bool = False  # `--secure-aggregation`: it takes part in secure rounds only
+    holding: Optional[Tuple[str, int]] = None  # (run_id, round) whose trained update waits for a secure attempt
 
     @classmethod
     def of(cls, state: AgentState, client_id: str, model_id: str, **process) -> AgentView:
@@ -287,8 +293,10 @@ Action = Union[Train, Idle, Finish]
 
 
 def next_action(announcement: Optional[RoundAnnouncement], view: AgentView) -> Action:
-    """Train the announced round only if it is for this model, asks this client, was neither submitted in
-    this run nor failed in this process, and its global (by sha256) is the one received. Checked in
+    """Train the announced round only if it is for this model, asks this client, was not submitted in this
+    run, can be sent the way it is aggregated (a secure round needs an enrolled identity; an agent that
+    sends masked updates only trains secure rounds), is not trained already and waiting for a secure
+    attempt, did not fail in this process, and its global (by sha256) is the one received. Checked in
     that order; the first that does not hold is the `Idle` reason."""
     r = announcement
     if r is None:
@@ -306,6 +314,16 @@ def next_action(announcement: Optional[RoundAnnouncement], view: AgentView) -> A
         return Idle(NOT_ASKED, Note(INFO, f"round {r.round} does not ask this client", key=f"skip-{tag}"))
     if view.submitted(r.round):
         return Idle(SUBMITTED, Note(INFO, f"round {r.round} was already submitted", key=f"done-{tag}"))
+    if r.secure and not view.secure_capable:
+        why = f"round {r.round} runs secure aggregation and this agent has no enrolled identity for it"
+        return Idle(SECURE_UNAVAILABLE, Note(ERROR, f"{why} (--identity-dir): not training", key=f"secure-{tag}"),
+                    status_error=why, status_code=SECURE_UNAVAILABLE)
+    if not r.secure and view.secure_required:
+        why = f"round {r.round} is not securely aggregated and this agent sends its update masked only"
+        return Idle(SECURE_REQUIRED, Note(WARNING, f"{why} (--secure-aggregation): not training", key=f"plain-{tag}"),
+                    status_error=why, status_code=SECURE_REQUIRED)
+    if r.secure and view.holding == (r.run_id, r.round):
+        return Idle(SECURE_WAITING)
     if (r.run_id, r.round) in view.failed:
         return Idle(FAILED, Note(INFO, f"round {r.round} failed in this process: not retrying it; waiting for the "
                                        "next round", key=f"failed-{tag}"))

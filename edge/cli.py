@@ -87,6 +87,10 @@ def build_parser() -> CommandParser:
                             "with none, an open federation: messages are not authenticated)")
     trust.add_argument("--aggregator-key-file", type=Path, metavar="FILE",
                        help="a file holding the aggregator's public key (base64), e.g. aggregator.pub")
+    trust.add_argument("--secure-aggregation", action="store_true",
+                       help="take part in securely aggregated rounds only: this device's update never leaves it in "
+                            "the clear (needs --identity-dir; without this flag an enrolled device joins secure "
+                            "rounds and trains plain ones as before)")
     run.add_argument("--log-level", default="INFO", choices=LOG_LEVELS)
     run.add_argument("--log-format", default="plain", choices=FORMATS,
                      help="plain lines, or one JSON object per line (journald, log shippers)")
@@ -142,7 +146,7 @@ def agent_config(args: argparse.Namespace):
         fp16_updates=args.fp16_updates, exit_when_done=args.exit_when_done,
         progress_every_s=args.progress_every_s, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
         slowdown=args.slowdown, aggregator_key=args.aggregator_key, aggregator_key_file=args.aggregator_key_file,
-        identity_dir=args.identity_dir,
+        identity_dir=args.identity_dir, secure_aggregation=args.secure_aggregation,
     )
 
 

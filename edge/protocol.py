@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import wire
 from .fileio import json_safe
+from .secagg.schema import PARAMS as SECAGG_PARAMS
 from .wire import Array, Const, Float, Int, Map, Message, Nullable, Object, OneOf, Str, optional
 
 PREFIX = "flora"
@@ -181,6 +182,9 @@ ROUND_MESSAGE = Message("round", Object({
     "mode": optional(Str(choices=(MODE_SYNC, MODE_ASYNC)), MODE_SYNC),  # async only: these three
     "buffer": optional(Int(0, MAX_CLIENTS), 0),
     "max_staleness": optional(Int(0, MAX_ROUND), 0),
+    # a secure round (docs/protocol.md, "Secure aggregation"): its parameters; absent in a plain round, so
+    # an agent that predates secure aggregation refuses a secure round (an unknown key) and sends nothing
+    "secagg": optional(Nullable(SECAGG_PARAMS)),
 }), max_bytes=8 << 20)
 
 
@@ -206,6 +210,8 @@ class RoundAnnouncement:
     mode: str = MODE_SYNC
     buffer: int = 0
     max_staleness: int = 0
+    # with secure aggregation: the round's SecAggParams as JSON (the agent sends no plain update then)
+    secagg: Optional[Dict[str, Any]] = None
 
     def asks(self, client_id: str) -> bool:
         return self.state == ROUND_TRAINING and (self.clients == "all" or client_id in self.clients)
@@ -214,11 +220,17 @@ class RoundAnnouncement:
     def is_async(self) -> bool:
         return self.mode == MODE_ASYNC
 
+    @property
+    def secure(self) -> bool:
+        return self.secagg is not None
+
     def to_json(self) -> bytes:
         d = asdict(self)
         if self.mode == MODE_SYNC:  # a synchronous round message is what it always was
             for key in ("mode", "buffer", "max_staleness"):
                 d.pop(key)
+        if d["secagg"] is None:  # a plain round says nothing of it (agents that predate it read the message)
+            del d["secagg"]
         return ROUND_MESSAGE.encode(d)
 
     @classmethod

@@ -35,7 +35,7 @@ class AgentState:
     model_id: Optional[str] = None
     federation: Optional[str] = None  # the federation the record of submitted rounds is for
     run_id: str = ""  # the aggregator's run the record is for ("" before the first run_id seen)
-    last_submitted_round: Optional[int] = None  # trained and stored in the outbox
+    last_submitted_round: Optional[int] = None  # trained and stored in the outbox (or given to secure aggregation)
     outbox_round: Optional[int] = None  # round of the update in the outbox
     outbox_sent: bool = True  # the broker acknowledged the outbox update
     global_round: Optional[int] = None  # round of the last global adapter applied
@@ -99,6 +99,12 @@ class StateStore:
         state.last_submitted_round = round_
         state.outbox_round = round_
         state.outbox_sent = False
+        self.save(state)
+
+    def record_given(self, state: AgentState, round_: int) -> None:
+        """A secure round's update was given (masked, and listed for unmasking): the round counts as submitted.
+        Nothing goes to the outbox: a secure round's update is never stored or sent in the clear."""
+        state.last_submitted_round = round_
         self.save(state)
 
     def outbox(self) -> Optional[bytes]:

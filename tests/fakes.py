@@ -3,6 +3,8 @@ Runtime, message builders, and an aggregator and an agent wired to them. Imports
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
@@ -10,14 +12,17 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Opt
 import numpy as np
 
 from flora.broker.aggregator import Aggregator, AggregatorConfig
-from flora.edge import adapter
+from flora.edge import adapter, signing
 from flora.edge.agent import Agent, AgentConfig, open_state
 from flora.edge.agent_rules import Trust
 from flora.edge.bundle import Bundle, Manifest
 from flora.edge.fileio import sha256_bytes
+from flora.edge.identity import CA_CERT, load_ca, load_identity
 from flora.edge.local_data import DeviceData
-from flora.edge.mqtt import BrokerConfig
-from flora.edge.protocol import Metrics, RoundAnnouncement, Status, TrainConfig
+from flora.edge.mqtt import BrokerConfig, make_client
+from flora.edge.protocol import Metrics, RoundAnnouncement, Status, Topics, TrainConfig
+from flora.edge.secagg.messages import peek_context
+from flora.edge.secagg.session import SecureSession, SessionStep
 from flora.edge.state import StateStore
 from flora.edge.synthetic import random_adapter, synthetic_manifest
 from flora.edge.trainers.base import StepResult, Trainer, score_logits
@@ -221,7 +226,7 @@ def feature_data(manifest: Manifest, n: int, seed: int = 0) -> LocalData:
 
 def offline_agent(state_dir: Path, *, manifest: Optional[Manifest] = None, train: int = 18, val: int = 6,
                   client: Optional[FakeMqttClient] = None, trainer: Optional[Trainer] = None,
-                  trust: Optional[Trust] = None, **overrides: Any) -> Agent:
+                  trust: Optional[Trust] = None, secure: Optional[SecureSession] = None, **overrides: Any) -> Agent:
     """Agent `dev-1` of federation `fed` on a synthetic manifest, with a FakeTrainer, `train` + `val` random
     feature vectors and a FakeMqttClient (`agent.client`); its state dir is opened as `Agent.open` does."""
     m = manifest or synthetic_manifest()
@@ -234,7 +239,7 @@ def offline_agent(state_dir: Path, *, manifest: Optional[Manifest] = None, train
     state = open_state(store, cfg.client_id, m.model_id, cfg.federation)
     return Agent(cfg, bundle=bundle, trainer=trainer or FakeTrainer(bundle),
                  data=DeviceData(feature_data(m, train, 0), feature_data(m, val, 1)), store=store, state=state,
-                 client=client if client is not None else FakeMqttClient(), trust=trust)
+                 client=client if client is not None else FakeMqttClient(), trust=trust, secure=secure)
 
 
 def offer_round(agent: Agent, round_: int, run_id: str = "run-a", protocol: int = 1,
@@ -267,12 +272,11 @@ class LiveFederation:
 
     def __init__(self, url: str, root: Path, n: int, aggregator_kw: Optional[Dict[str, Any]] = None,
                  agent_kw: Callable[[int], Dict[str, Any]] = lambda i: {}) -> None:
-        from flora.edge.mqtt import make_client
-        from flora.edge.protocol import Topics
-
         self.broker = BrokerConfig.from_url(url)
+        self.root = root
         kw = dict(rounds=2, round_timeout_s=30.0, metrics_grace_s=0.2, wait_for_clients=n, wait_timeout_s=60.0)
         kw.update(aggregator_kw or {})
+        self.aggregator_kw = kw
         self.aggregator = offline_aggregator(root / "aggregator", time.time,
                                              make_client(self.broker, "flora-aggregator"), broker=self.broker, **kw)
         self.agents: List[Agent] = []
@@ -294,8 +298,6 @@ class LiveFederation:
             self.errors.append(exc)
 
     def start(self, agents: Optional[Iterable[int]] = None) -> LiveFederation:
-        import threading
-
         for name, target in [("aggregator", self.aggregator.run),
                              *((a.cfg.client_id, a.run) for i, a in enumerate(self.agents)
                                if agents is None or i in set(agents))]:
@@ -303,6 +305,19 @@ class LiveFederation:
             thread.start()
             self.threads.append(thread)
         return self
+
+    def restart_aggregator(self, **changes: Any) -> Aggregator:
+        """A new aggregator process, as it were: the same state dir, client id and config (with `changes`),
+        started in a thread in place of the first (which must have returned)."""
+        assert not self.threads[0].is_alive()
+        kw = {**self.aggregator_kw, **changes}
+        agg = offline_aggregator(self.root / "aggregator", time.time, make_client(self.broker, "flora-aggregator"),
+                                 broker=self.broker, **kw)
+        thread = threading.Thread(target=self._run, args=("aggregator", agg.run), name="aggregator", daemon=True)
+        thread.start()
+        self.threads[0] = thread
+        self.restarted = agg
+        return agg
 
     def wait(self, timeout: float) -> Dict[str, Any]:
         """Wait until the aggregator and every started agent returned (AssertionError after `timeout` s)."""
@@ -317,7 +332,67 @@ class LiveFederation:
 
     def stop(self) -> None:
         self.aggregator.stop()
+        if getattr(self, "restarted", None) is not None:
+            self.restarted.stop()
         for agent in self.agents:
             agent.stop()
         for thread in self.threads:
             thread.join(10)
+
+
+def enrolled(pki: Any, device_id: str, folder: Path) -> Dict[str, Any]:
+    """Enroll `device_id` with `pki` (a broker.enroll.FederationPKI) into `folder`; the offline_agent keywords of
+    that device: the aggregator key it trusts and its secure-aggregation session."""
+    out = pki.enroll(device_id, folder)
+    ca = load_ca(out / CA_CERT)
+    key = pki.signer().public_key()
+    identity = load_identity(out, device_id, pki.federation, ca)
+    return dict(trust=Trust(pki.federation, key), secure=SecureSession(identity, ca, key))
+
+
+class ScriptedSession(SecureSession):
+    """A device's secure-aggregation session that records the update it is given (`deltas`: round -> flat delta,
+    `weights`) and goes silent from a stage on in chosen attempts (`drop_at`: attempt -> stage, e.g.
+    {0: "masked-input"}: in attempt 0 it neither sees nor answers anything from that stage on), as a
+    device that drops out mid-protocol (its session stays: it is back for the next attempt)."""
+
+    ORDER = ("advertise-keys", "share-keys", "masked-input", "unmask", "reveal", "abort")
+
+    def __init__(self, *args: Any, drop_at: Optional[Mapping[int, str]] = None, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.drop_at = dict(drop_at or {})
+        self.silent: set = set()  # attempts it has dropped out of
+        self.deltas: Dict[int, np.ndarray] = {}
+        self.weights: Dict[int, int] = {}
+
+    def trained(self, delta: np.ndarray, weight: int):
+        if self.round is not None:
+            self.deltas[self.round[1]], self.weights[self.round[1]] = np.array(delta), int(weight)
+        return super().trained(delta, weight)
+
+    def on_stage(self, payload: bytes):
+        if payload and signing.is_signed(payload):
+            body = signing.body_of(payload)
+            try:
+                ctx, stage = peek_context(body, self.federation), json.loads(body)["stage"]
+            except (ValueError, KeyError):
+                return super().on_stage(payload)
+            drop = self.drop_at.get(ctx.attempt)
+            if drop is not None and self.ORDER.index(stage) >= self.ORDER.index(drop):
+                self.silent.add(ctx.attempt)
+            if ctx.attempt in self.silent:
+                return SessionStep()
+        return super().on_stage(payload)
+
+    def on_inbox(self, payload: bytes):
+        if self.client is not None and self.client.ctx.attempt in self.silent:
+            return SessionStep()
+        return super().on_inbox(payload)
+
+
+def scripted(pki: Any, device_id: str, folder: Path, drop_at: Optional[Mapping[int, str]] = None) -> Dict[str, Any]:
+    """`enrolled`, with a ScriptedSession."""
+    kw = enrolled(pki, device_id, folder)
+    s = kw["secure"]
+    kw["secure"] = ScriptedSession(s.identity, s.ca, s.aggregator_key, drop_at=drop_at)
+    return kw

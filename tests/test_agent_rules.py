@@ -251,3 +251,30 @@ def test_start_up_keeps_a_state_of_this_model_and_federation_and_says_where_it_r
 ])
 def test_start_up_refuses_the_record_of_another_model_or_federation(stored, reset, says):
     assert adopt_state(stored, M.model_id, "fed", where="state dir /s") == rules.Adoption(reset, (Note(WARNING, says),))
+
+
+# -- secure aggregation ------------------------------------------------------------------------------
+
+SECAGG = {"shares": 4, "threshold": 3, "clients": 5, "bits": 64, "stage_timeout_s": 60.0, "min_survivors": 2,
+          "encoding": {"clip": 1.0, "frac_bits": 16, "max_weight": 65536, "noise_bound": 0}}
+
+
+def test_a_secure_round_is_trained_only_by_an_enrolled_agent_and_once():
+    secure = announce(secagg=SECAGG)
+    assert RoundAnnouncement.from_json(secure.to_json()) == secure and b'"secagg"' not in announce().to_json()
+    unable = next_action(secure, view())
+    assert unable.reason == rules.SECURE_UNAVAILABLE and unable.status_code == "secure-aggregation-unavailable"
+    assert unable.note.level == ERROR and unable.note.key == "secure-run-a/2"
+    assert next_action(secure, view(secure_capable=True)) == Train(2)
+    holding = view(secure_capable=True, holding=("run-a", 2))
+    assert next_action(secure, holding) == Idle(rules.SECURE_WAITING)  # trained: its update waits for an attempt
+    assert next_action(announce(3, secagg=SECAGG), holding) == Train(3)
+    assert next_action(secure, view(secure_capable=True, last_submitted_round=2)).reason == rules.SUBMITTED
+
+
+def test_an_agent_that_sends_masked_updates_only_refuses_a_plain_round():
+    masked_only = view(secure_capable=True, secure_required=True)
+    refused = next_action(announce(), masked_only)
+    assert refused.reason == rules.SECURE_REQUIRED and refused.status_code == "secure-aggregation-required"
+    assert "not securely aggregated" in refused.status_error
+    assert next_action(announce(secagg=SECAGG), masked_only) == Train(2)

@@ -147,6 +147,7 @@ def test_the_ring_is_symmetric_seeded_and_order_free():
 
 def test_default_k_grows_like_log_n_and_t_is_a_majority():
     assert [default_shares(n) for n in (10, 100, 1000)] == [8, 14, 20]
+    assert [default_shares(n) for n in (2, 3, 4, 5, 6, 7)] == [2, 2, 2, 4, 4, 6]  # at most n - 1, even
     assert all(default_threshold(k) > k / 2 for k in (4, 8, 20))
 
 

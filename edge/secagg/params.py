@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict
 
+from .. import wire
 from ..errors import FloraError
 from .encoding import Encoding, EncodingError
-from .messages import MessageError, exact_keys, get_float, get_int
+from .messages import MessageError
+from .schema import PARAMS
 
 
 class ParamsError(FloraError, ValueError):
@@ -60,13 +62,12 @@ class SecAggParams:
 
     @classmethod
     def from_json(cls, d: Any) -> SecAggParams:
+        """Parameters from the wire (`schema.PARAMS`: exact keys and types), re-checked for soundness;
+        MessageError for anything else."""
         try:
-            exact_keys(d, set(cls.__dataclass_fields__), "secagg parameters")
-            e = d["encoding"]
-            exact_keys(e, set(Encoding.__dataclass_fields__), "secagg encoding")
-            encoding = Encoding(get_float(e, "clip"), get_int(e, "frac_bits"), get_int(e, "max_weight"),
-                                get_int(e, "noise_bound"))
-            return cls(get_int(d, "shares"), get_int(d, "threshold"), get_int(d, "clients"), get_int(d, "bits"),
-                       encoding, get_float(d, "stage_timeout_s"), get_int(d, "min_survivors"))
+            checked = PARAMS.check(d, "secagg")
+            return cls(**{**checked, "encoding": Encoding(**checked["encoding"])})
+        except wire.WireError as exc:
+            raise MessageError(f"secagg parameters: {exc.detail}") from None
         except (EncodingError, ParamsError) as exc:
             raise MessageError(f"unusable secagg parameters: {exc}") from exc

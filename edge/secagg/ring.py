@@ -16,9 +16,11 @@ from .primitives import Context
 
 
 def default_shares(clients: int) -> int:
-    """k ≈ 2·log2(n), even, at least 4 (and at most n - 1 rounded to even, where that is smaller)."""
+    """k ≈ 2·log2(n), even, at least 4, but at most n - 1 rounded down to even (and never below 2): a
+    neighbourhood holds at most the n - 1 others, and t of them must remain to recover a dropped client."""
     k = max(4, 2 * math.ceil(math.log2(max(clients, 2))))
-    return k + (k % 2)
+    cap = (clients - 1) - (clients - 1) % 2
+    return max(2, min(k, cap))
 
 
 def default_threshold(shares: int) -> int:
