@@ -248,7 +248,9 @@ class FederationPKI:
         lines = [f"# FLORA federation {fed}: written by flora-aggregator enroll/revoke; do not edit by hand.",
                  "# Usernames are the TLS certificates' CNs (mosquitto use_identity_as_username).", "",
                  f"user {tls_username(fed, AGGREGATOR_ID)}"]
-        lines += [f"topic write {base}/{t}" for t in ("global", "round", "secagg/stage", "secagg/inbox/+")]
+        # readwrite: the aggregator watches its own retained topics for what others publish there (No Local)
+        lines += [f"topic readwrite {base}/{t}" for t in ("global", "round", "secagg/stage")]
+        lines += [f"topic write {base}/secagg/inbox/+"]
         lines += [f"topic read {base}/{t}" for t in ("update/+", "status/+", "metrics/+", "secagg/up/+")]
         for device in sorted(self.identity_keys()):
             lines += ["", f"user {tls_username(fed, device)}"]

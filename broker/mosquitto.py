@@ -10,7 +10,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from flora.edge.errors import EXIT_UNAVAILABLE, FloraError
 
@@ -108,6 +108,28 @@ def start_mosquitto(
     config_path = workdir / "mosquitto.conf"
     config_path.write_text("\n".join(lines) + "\n")
     return launch_mosquitto(config_path, host, port, timeout=timeout)
+
+
+def certificate_listener(state_dir: Path) -> List[str]:
+    """The listener settings of devices/mosquitto/mosquitto-certs.conf.template for the federation enrolled in
+    `state_dir` (`flora-aggregator enroll`): TLS only, a certificate per device from the federation's CA, its
+    CN as the username and client id, the enrollment ACL and CRL (give them as `start_mosquitto`'s
+    `listener_config`; tests check they are the template's)."""
+    pki = Path(state_dir) / "pki"
+    return [
+        "allow_anonymous false",
+        f"acl_file {Path(state_dir) / 'mosquitto' / 'acl'}",
+        "max_packet_size 67108864",
+        "protocol mqtt",
+        f"cafile {pki / 'ca.crt'}",
+        f"certfile {pki / 'broker.crt'}",
+        f"keyfile {pki / 'broker.key'}",
+        f"crlfile {pki / 'crl.pem'}",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+    ]
 
 
 def run_as_invoking_user() -> Sequence[str]:

@@ -89,6 +89,11 @@ def build_parser() -> CommandParser:
                    help="give up on the whole federation after this many seconds (default: %(default)s)")
     r.add_argument("--out", type=Path, default=Path("runs/sim"), metavar="DIR",
                    help="run folder: bundle, data shards, logs, report.json, report.png (default: %(default)s)")
+    r.add_argument("--secure-aggregation", action="store_true",
+                   help="enroll every agent (identity, per-device TLS certificate, ACL), run mosquitto with the "
+                        "certificate template and aggregate every round by SecAgg+: the aggregator sees only the sum")
+    r.add_argument("--shares", type=int, metavar="K", help="with --secure-aggregation: neighbours holding shares")
+    r.add_argument("--threshold", type=int, metavar="T", help="with --secure-aggregation: shares that recover one")
     r.add_argument("--http", metavar="HOST:PORT",
                    help="the aggregator serves its live dashboard and /metrics here while the federation runs")
     return p
@@ -104,7 +109,8 @@ def config_from_args(args: argparse.Namespace):
         val_fraction=args.val_fraction, round_timeout=args.round_timeout, timeout=args.timeout,
         random_init=args.random_init, http=args.http, processes=args.processes, mode=args.mode, buffer=args.buffer,
         max_staleness=args.max_staleness, staleness=args.staleness, server_lr=args.server_lr,
-        straggler_factor=args.straggler_factor,
+        straggler_factor=args.straggler_factor, secure_aggregation=args.secure_aggregation, shares=args.shares,
+        threshold=args.threshold,
     )
 
 

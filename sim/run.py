@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from flora.broker.checkpoint import STATE, Checkpoint
-from flora.broker.mosquitto import Mosquitto, start_mosquitto
+from flora.broker.enroll import FederationPKI
+from flora.broker.mosquitto import Mosquitto, certificate_listener, start_mosquitto
 from flora.broker.report import legend_below, plot_cumulative_mb
 from flora.edge.bundle import Bundle, BundleError, load_bundle
 from flora.edge.dataset import Sample
@@ -90,6 +91,9 @@ class SimConfig:
     def async_versions(self) -> int:
         """Versions an async run publishes: as many updates in all as the sync run's rounds take."""
         return -(-self.rounds * self.clients // self.async_buffer)
+    secure_aggregation: bool = False  # enroll every agent, per-device TLS certificates, SecAgg+ rounds
+    shares: Optional[int] = None  # secure aggregation's k and t (None: the aggregator's defaults)
+    threshold: Optional[int] = None
 
 
 class SimError(FloraError, RuntimeError):
@@ -275,6 +279,17 @@ def check_config(cfg: SimConfig) -> None:
             BufferConfig(cfg.async_buffer, cfg.max_staleness, Staleness.parse(cfg.staleness), cfg.server_lr)
         except ValueError as exc:
             raise SimError(str(exc)) from None
+    if (cfg.shares is not None or cfg.threshold is not None) and not cfg.secure_aggregation:
+        raise SimError("--shares and --threshold are secure aggregation's: give --secure-aggregation too")
+    if cfg.secure_aggregation:
+        from flora.broker.secure_round import SecureSettings  # ParamsError/ConfigError for unsound k and t
+
+        SecureSettings(cfg.shares, cfg.threshold)
+        if cfg.mode != "sync":
+            raise SimError("--secure-aggregation runs synchronous rounds: not with --mode async")
+        if cfg.clients < 3:
+            raise SimError(f"--secure-aggregation needs at least 3 clients (a sum of fewer shows too much), got "
+                           f"{cfg.clients}")
     effective_backend(cfg)
 
 
@@ -324,15 +339,20 @@ def federate(cfg: SimConfig, bundle: Bundle, t_start: float, say: Say, mode: str
     for stale in (state_dir, *(client_dir(cfg, i) / "state" for i in range(cfg.clients))):
         if stale.exists():
             shutil.rmtree(stale)  # a new run, not a resume
+    if cfg.secure_aggregation:
+        enroll(cfg, state_dir, say)
     group = ProcessGroup(cfg.out / f"logs{tag}")
     broker: Optional[Mosquitto] = None
     try:
         with signals_deferred():  # a Ctrl-C while mosquitto starts up is held until `broker` is set
-            broker = start_mosquitto(cfg.out / f"mosquitto{tag}")
-        say(f"mosquitto on {broker.url}; logs in {cfg.out / f'logs{tag}'}"
+            broker = (start_mosquitto(cfg.out / f"mosquitto{tag}", listener_config=certificate_listener(state_dir))
+                      if cfg.secure_aggregation else start_mosquitto(cfg.out / f"mosquitto{tag}"))
+        url = f"mqtts://{broker.host}:{broker.port}" if cfg.secure_aggregation else broker.url
+        say(f"mosquitto on {url}; logs in {cfg.out / f'logs{tag}'}"
+            + (" (per-device certificates, the enrollment ACL)" if cfg.secure_aggregation else "")
             + (f"; dashboard on http://{cfg.http}/" if cfg.http else ""))
-        group.start("aggregator", "flora.broker.cli", aggregator_args(cfg, bundle, broker.url, mode, state_dir))
-        agents = start_agents(cfg, bundle, broker.url, group, cfg.out / f"logs{tag}")
+        group.start("aggregator", "flora.broker.cli", aggregator_args(cfg, bundle, url, mode, state_dir))
+        agents = start_agents(cfg, bundle, url, group, cfg.out / f"logs{tag}")
         rows = watch(cfg, state_dir, group, t_start, say)
         if not group.wait(agents, timeout=60):
             raise SimError("the agents did not exit after the federation finished")
@@ -340,6 +360,20 @@ def federate(cfg: SimConfig, bundle: Bundle, t_start: float, say: Say, mode: str
         teardown(group, broker)
     state = json.loads((state_dir / STATE).read_text())
     return rows, state.get("extra", {}).get("initial_eval", {})
+
+
+def identity_dir(cfg: SimConfig, i: int) -> Path:
+    return client_dir(cfg, i) / "identity"
+
+
+def enroll(cfg: SimConfig, state_dir: Path, say: Say) -> None:
+    """--secure-aggregation: the federation's CA and keys in the aggregator's state dir, and every simulated
+    device enrolled as a real one is (`flora-aggregator enroll`): its identity, TLS certificate and ACL entry."""
+    pki = FederationPKI(state_dir, FEDERATION)
+    pki.ensure(("localhost", "127.0.0.1"))
+    for i in range(cfg.clients):
+        pki.enroll(f"client-{i}", identity_dir(cfg, i))
+    say(f"enrolled {cfg.clients} devices in federation {FEDERATION!r} ({state_dir / 'pki'})")
 
 
 def teardown(group: ProcessGroup, broker: Optional[Mosquitto]) -> None:
@@ -358,7 +392,8 @@ def aggregator_args(cfg: SimConfig, bundle: Bundle, url: str, mode: str = "sync"
             "--state-dir", str(state_dir or cfg.out / "aggregator"), "--wait-for-clients", str(cfg.clients),
             "--round-timeout", str(cfg.round_timeout), "--epochs", str(cfg.epochs), "--lr", str(cfg.lr),
             "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--eval-data", str(cfg.out / "test.csv"),
-            "--wait-timeout", "300", *(["--http", cfg.http] if cfg.http else [])]
+            "--wait-timeout", "300", *(["--http", cfg.http] if cfg.http else []),
+            *secure_aggregator_args(cfg, state_dir or cfg.out / "aggregator")]
     if mode == "async":
         return [*args, "--mode", "async", "--rounds", str(cfg.async_versions), "--min-clients", "1",
                 "--buffer", str(cfg.async_buffer), "--max-staleness", str(cfg.max_staleness),
@@ -382,6 +417,16 @@ def start_agents(cfg: SimConfig, bundle: Bundle, url: str, group: ProcessGroup, 
     return hosts
 
 
+def secure_aggregator_args(cfg: SimConfig, state_dir: Path) -> List[str]:
+    if not cfg.secure_aggregation:
+        return []
+    pki = state_dir / "pki"
+    return ["--secure-aggregation", "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "aggregator-tls.crt"),
+            "--tls-key", str(pki / "aggregator-tls.key"),
+            *(["--shares", str(cfg.shares)] if cfg.shares is not None else []),
+            *(["--threshold", str(cfg.threshold)] if cfg.threshold is not None else [])]
+
+
 def agent_args(cfg: SimConfig, bundle: Bundle, url: str, i: int) -> List[str]:
     args = ["--bundle", str(bundle.root), "--data", str(client_dir(cfg, i) / "data.csv"), "--broker", url,
             "--client-id", f"client-{i}", "--federation", FEDERATION, "--state-dir", str(client_dir(cfg, i) / "state"),
@@ -389,6 +434,10 @@ def agent_args(cfg: SimConfig, bundle: Bundle, url: str, i: int) -> List[str]:
             "--backend", cfg.backend, "--threads", "1"]
     if cfg.straggler_factor > 1.0 and i == cfg.clients - 1:
         args += ["--slowdown", str(cfg.straggler_factor)]
+    if cfg.secure_aggregation:  # the enrollment folder: TLS login, identity, the aggregator's key
+        ids = identity_dir(cfg, i)
+        args += ["--identity-dir", str(ids), "--secure-aggregation", "--tls-ca", str(ids / "ca.crt"),
+                 "--tls-cert", str(ids / "tls.crt"), "--tls-key", str(ids / "tls.key")]
     return args + (["--fp16-updates"] if cfg.fp16_updates else [])
 
 

@@ -103,3 +103,16 @@ def test_enrolled_devices_are_confined_to_their_own_topics_of_their_own_federati
         for p in peers:
             p.stop()
         broker.stop()
+
+
+def test_the_certificate_listener_flora_sim_starts_is_the_templates(tmp_path):
+    from flora.broker.mosquitto import certificate_listener
+
+    def directives(lines):
+        return {line.split()[0]: " ".join(line.split()[1:]) for line in lines
+                if line.strip() and not line.startswith("#") and line.split()[0] not in ("listener",
+                                                                                         "per_listener_settings",
+                                                                                         "max_queued_messages")}
+
+    rendered = TEMPLATE.read_text().replace("@STATE_DIR@", str(tmp_path)).splitlines()
+    assert directives(certificate_listener(tmp_path)) == directives(rendered)

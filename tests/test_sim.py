@@ -304,3 +304,28 @@ def test_an_image_folder_with_shots_and_a_comma_in_its_path(tmp_path, mosquitto_
     assert [r["num_reported"] for r in report["rounds"]] == [2, 2]
     assert report["rounds"][0]["reported"] == {"client-0": 11, "client-1": 11}  # less one validation image each
     assert len(report["accuracy"]["federated"]) == 3 and None not in report["accuracy"]["federated"]
+
+
+def test_secure_aggregation_gives_plain_fedavgs_accuracy_within_the_quantization_bound(tmp_path, mosquitto_binary,
+                                                                                        tiny_text_bundle):
+    """The same seeds, plain then secure (enrolled devices, the certificate broker, SecAgg+): the same accuracy
+    every round and globals within 2^-16 per element (the encoding's bound, frac_bits 16)."""
+    from flora.edge.adapter import load_file
+
+    runs = {}
+    for name, extra in (("plain", []), ("secure", ["--secure-aggregation"])):
+        out = tmp_path / name
+        assert cli.main(["--clients", "4", "--rounds", "2", "--epochs", "1", "--out", str(out), "--round-timeout",
+                         "120", "--bundle", str(tiny_text_bundle.root), *extra]) == 0
+        runs[name] = (out, json.loads((out / "report.json").read_text()))
+    (plain_out, plain), (secure_out, secure) = runs["plain"], runs["secure"]
+    assert secure["accuracy"]["federated"] == plain["accuracy"]["federated"]
+    rows = [json.loads(line) for line in (secure_out / "aggregator" / "history.jsonl").read_text().splitlines()]
+    assert all(r["secure_aggregation"]["survivors"] == [f"client-{i}" for i in range(4)] for r in rows)
+    assert all(abs(r["bytes_received"] - 2 * p["bytes_received"]) < 0.1 * p["bytes_received"]  # 64-bit ring
+               for r, p in zip(rows, plain["rounds"]))
+    a, b = (load_file(out / "aggregator" / "global-000002.safetensors").as_float32() for out in (plain_out, secure_out))
+    assert 0 < max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 2.0 ** -16
+    assert all((secure_out / "clients" / f"client-{i}" / "identity" / "identity.key").exists() for i in range(4))
+    log = (secure_out / "logs" / "aggregator.log").read_text()
+    assert "signing global and round" in log and "secure aggregation done: the sum of 4 client(s)" in log
