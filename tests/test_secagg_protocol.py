@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from bench.secagg_sim import make_federation, run_attempt
+from bench.secagg_sim import FakeClock, make_federation, run_attempt
+from flora.broker.secagg.server import SecAggServer
 from flora.edge import signing
 from flora.edge.secagg import client as client_module
+from flora.edge.secagg.client import SecAggClient
 from flora.edge.secagg.encoding import Encoding, decode_sum
 from flora.edge.secagg.messages import MASKED, P_KEYS, P_STAGE, REVEAL, SHARE, UNMASK, StageMsg
 from flora.edge.secagg.params import SecAggParams
@@ -360,3 +362,27 @@ def test_client_messages_that_do_not_authenticate_are_refused_with_a_reason(fed,
     assert {(a, "bad-mac"), (b, "bad-mac"), (c, "unsigned")} <= set(traffic.rejections)
     assert outcome.status == "done" and not {a, b, c} & set(outcome.survivors)
     assert fedavg_error(outcome, deltas, weights) <= 1.0
+
+
+def test_a_client_gives_an_attempt_up_one_stage_timeout_after_the_stage_deadline(fed, data):
+    """The next stage message is sent when the aggregator closes the stage (at its deadline at the latest): a
+    client that gave up at the deadline itself would race it, so it waits one stage timeout more."""
+    deltas, weights = data
+    p = params()
+    clock = FakeClock()
+    ctx = Context(fed.federation, "sim", 0, 0)
+    server = SecAggServer(ctx, p, set(deltas), fed.registry, fed.signer, D + 1, clock() + 600.0, clock)
+    server.start()
+    clients = {c: SecAggClient(ctx, fed.identities[c], fed.ca, fed.signer.public_key(), p, deltas[c], weights[c],
+                               clock) for c in fed.clients}
+    for c, sc in clients.items():
+        server.handle(c, sc.advertise())
+    out, outcome = server.step()
+    (share_stage,) = [m for m in out if m.kind == "stage"]
+    me = clients[fed.clients[0]]
+    me.on_stage(share_stage.payload)
+    assert outcome is None and me.deadline == clock() + p.stage_timeout_s
+    clock.now = me.deadline + 0.5 * p.stage_timeout_s
+    assert not me.expired() and me.state != client_module.FAILED
+    clock.now = me.deadline + p.stage_timeout_s
+    assert me.expired() and me.reason == client_module.TIMEOUT

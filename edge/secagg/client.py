@@ -144,8 +144,11 @@ class SecAggClient:
         return self._advance()
 
     def expired(self) -> bool:
-        """True (and the attempt failed) once the open stage's deadline passed without its next message."""
-        if self.state in (DONE, FAILED) or self.deadline is None or self.clock() < self.deadline:
+        """True (and the attempt failed) once the open stage's deadline, plus one stage timeout of grace for
+        the next stage message (sent when the aggregator closes the stage, at the deadline at the latest, then
+        delivered), passed without it."""
+        if (self.state in (DONE, FAILED) or self.deadline is None
+                or self.clock() < self.deadline + self.params.stage_timeout_s):
             return False
         self.state, self.reason = FAILED, TIMEOUT
         return True
