@@ -6,6 +6,7 @@ twice; the new global is FedAvg's within the quantization bound; plain updates a
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -15,6 +16,7 @@ import pytest
 
 from flora.broker.enroll import FederationPKI
 from flora.broker.secure_round import SecureSettings
+from flora.edge import adapter
 from flora.edge.protocol import TrainConfig
 from flora.edge.secagg.encoding import Encoding
 
@@ -67,6 +69,26 @@ def assert_fedavg_of(fed: LiveFederation, row, round_: int = 0) -> None:
         assert float(np.max(np.abs(got - everyone))) > 10 * bound
 
 
+def trained_chunks(fed: LiveFederation, round_: int = 0, size: int = 32):
+    """Stretches (`size` bytes, a few offsets) of each device's trained adapter as a plain float32 update would
+    carry it (global + delta, in the manifest's layout), and of its delta as float32 and float64."""
+    layout = fed.aggregator.secagg.layout
+    start = np.concatenate([np.ravel(fed.aggregator.cfg.initial_adapter[n]).astype(np.float64)
+                            for n, _, _, _ in layout.entries])
+    for a in fed.agents:
+        delta = a.secure.deltas.get(round_)
+        if delta is None:
+            continue
+        for flat in ((start + delta).astype(np.float32), delta.astype(np.float32), delta):
+            raw = flat.tobytes()
+            for at in (0, len(raw) // 2, len(raw) - size):
+                yield a.cfg.client_id, raw[at:at + size]
+
+
+def files_holding(folder: Path, chunk: bytes):
+    return [p for p in folder.rglob("*") if p.is_file() and chunk in p.read_bytes()]
+
+
 def test_one_device_dropping_out_mid_protocol_is_recovered_and_the_round_completes(mosquitto, tmp_path):
     fed = federation(mosquitto.url, tmp_path, 5, drops={2: {0: "masked-input"}})  # k=4, t=3: tolerates one
     (row,) = run(fed)
@@ -92,7 +114,8 @@ def test_one_dropout_more_than_tolerable_aborts_and_the_retry_with_fresh_keys_is
     assert all(a.state.last_submitted_round == 0 for a in fed.agents)
 
 
-def test_a_restart_mid_round_aborts_the_attempt_and_the_next_one_counts_everyone_once(mosquitto, tmp_path):
+def test_a_restart_mid_round_aborts_the_attempt_and_the_next_one_counts_everyone_once(mosquitto, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
     fed = federation(mosquitto.url, tmp_path, 5, drops={4: {0: "masked-input"}}, stage_timeout_s=30.0)
     fed.start()
     try:  # device 4 keeps stage masked-input of attempt 0 open: stop the aggregator there
@@ -120,10 +143,17 @@ def test_a_restart_mid_round_aborts_the_attempt_and_the_next_one_counts_everyone
     assert len(sa["survivors"]) == 5  # device 4 answers in attempt 1: all five, each once
     fed.aggregator = restarted
     assert_fedavg_of(fed, row)
+    state_dir = tmp_path / "aggregator"  # its state dir and its log: no stretch of any device's update
+    chunks = list(trained_chunks(fed))
+    assert len(chunks) == 5 * 3 * 3
+    assert [(c, files_holding(state_dir, chunk)) for c, chunk in chunks if files_holding(state_dir, chunk)] == []
+    assert not any(chunk in caplog.text.encode("latin-1", "replace") for _, chunk in chunks)
+    new = adapter.decode(restarted.checkpoint.load_global(1)).as_float32()  # and the scan does find tensors
+    first = sorted(new)[0]
+    assert files_holding(state_dir, np.ravel(new[first]).astype(np.float32).tobytes()[:32])
 
 
 def test_a_plain_update_in_a_secure_round_is_refused_unread_and_the_round_completes(mosquitto, tmp_path):
-    from flora.edge import adapter
     from flora.edge.mqtt import BrokerConfig, Connection, make_client
     from flora.edge.protocol import Topics
 
