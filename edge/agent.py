@@ -61,6 +61,7 @@ class AgentConfig:
     val_fraction: float = 0.1
     seed: int = 0
     fp16_updates: bool = False
+    image_encoder_int8: bool = False  # image features from the bundle's int8 encoder (text mode)
     exit_when_done: bool = False
     progress_every_s: float = 5.0
     feature_batch_size: int = 32
@@ -220,7 +221,8 @@ class Agent:
         state = open_state(store, cfg.client_id, bundle.manifest.model_id, cfg.federation)
         data = load_device_data(cfg.data, bundle, store.dir, shots=cfg.shots, val_fraction=cfg.val_fraction,
                                 seed=cfg.seed, feature_batch_size=cfg.feature_batch_size, threads=cfg.threads,
-                                providers=cfg.providers, progress_every_s=cfg.progress_every_s)
+                                providers=cfg.providers, progress_every_s=cfg.progress_every_s,
+                                image_encoder_int8=cfg.image_encoder_int8)
         if client is None:
             will = Status(cfg.client_id, "offline", None, None, len(data.train), trainer.name, time.time())
             client = make_client(cfg.broker, cfg.client_id, will_topic=Topics(cfg.federation).status(cfg.client_id),

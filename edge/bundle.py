@@ -24,6 +24,8 @@ EVAL_MODEL = "eval_model.onnx"
 OPTIMIZER_MODEL = "optimizer_model.onnx"
 CHECKPOINT = "checkpoint"
 IMAGE_ENCODER = "image_encoder.onnx"
+#: optional: the image encoder with int8 weights (ONNX Runtime dynamic quantization), `--image-encoder-int8`
+IMAGE_ENCODER_INT8 = "image_encoder_int8.onnx"
 INFERENCE_MODEL = "inference_model.onnx"
 TRAIN_STEP_MODEL = "train_step.onnx"
 ADAPTER = "adapter.safetensors"
@@ -325,9 +327,12 @@ def is_bundle(path: PathLike) -> bool:
 
 def files_to_check(manifest: Manifest, backends: Optional[Sequence[str]] = None) -> List[str]:
     """The files `load_bundle` checks for `backends` (default: all the bundle's): the always-present
-    ones, the image encoder in `features` mode, each backend's files, and their external data files."""
+    ones, the image encoder in `features` mode (and its int8 version when the bundle has one), each
+    backend's files, and their external data files."""
     needed = required_files(manifest.input_kind, backends if backends is not None else manifest.backends,
                             manifest.lora.variant)
+    if IMAGE_ENCODER_INT8 in manifest.files:  # optional, verified like the others when the bundle has it
+        needed.append(IMAGE_ENCODER_INT8)
     return needed + [data for name in needed for data in manifest.external_data.get(name, ())]
 
 

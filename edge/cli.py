@@ -1,4 +1,5 @@
-"""`flora-agent`: the on-device agent (`run`, the default) and its self-test (`doctor`)."""
+"""`flora-agent`: the on-device agent (`run`, the default), its self-test (`doctor`), and the federation's
+model in use: `predict` (classify images) and `evaluate` (accuracy on labelled images)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from .commands import add_evaluate_parser, add_predict_parser, default_state_dir, run_evaluate, run_predict
 from .config import (
     Bounded,
     CommandParser,
@@ -31,8 +33,10 @@ DOCTOR_DESCRIPTION = ("Can this device run the agent for this bundle? Checks the
 
 COMMANDS = """\
 commands:
-  run      join a federation and train rounds (the default: `flora-agent [run] OPTIONS`)
-  doctor   check this device for a bundle (`flora-agent doctor --help`)
+  run       join a federation and train rounds (the default: `flora-agent [run] OPTIONS`)
+  doctor    check this device for a bundle (`flora-agent doctor --help`)
+  predict   classify images with the federation's adapter (`flora-agent predict --help`)
+  evaluate  accuracy and confusion matrix on labelled images (`flora-agent evaluate --help`)
 
 exit status: 0 done or stopped by SIGINT/SIGTERM, 2 bad arguments, config or inputs (the systemd unit
 does not restart on it), 3 the broker cannot be reached (retried)"""
@@ -68,6 +72,9 @@ def build_parser() -> CommandParser:
                      help="local validation split (default %(default)s)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--fp16-updates", action="store_true", help="send updates as float16 (half the bytes)")
+    run.add_argument("--image-encoder-int8", action="store_true",
+                     help="compute image features with the bundle's int8 image encoder (flora-export "
+                          "--image-encoder-int8): faster on slow devices, slightly different features")
     run.add_argument("--exit-when-done", action="store_true", help="exit once the federation announces done")
     run.add_argument("--progress-every-s", type=Bounded(float, minimum=0.0), default=5.0,
                      help="seconds between progress lines")
@@ -108,6 +115,8 @@ def build_parser() -> CommandParser:
     doctor.add_argument("--batch-size", type=Bounded(int, minimum=1), default=32,
                         help="batch size to check (default %(default)s)")
     doctor.add_argument("--log-level", default="WARNING", choices=LOG_LEVELS)
+    add_predict_parser(sub)
+    add_evaluate_parser(sub)
     return parser
 
 
@@ -116,13 +125,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = with_default_command(sys.argv[1:] if argv is None else argv, parser, "run")
     args = parser.parse_args(argv)
     command = parser.commands[args.command]
-    # the doctor reads the agent's own config file: the keys only `run` has are skipped, not refused
-    shared = config_keys(parser.commands["run"]) if args.command == "doctor" else ()
+    # doctor, predict and evaluate read the agent's own config file: the keys only `run` has are skipped
+    shared = config_keys(parser.commands["run"]) if args.command != "run" else ()
     try:
-        args = apply_config(command, args, argv[1:], load_toml(args.config), ignore=shared)
+        config = load_toml(args.config)
+        args = apply_config(command, args, argv[1:], config, ignore=shared)
     except ConfigError as exc:
         return report(PROG, exc)
     setup_logging(args.log_level, getattr(args, "log_format", "plain"))
+    if args.command in ("predict", "evaluate"):
+        default_state_dir(args, config)
+        return run_predict(args) if args.command == "predict" else run_evaluate(args)
     if args.command == "doctor":
         from .doctor import run_doctor
 
@@ -143,10 +156,11 @@ def agent_config(args: argparse.Namespace):
         client_id=args.client_id, federation=args.federation,
         state_dir=Path(args.state_dir) if args.state_dir else None, backend=args.backend, threads=args.threads,
         providers=args.providers, shots=args.shots, val_fraction=args.val_fraction, seed=args.seed,
-        fp16_updates=args.fp16_updates, exit_when_done=args.exit_when_done,
-        progress_every_s=args.progress_every_s, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
-        slowdown=args.slowdown, aggregator_key=args.aggregator_key, aggregator_key_file=args.aggregator_key_file,
-        identity_dir=args.identity_dir, secure_aggregation=args.secure_aggregation,
+        fp16_updates=args.fp16_updates, image_encoder_int8=args.image_encoder_int8,
+        exit_when_done=args.exit_when_done, progress_every_s=args.progress_every_s, metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host, slowdown=args.slowdown, aggregator_key=args.aggregator_key,
+        aggregator_key_file=args.aggregator_key_file, identity_dir=args.identity_dir,
+        secure_aggregation=args.secure_aggregation,
     )
 
 

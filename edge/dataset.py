@@ -111,6 +111,7 @@ def load_csv(path: PathLike, classes: Sequence[str]) -> List[Sample]:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DatasetError(f"cannot read {path} as a CSV file: {exc}") from exc
     samples: List[Sample] = []
+    unknown: Dict[str, List[int]] = {}  # label: its line numbers, reported together
     first = True
     for line_no, row in enumerate(rows, start=1):
         cells = [c.strip() for c in row]
@@ -125,12 +126,25 @@ def load_csv(path: PathLike, classes: Sequence[str]) -> List[Sample]:
             log.debug("%s:%d taken as the header: %s", path, line_no, row)
             continue
         if label < 0:
-            raise DatasetError(f"{path}:{line_no}: label {cells[1]!r} is neither a class of the bundle "
-                               f"{list(classes)} nor a class index 0..{len(classes) - 1}")
+            unknown.setdefault(cells[1], []).append(line_no)
+            continue
         if not image.is_file():
             raise DatasetError(f"{path}:{line_no}: image {image} does not exist")
         samples.append(Sample(image, label))
+    if unknown:
+        raise DatasetError(_unknown_labels_message(path, unknown, classes))
     return samples
+
+
+def _unknown_labels_message(path: Path, unknown: Dict[str, List[int]], classes: Sequence[str]) -> str:
+    """All the labels that are not classes, with their lines (the first line leads the message)."""
+    first_line = min(lines[0] for lines in unknown.values())
+    what = f"neither a class of the bundle {list(classes)} nor a class index 0..{len(classes) - 1}"
+    if len(unknown) == 1 and len(next(iter(unknown.values()))) == 1:
+        return f"{path}:{first_line}: label {next(iter(unknown))!r} is {what}"
+    listed = ", ".join(f"{label!r} (line{'s' if len(lines) > 1 else ''} {', '.join(map(str, lines[:5]))}"
+                       f"{', ...' if len(lines) > 5 else ''})" for label, lines in unknown.items())
+    return f"{path}:{first_line}: {len(unknown)} labels are {what}: {listed}"
 
 
 def load_dataset(path: PathLike, classes: Sequence[str]) -> List[Sample]:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .bundle import IMAGE_ENCODER, Bundle, Manifest, Preprocess
+from .bundle import IMAGE_ENCODER, IMAGE_ENCODER_INT8, Bundle, BundleError, Manifest, Preprocess
 from .fileio import PathLike
 from .ort import inference_session
 from .preprocess import ImageError, preprocess, preprocess_batch
@@ -32,6 +32,11 @@ CREATE TABLE IF NOT EXISTS features (
     PRIMARY KEY (model_id, image_sha256)
 )
 """
+
+
+def feature_key(model_id: str, int8: bool = False) -> str:
+    """The cache's model key: the bundle's model_id, marked for the int8 image encoder's features."""
+    return f"{model_id}+int8" if int8 else model_id
 
 
 def file_sha256(path: PathLike) -> str:
@@ -71,9 +76,10 @@ class FeatureCache:
             self._db.executemany("INSERT OR REPLACE INTO features VALUES (?, ?, ?, ?)", rows)
 
     def prune(self, keep_model_id: str) -> int:
-        """Drop the entries of every other model; returns how many went."""
+        """Drop the entries of every other model (its fp32 and int8 features are kept); returns how many went."""
         with self._db:
-            cur = self._db.execute("DELETE FROM features WHERE model_id != ?", (keep_model_id,))
+            cur = self._db.execute("DELETE FROM features WHERE model_id NOT IN (?, ?)",
+                                   (keep_model_id, feature_key(keep_model_id, int8=True)))
         return cur.rowcount
 
     def count(self, model_id: Optional[str] = None) -> int:
@@ -86,11 +92,20 @@ class FeatureCache:
 
 
 class ImageEncoder:
-    """The bundle's frozen image tower: preprocessed pixels (N,3,H,W) -> features (N,D)."""
+    """The bundle's frozen image tower: preprocessed pixels (N,3,H,W) -> features (N,D).
 
-    def __init__(self, bundle: Bundle, threads: Optional[int] = None, providers: Optional[List[str]] = None) -> None:
+    With `int8`, the bundle's int8 image encoder (`flora-export --image-encoder-int8`).
+    """
+
+    def __init__(self, bundle: Bundle, threads: Optional[int] = None, providers: Optional[List[str]] = None,
+                 int8: bool = False) -> None:
         self.bundle = bundle
-        self._session = inference_session(bundle.path(IMAGE_ENCODER), threads, providers)
+        self.int8 = int8
+        name = IMAGE_ENCODER_INT8 if int8 else IMAGE_ENCODER
+        if int8 and name not in bundle.manifest.files:
+            raise BundleError(f"bundle {bundle.root} has no int8 image encoder ({IMAGE_ENCODER_INT8}): export it "
+                              "with flora-export --image-encoder-int8")
+        self._session = inference_session(bundle.path(name), threads, providers)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         return self._session.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]
@@ -125,7 +140,8 @@ def image_features(
 ) -> np.ndarray:
     """Features (N, D) of the images, from the cache where present, else computed (and cached).
 
-    Options (see `_features`): batch_size, encoder, progress, progress_every_s, threads, providers.
+    Options (see `_features`): batch_size, encoder, progress, progress_every_s, threads, providers, int8
+    (the int8 image encoder; its features are cached under their own key).
     The image encoder session is only created (with `threads` and `providers`) if an image misses.
     While computing, a progress line (images done/total, img/s) is logged every `progress_every_s`
     seconds and at the end; `progress(done, total)` is called after every batch. An unreadable
@@ -158,13 +174,16 @@ def _features(
     progress_every_s: float = 5.0,
     threads: Optional[int] = None,
     providers: Optional[List[str]] = None,
+    int8: bool = False,
 ) -> Tuple[np.ndarray, Dict[int, str]]:
     manifest = bundle.manifest
     if not manifest.needs_image_encoder:
         raise ValueError("this bundle trains the image tower; it takes pixels, not cached features")
+    int8 = encoder.int8 if encoder is not None else int8
+    key = feature_key(manifest.model_id, int8)
     bad: Dict[int, str] = {}
     hashes = _hashes(paths, bad if skip else None)
-    cached = cache.get_many(manifest.model_id, [h for h in hashes if h]) if cache is not None else {}
+    cached = cache.get_many(key, [h for h in hashes if h]) if cache is not None else {}
     first_of: Dict[str, int] = {}
     for i, h in enumerate(hashes):
         if h and h not in cached:
@@ -172,9 +191,9 @@ def _features(
     missing = list(first_of.values())
     if missing:
         hits = sum(1 for h in hashes if h in cached)
-        encoder = encoder or ImageEncoder(bundle, threads, providers)
+        encoder = encoder or ImageEncoder(bundle, threads, providers, int8=int8)
         t0 = time.perf_counter()
-        computed = _encode(encoder, paths, hashes, missing, manifest, cache, batch_size, bad if skip else None,
+        computed = _encode(encoder, paths, hashes, missing, manifest, key, cache, batch_size, bad if skip else None,
                            ProgressMeter("image features", len(missing), progress_every_s, progress))
         dt = time.perf_counter() - t0
         log.info("computed features of %d images in %.1f s (%.1f ms/image); %d from the cache",
@@ -207,7 +226,8 @@ def _hashes(paths: Sequence[PathLike], bad: Optional[Dict[int, str]]) -> List[st
 
 
 def _encode(encoder: ImageEncoder, paths: Sequence[PathLike], hashes: Sequence[str], missing: Sequence[int],
-            manifest: Manifest, cache: Optional[FeatureCache], batch_size: int, bad: Optional[Dict[int, str]],
+            manifest: Manifest, key: str, cache: Optional[FeatureCache], batch_size: int,
+            bad: Optional[Dict[int, str]],
             meter: ProgressMeter) -> Dict[str, np.ndarray]:
     """Features of the images at `missing` (one per distinct hash), cached batch by batch."""
     computed: Dict[str, np.ndarray] = {}
@@ -217,7 +237,7 @@ def _encode(encoder: ImageEncoder, paths: Sequence[PathLike], hashes: Sequence[s
             for i, f in zip(idx, encoder(pixels)):
                 computed[hashes[i]] = f.astype(np.float32)
             if cache is not None:
-                cache.put_many(manifest.model_id, {hashes[i]: computed[hashes[i]] for i in idx})
+                cache.put_many(key, {hashes[i]: computed[hashes[i]] for i in idx})
         meter.update(min(start + batch_size, len(missing)))
     return computed
 

@@ -29,10 +29,10 @@ class DeviceData:
 def load_device_data(root: Path, bundle: Bundle, cache_dir: Path, *, shots: Optional[int] = None,
                      val_fraction: float = 0.1, seed: int = 0, feature_batch_size: int = 32,
                      threads: Optional[int] = None, providers: Optional[Sequence[str]] = None,
-                     progress_every_s: float = 5.0) -> DeviceData:
+                     progress_every_s: float = 5.0, image_encoder_int8: bool = False) -> DeviceData:
     """The images under `root` (class folders or a path,label CSV) for the bundle's classes, split and
     checked (the `flora-agent run` options of the same names); features (text mode) through
-    `cache_dir`/features.sqlite. Raises DatasetError."""
+    `cache_dir`/features.sqlite, from the int8 image encoder with `image_encoder_int8`. Raises DatasetError."""
     manifest = bundle.manifest
     samples = load_dataset(root, list(manifest.classes))
     if not samples:
@@ -41,7 +41,8 @@ def load_device_data(root: Path, bundle: Bundle, cache_dir: Path, *, shots: Opti
     paths = [s.path for s in train + val]
     if manifest.needs_image_encoder:  # text mode: image features once per image, cached on disk
         feats, bad = _features(bundle, paths, cache_dir / "features.sqlite", batch_size=feature_batch_size,
-                               threads=threads, providers=providers, progress_every_s=progress_every_s)
+                               threads=threads, providers=providers, progress_every_s=progress_every_s,
+                               int8=image_encoder_int8)
     else:  # pixels are decoded batch by batch while training: check once that they decode
         feats, bad = None, _check_decodable(paths, progress_every_s)
     report_unreadable(paths, bad)
