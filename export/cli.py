@@ -32,22 +32,29 @@ def build_parser() -> CommandParser:
     parser = CommandParser(
         prog="flora-export",
         description="Export open_clip CLIP + LoRA as an ONNX Runtime on-device training bundle.",
-        epilog=f"presets:\n{presets}",
+        epilog=f"presets:\n{presets}\n\nother commands:\n  flora-export merge --bundle B --adapter FILE --out "
+               "model.safetensors   (see flora-export merge -h)\n"
+               "  flora-export strip --backend step BUNDLE OUT   (see flora-export strip -h)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_version_option(parser)
-    parser.add_argument("model", help="preset name (see below)")
+    parser.add_argument("model", help="an open_clip architecture (ViT-B-32, MobileCLIP-S2, ...) or a preset alias "
+                                      "(below)")
     parser.add_argument("--classes", required=True, type=Path, help="text file, one class name per line")
     parser.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT,
                         help="prompt template with one {} (default: %(default)r)")
     w = parser.add_argument_group("weights")
-    w.add_argument("--pretrained", help="local checkpoint file, or an open_clip tag (default: the preset's tag)")
+    w.add_argument("--pretrained", help="an open_clip tag (laion2b_s34b_b79k, openai, datacompdr, ...), a checkpoint "
+                                        "file (.safetensors, .bin, .pt, OpenAI's TorchScript .pt) or a Hugging Face "
+                                        "snapshot folder (default: the preset's tag)")
     w.add_argument("--random-init", action="store_true",
                    help="same architecture, seeded random weights (tests, benchmarks)")
     w.add_argument("--cache-dir", help="open_clip / Hugging Face cache folder to look in (default: theirs)")
     w.add_argument("--offline", action="store_true", help="never try to download weights")
-    w.add_argument("--quick-gelu", action="store_true", default=None, help="QuickGELU activations (OpenAI weights)")
+    w.add_argument("--quick-gelu", action="store_true", default=None,
+                   help="QuickGELU activations (default: on for OpenAI-style weights and tags that ask for it)")
+    w.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_false", help="plain GELU, whatever the weights")
     lo = parser.add_argument_group("LoRA")
     lo.add_argument("--lora-tower", choices=["text", "vision", "both"], default="text",
                     help="where LoRA goes (default: text, FLORA's: the image encoder stays frozen)")
@@ -63,23 +70,109 @@ def build_parser() -> CommandParser:
     lo.add_argument("--seed", type=int, default=0,
                     help="seed of LoRA init (the frozen A with --lora-variant ffa) and of --random-init weights")
     t = parser.add_argument_group("training")
-    t.add_argument("--backend", choices=["ort-training", "step", "all"], default="ort-training",
-                   help="ort-training: ONNX Runtime training artifacts; step: one plain-ONNX training step graph "
-                        "for devices with plain onnxruntime (Arm boards); all: both (default: %(default)s)")
+    t.add_argument("--backend", choices=["ort-training", "step", "all"], default="all",
+                   help="ort-training: ONNX Runtime training artifacts (x86-64 and macOS devices); step: one "
+                        "plain-ONNX training step graph for devices with plain onnxruntime (Raspberry Pi, Jetson); "
+                        "all: both, so the bundle trains on any device (default: %(default)s)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay baked into the ORT optimizer")
+    parser.add_argument("--image-encoder-int8", action="store_true",
+                        help="also write image_encoder_int8.onnx (int8 weights, ONNX Runtime dynamic quantization) "
+                             "for slow devices (text tower only; devices use it with --image-encoder-int8)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle folder")
     parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def build_merge_parser() -> CommandParser:
+    parser = CommandParser(
+        prog="flora-export merge",
+        description="Merge an adapter (e.g. the federation's latest global) into the model: open_clip weights "
+                    "with W + (alpha/rank) B A, or one ONNX graph from pixels to logits.",
+    )
+    add_version_option(parser)
+    parser.add_argument("--bundle", required=True, type=Path, help="the bundle the adapter was trained for")
+    parser.add_argument("--adapter", required=True, type=Path,
+                        help="adapter file (an aggregator's global-NNNNNN.safetensors, an agent's global.safetensors)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="model.safetensors, model.bin/.pt (torch pickle), model.onnx with --format onnx, or a "
+                             "folder (open_clip_config.json + weights, for open_clip's local-dir:)")
+    parser.add_argument("--format", choices=["open_clip", "onnx"], default=None,
+                        help="open_clip weights (default) or onnx (default when --out ends in .onnx)")
+    parser.add_argument("--pretrained", help="the base checkpoint file or folder the bundle was exported from "
+                                             "(needed when it was a local file; its sha256 is checked)")
+    parser.add_argument("--cache-dir", help="open_clip / Hugging Face cache folder to look in")
+    parser.add_argument("--offline", action="store_true", help="never try to download the base weights")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    return parser
+
+
+def build_strip_parser() -> CommandParser:
+    parser = CommandParser(
+        prog="flora-export strip",
+        description="Copy a bundle with only what one kind of device uses: the inference files and the chosen "
+                    "trainer backends (e.g. --backend step for a Raspberry Pi or Jetson), with a fresh manifest.",
+    )
+    add_version_option(parser)
+    parser.add_argument("bundle", type=Path, help="the bundle to copy from")
+    parser.add_argument("out", type=Path, help="the stripped bundle folder to write")
+    parser.add_argument("--backend", required=True, choices=["ort-training", "step", "all"],
+                        help="trainer backend(s) to keep")
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle folder at OUT")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    return parser
+
+
+def _setup_logging(quiet: bool):
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("flora.export").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    logging.getLogger("flora.export").setLevel(logging.WARNING if quiet else logging.INFO)
     # A CUDA build of torch on a machine without a GPU says so at import; it is not news here.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("onnxscript").setLevel(logging.ERROR)  # the step exporter's optimizer notes
-    say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, flush=True))
+    return (lambda _msg: None) if quiet else (lambda msg: print(msg, flush=True))
+
+
+def merge_main(argv: List[str]) -> int:
+    args = build_merge_parser().parse_args(argv)
+    say = _setup_logging(args.quiet)
+    as_onnx = args.format == "onnx" or (args.format is None and args.out.suffix == ".onnx")
+    try:
+        from .merge import merge_checkpoint, merge_onnx
+
+        if as_onnx:
+            merge_onnx(args.bundle, args.adapter, args.out, say)
+        else:
+            merge_checkpoint(args.bundle, args.adapter, args.out, args.pretrained, args.cache_dir, args.offline, say)
+    except FloraError as exc:
+        return report("flora-export merge", exc)
+    except OSError as exc:
+        return report("flora-export merge", exc, EXIT_BAD_INPUT)
+    return 0
+
+
+def strip_main(argv: List[str]) -> int:
+    args = build_strip_parser().parse_args(argv)
+    say = _setup_logging(args.quiet)
+    backends = ("ort-training", "step") if args.backend == "all" else (args.backend,)
+    try:
+        from .strip import strip_bundle
+
+        strip_bundle(args.bundle, args.out, backends, args.force, say)
+    except FloraError as exc:
+        return report("flora-export strip", exc)
+    except OSError as exc:
+        return report("flora-export strip", exc, EXIT_BAD_INPUT)
+    return 0
+
+
+SUBCOMMANDS = {"merge": merge_main, "strip": strip_main}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    say = _setup_logging(args.quiet)
     try:
         backends = ("ort-training", "step") if args.backend == "all" else (args.backend,)
         opts = ExportOptions(
@@ -101,6 +194,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             backends=backends,
             weight_decay=args.weight_decay,
             force=args.force,
+            image_encoder_int8=args.image_encoder_int8,
         )
         check_export(opts)  # before torch loads
         from .pipeline import export_bundle

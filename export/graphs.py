@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
-from .lora import LoRAFactors
+from .lora import LoRAFactors, text_tower
 
 
 def tokenize_prompts(classes: Sequence[str], template: str, architecture: str) -> torch.Tensor:
@@ -25,41 +25,81 @@ def tokenize_prompts(classes: Sequence[str], template: str, architecture: str) -
     return tokenizer([template.format(c) for c in classes])
 
 
+def _pooled_positions(tower: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """The token each prompt's embedding is read at, by the tower's pool type (open_clip's text_global_pool)."""
+    pool = getattr(tower, "pool_type", None) or getattr(tower, "text_pool_type", "argmax")
+    if pool == "argmax":
+        return tokens.argmax(dim=-1)
+    if pool == "eos":
+        eos = getattr(tower, "eos_id", None) or getattr(tower, "text_eos_id", None)
+        return (tokens == eos).int().argmax(dim=-1)
+    if pool == "first":
+        return torch.zeros(tokens.shape[0], dtype=torch.long)
+    if pool == "last":
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long)
+    raise NotImplementedError(f"text pooling {pool!r} is not supported (argmax, eos, first and last are)")
+
+
 class ClassEmbeddings(nn.Module):
     """L2-normalised text embeddings of the class prompts, through CLIP's (LoRA) text tower.
 
-    The text tower is causal and the embedding is read at the end-of-text token, so tokens after
-    the longest prompt's end-of-text token cannot influence any embedding: the context is cut to
-    that length (9 tokens for "a photo of a dog." instead of 77). The token + position embeddings
+    A causal text tower reads each embedding at one token (CLIP's end-of-text token), so tokens
+    after the last such position cannot influence any embedding: the context is cut to that length
+    (9 tokens for "a photo of a dog." instead of 77). A bidirectional tower (MobileCLIP's) sees
+    every position, padding included, and keeps the full context. The token + position embeddings
     are constants (LoRA sits in the transformer blocks), so they are computed here once.
     """
 
     def __init__(self, model: CLIP, tokens: torch.Tensor) -> None:
         super().__init__()
-        if getattr(model, "text_pool_type", "argmax") != "argmax":
-            raise NotImplementedError(f"text pooling {model.text_pool_type!r} is not supported (argmax is)")
-        eot = tokens.argmax(dim=-1)
-        self.context = int(eot.max()) + 1
+        tower = text_tower(model)
+        if getattr(tower, "cls_emb", None) is not None:
+            raise NotImplementedError("text towers with an appended class token (CoCa) are not supported")
+        pooled = _pooled_positions(tower, tokens)
+        causal_mask = getattr(tower, "attn_mask", None)
+        pad_mask = bool(getattr(tower, "use_pad_mask", False))
+        self.causal = causal_mask is not None
+        self.context = int(pooled.max()) + 1 if self.causal and not pad_mask else int(tokens.shape[1])
+        ctx = self.context
         with torch.no_grad():
-            x0 = model.token_embedding(tokens[:, : self.context]) + model.positional_embedding[: self.context]
+            x0 = tower.token_embedding(tokens[:, :ctx]) + tower.positional_embedding[:ctx]
+            mask = causal_mask[:ctx, :ctx].clone() if self.causal else None
+            if pad_mask:
+                additive = tower._build_additive_mask(tokens[:, :ctx], ctx, x0.dtype)
+                mask = additive if mask is None else mask.unsqueeze(0) + additive
         self.register_buffer("x0", x0.detach().clone())
-        self.register_buffer("attn_mask", model.attn_mask[: self.context, : self.context].clone())
-        self.register_buffer("eot", eot.clone())
-        self.transformer = model.transformer
-        self.ln_final = model.ln_final
-        self.text_projection = model.text_projection
+        self.register_buffer("attn_mask", mask)
+        self.register_buffer("eot", pooled.clone())
+        self.transformer = tower.transformer
+        self.ln_final = tower.ln_final
+        self.text_projection = tower.text_projection
 
     def forward(self) -> torch.Tensor:
         x = self.transformer(self.x0, attn_mask=self.attn_mask)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0]), self.eot]
-        x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        if isinstance(self.text_projection, nn.Linear):
+            x = self.text_projection(x)
+        elif self.text_projection is not None:
+            x = x @ self.text_projection
         return F.normalize(x, dim=-1)
+
+
+def feature_dim(model: CLIP, image_size: int) -> int:
+    """Width of the image tower's output (= the text embedding's)."""
+    with torch.no_grad():
+        return int(model.visual(torch.zeros(1, 3, image_size, image_size)).shape[-1])
 
 
 def full_context_embeddings(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
     """open_clip's own normalised text embeddings over the full 77-token context (for checks)."""
     return model.encode_text(tokens, normalize=True)
+
+
+def _logit_bias(model: CLIP):
+    """SigLIP-style models add a learnt bias to the logits; CLIP has none (None)."""
+    bias = getattr(model, "logit_bias", None)
+    return None if bias is None else bias.detach().clone()
 
 
 class ImageEncoder(nn.Module):
@@ -81,10 +121,12 @@ class FeatureClassifier(nn.Module):
         self.classes = ClassEmbeddings(model, tokens)
         self.text_context = self.classes.context
         self.register_buffer("logit_scale", model.logit_scale.detach().exp().clone())
+        self.register_buffer("logit_bias", _logit_bias(model))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         f = F.normalize(features, dim=-1)
-        return self.logit_scale * f @ self.classes().t()
+        logits = self.logit_scale * f @ self.classes().t()
+        return logits if self.logit_bias is None else logits + self.logit_bias
 
 
 class PixelClassifier(nn.Module):
@@ -98,6 +140,7 @@ class PixelClassifier(nn.Module):
         super().__init__()
         self.visual = model.visual
         self.register_buffer("logit_scale", model.logit_scale.detach().exp().clone())
+        self.register_buffer("logit_bias", _logit_bias(model))
         self.text_trainable = text_trainable
         classes = ClassEmbeddings(model, tokens)
         self.text_context = classes.context
@@ -110,7 +153,8 @@ class PixelClassifier(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         f = F.normalize(self.visual(pixels), dim=-1)
         emb = self.classes() if self.text_trainable else self.class_embeddings
-        return self.logit_scale * f @ emb.t()
+        logits = self.logit_scale * f @ emb.t()
+        return logits if self.logit_bias is None else logits + self.logit_bias
 
 
 class WithAdapterInputs(nn.Module):

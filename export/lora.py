@@ -23,6 +23,7 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from open_clip.transformer import TextTransformer
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -99,9 +100,31 @@ def fused_attention(module: object) -> bool:
             and isinstance(getattr(module, "out_proj", None), nn.Linear))
 
 
+def text_tower(model: nn.Module) -> nn.Module:
+    """The module that holds the text transformer's parts: CLIP itself, or CustomTextCLIP's `text`
+    (MobileCLIP, SigLIP-style models) when that is open_clip's TextTransformer."""
+    text = getattr(model, "text", None)
+    if text is None:
+        return model
+    if not isinstance(text, TextTransformer):
+        raise NotImplementedError(
+            f"the text tower is {type(text).__name__}; LoRA and the class-embedding graph support open_clip's "
+            "own TextTransformer (CLIP, MobileCLIP, ...), not Hugging Face text encoders"
+        )
+    return text
+
+
 def tower_blocks(model: nn.Module, tower: str) -> nn.ModuleList:
     """The residual attention blocks of CLIP's text or vision transformer."""
-    transformer = model.transformer if tower == "text" else model.visual.transformer
+    if tower == "text":
+        transformer = text_tower(model).transformer
+    else:
+        transformer = getattr(model.visual, "transformer", None)
+        if transformer is None:
+            raise NotImplementedError(
+                f"the image tower is {type(model.visual).__name__} (not a ViT): LoRA in it is not supported; "
+                "use --lora-tower text (FLORA's default: the image tower stays frozen)"
+            )
     blocks = transformer.resblocks
     for i, block in enumerate(blocks):
         attn = getattr(block, "attn", None)

@@ -36,12 +36,17 @@ def export_graph(
     output_names: Sequence[str],
     dynamic_axes: Optional[Dict[str, Dict[int, str]]] = None,
     for_training: bool = False,
+    fold_constants: Optional[bool] = None,
 ) -> onnx.ModelProto:
     """Trace `module` with the TorchScript exporter at opset 17 and return the ModelProto.
 
     For training graphs constant folding is off: folding would bake the LoRA parameters (which
     are initializers, like the frozen weights) into constants and leave nothing to train.
+    `fold_constants=False` keeps the weights as the module holds them (not pre-transposed), so that
+    they are byte for byte those of the step graph and can be stored once; onnxruntime folds the
+    transposes itself when it loads the graph.
     """
+    fold = (not for_training) if fold_constants is None else fold_constants
     buffer = _BytesSink()
     was_training = module.training
     if for_training:
@@ -60,7 +65,7 @@ def export_graph(
                 output_names=list(output_names),
                 dynamic_axes=dynamic_axes,
                 opset_version=OPSET,
-                do_constant_folding=not for_training,
+                do_constant_folding=fold,
                 training=torch.onnx.TrainingMode.PRESERVE if for_training else torch.onnx.TrainingMode.EVAL,
                 dynamo=False,
             )

@@ -83,9 +83,10 @@ class ExportOptions:
     offline: bool = False
     quick_gelu: Optional[bool] = None
     seed: int = 0
-    backends: Tuple[str, ...] = ("ort-training",)
+    backends: Tuple[str, ...] = ("ort-training", "step")  # both: the bundle trains on any device
     weight_decay: float = 0.0
     force: bool = False
+    image_encoder_int8: bool = False  # also write image_encoder_int8.onnx (text tower only)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,9 @@ def check_export(opts: ExportOptions) -> CheckedExport:
     unknown = [b for b in backends if b not in B.BACKENDS]
     if unknown or not backends:
         raise ExportError(f"backends {list(backends)} must be a non-empty subset of {list(B.BACKENDS)}")
+    if opts.image_encoder_int8 and spec.tower != "text":
+        raise ExportError("--image-encoder-int8 quantizes the frozen image encoder of --lora-tower text; with LoRA "
+                          f"in the {spec.tower} tower(s) the image tower is trained and stays float")
     if "ort-training" in backends and not has_training_api():
         raise ExportError("the ort-training backend needs onnxruntime-training on this machine; install the "
                           "'export' extra or use --backend step")

@@ -23,8 +23,8 @@ from flora.edge import adapter as adapter_blob
 from flora.edge import bundle as B
 from flora.edge.fileio import atomic_write_bytes, current_umask, sha256_file
 
-from . import graphs, lora, onnx_export, ort_artifacts
-from .loading import WeightsSource, build_model, preprocess_config, resolve_weights, state_sha256
+from . import graphs, lora, onnx_export, ort_artifacts, shared_data
+from .loading import LoadedWeights, WeightsSource, load_base, preprocess_config, resolve_weights, state_sha256
 from .options import (  # re-exported: the pipeline's inputs and their checks live in options (no torch)
     DEFAULT_PROMPT,
     ExportError,
@@ -60,8 +60,8 @@ def lora_identity(spec: LoraSpec, frozen_seed: Optional[int]) -> Dict:
 
 def model_id_of(base_sha: str, architecture: str, spec: LoraSpec, classes: Sequence[str],
                 template: str, preprocess: Dict, text_context: int, input_kind: str,
-                frozen_seed: Optional[int] = None) -> str:
-    """What makes two bundles' adapters interchangeable: same base, LoRA layout, head and inputs."""
+                frozen_seed: Optional[int] = None, quick_gelu: bool = False) -> str:
+    """What makes two bundles' adapters interchangeable: same base, activations, LoRA layout, head and inputs."""
     identity = {
         "base_weights_sha256": base_sha,
         "architecture": architecture,
@@ -72,6 +72,8 @@ def model_id_of(base_sha: str, architecture: str, spec: LoraSpec, classes: Seque
         "text_context": text_context,
         "input_kind": input_kind,
     }
+    if quick_gelu:  # the same weights with another activation are another model
+        identity["quick_gelu"] = True
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -203,7 +205,7 @@ class _Plan:
 
     @property
     def stage_count(self) -> int:
-        return 4 + int(self.text_mode) + len(self.backends)
+        return 5 + int(self.text_mode) + int(self.opts.image_encoder_int8) + len(self.backends)
 
 
 @dataclass
@@ -211,6 +213,7 @@ class _Trainable:
     """CLIP with LoRA attached, as a classifier over the class prompts, and how its graphs are named."""
 
     clip: torch.nn.Module
+    loaded: LoadedWeights  # what loading the base weights found out (the manifest's `pretrained`)
     base_sha: str
     preprocess: Dict
     classifier: torch.nn.Module
@@ -225,24 +228,31 @@ class _Trainable:
 
     @property
     def feature_dim(self) -> int:
-        return int(self.clip.text_projection.shape[1]) if self.input_kind == "features" else 0
+        return int(self.example.shape[1]) if self.input_kind == "features" else 0
 
 
 def _export_into(tmp: Path, plan: _Plan, say: Callable[[str], None]) -> ExportResult:
     """Every stage into folder `tmp`, with a progress line each; the bundle's files are required_files'."""
     stages = _Stages(plan.stage_count, say)
-    clip, base_sha = stages.run(f"building {plan.preset.architecture} ({plan.weights.kind})", _build_base, plan)
+    clip, loaded, base_sha = stages.run(f"building {plan.preset.architecture} ({plan.weights.kind})", _build_base,
+                                        plan)
     preprocess = preprocess_config(clip, plan.weights, plan.preset)
+    onnx_facts = {"opset": onnx_export.OPSET, "ir_version": onnx_export.MAX_IR_VERSION,
+                  "tested_onnxruntime": dict(onnx_export.TESTED_ONNXRUNTIME)}
     if plan.text_mode:
         stages.run("exporting the frozen image encoder", _write_image_encoder, clip, preprocess["image_size"], tmp)
+    if plan.opts.image_encoder_int8:
+        from .quantize import write_int8_encoder
+
+        onnx_facts["image_encoder_int8"] = stages.run(
+            "quantizing the image encoder to int8 (ONNX Runtime dynamic quantization)", write_int8_encoder,
+            tmp / B.IMAGE_ENCODER, tmp / B.IMAGE_ENCODER_INT8)
     spec, ffa = plan.spec, plan.frozen_a
     lora_params = stages.run(f"adding {'FFA-' if ffa else ''}LoRA to the {spec.tower} tower(s) (rank {spec.rank}, "
                              f"{'+'.join(spec.ordered_targets)}{', A frozen' if ffa else ''})", lora.attach_lora,
                              clip, spec, plan.opts.seed)
-    model = _trainable(plan, clip, base_sha, preprocess, lora_params)
+    model = _trainable(plan, clip, loaded, base_sha, preprocess, lora_params)
     optimizer = B.OptimizerConfig(weight_decay=plan.opts.weight_decay)
-    onnx_facts = {"opset": onnx_export.OPSET, "ir_version": onnx_export.MAX_IR_VERSION,
-                  "tested_onnxruntime": dict(onnx_export.TESTED_ONNXRUNTIME)}
     if "ort-training" in plan.backends:
         stages.run("writing ONNX Runtime training artifacts (training, eval, optimizer, checkpoint)",
                    _write_ort_training, model, tmp, optimizer)
@@ -254,15 +264,24 @@ def _export_into(tmp: Path, plan: _Plan, say: Callable[[str], None]) -> ExportRe
                ffa)
     if ffa:
         _write_frozen_factors(model, tmp, plan.opts.seed)
+    onnx_facts["shared_data"] = stages.run(f"storing the graphs' frozen weights once ({shared_data.SHARED_DATA})",
+                                           _share_weights, tmp)
     manifest = stages.run("writing adapter.safetensors and manifest.json", _write_manifest, tmp, plan, model,
                           optimizer, onnx_facts)
     return ExportResult(tmp, manifest, stages.seconds)
 
 
-def _build_base(plan: _Plan) -> Tuple[torch.nn.Module, str]:
-    """The open_clip model with its weights, and the sha256 of its state (the base of the model_id)."""
-    model = build_model(plan.preset, plan.weights)
-    return model, state_sha256(model)
+def _build_base(plan: _Plan) -> Tuple[torch.nn.Module, LoadedWeights, str]:
+    """The open_clip model with its weights, what loading them found out, and the sha256 of its state (the
+    base of the model_id)."""
+    model, loaded = load_base(plan.preset, plan.weights)
+    return model, loaded, state_sha256(model)
+
+
+def _share_weights(tmp: Path) -> Dict:
+    """The float graphs' frozen tensors, each once, in weights.data (export/shared_data.py)."""
+    graphs_ = [g for g in (B.IMAGE_ENCODER, B.INFERENCE_MODEL, B.TRAIN_STEP_MODEL) if (tmp / g).is_file()]
+    return {"file": shared_data.SHARED_DATA, "graphs": graphs_, **shared_data.share_weights(tmp, graphs_)}
 
 
 def _write_image_encoder(clip: torch.nn.Module, image_size: int, tmp: Path) -> None:
@@ -273,13 +292,14 @@ def _write_image_encoder(clip: torch.nn.Module, image_size: int, tmp: Path) -> N
     onnx_export.save_model(encoder, tmp / B.IMAGE_ENCODER)
 
 
-def _trainable(plan: _Plan, clip: torch.nn.Module, base_sha: str, preprocess: Dict,
+def _trainable(plan: _Plan, clip: torch.nn.Module, loaded: LoadedWeights, base_sha: str, preprocess: Dict,
                lora_params: Dict[str, torch.nn.Parameter]) -> _Trainable:
     tokens = graphs.tokenize_prompts(plan.classes, plan.template, plan.preset.architecture)
     classifier, input_kind = graphs.build_classifier(clip, tokens, plan.spec.tower)
-    return _Trainable(clip, base_sha, preprocess, classifier, input_kind, lora_params,
+    size = preprocess["image_size"]
+    return _Trainable(clip, loaded, base_sha, preprocess, classifier, input_kind, lora_params,
                       lora.module_names(classifier, lora_params),
-                      _example_input(input_kind, clip, preprocess["image_size"]))
+                      _example_input(input_kind, graphs.feature_dim(clip, size), size))
 
 
 def _write_ort_training(model: _Trainable, tmp: Path, optimizer: B.OptimizerConfig) -> None:
@@ -307,6 +327,7 @@ def _write_inference_model(model: _Trainable, tmp: Path, frozen_a: bool) -> None
         wrapper, (model.example, *[p.detach().clone() for p in model.lora_params.values()]),
         input_names=[name, *model.adapter_names], output_names=["logits"],
         dynamic_axes={name: {0: "batch"}, "logits": {0: "batch"}},
+        fold_constants=False,  # weights as the step graph holds them: stored once (shared_data)
     )
     onnx_export.save_model(proto, tmp / B.INFERENCE_MODEL)
 
@@ -323,15 +344,17 @@ def _write_manifest(tmp: Path, plan: _Plan, model: _Trainable, optimizer: B.Opti
     """The initial adapter (round 0) and the manifest over every file, re-read and verified."""
     spec, text_context = plan.spec, model.classifier.text_context
     model_id = model_id_of(model.base_sha, plan.preset.architecture, spec, plan.classes, plan.template,
-                           model.preprocess, text_context, model.input_kind, plan.frozen_seed)
+                           model.preprocess, text_context, model.input_kind, plan.frozen_seed, model.loaded.quick_gelu)
     tensors = {name: p.detach().cpu().numpy().astype(np.float32) for name, p in model.lora_params.items()}
     atomic_write_bytes(tmp / B.ADAPTER, adapter_blob.encode(tensors, model_id=model_id, round=0, kind="initial"))
     files = B.required_files(model.input_kind, plan.backends, spec.variant)
+    if plan.opts.image_encoder_int8:
+        files.append(B.IMAGE_ENCODER_INT8)
     external = external_data_of(tmp, files)
     pre = model.preprocess
     manifest = B.Manifest(
         model_id=model_id, preset=plan.preset.name, architecture=plan.preset.architecture,
-        pretrained=plan.weights.describe(), base_weights_sha256=model.base_sha,
+        pretrained=model.loaded.describe(), base_weights_sha256=model.base_sha,
         lora=B.LoraConfig(spec.tower, spec.rank, spec.alpha, spec.ordered_targets, spec.variant, plan.frozen_seed),
         trainable=tuple(B.TensorSpec(n, tuple(t.shape), "float32") for n, t in tensors.items()),
         classes=tuple(plan.classes), prompt_template=plan.template, text_context=text_context,
@@ -357,9 +380,9 @@ def external_data_of(folder: Path, files: Sequence[str]) -> Dict[str, Tuple[str,
     return {name: data for name, data in sorted(found.items()) if data}
 
 
-def _example_input(input_kind: str, model, image_size: int) -> torch.Tensor:
+def _example_input(input_kind: str, feature_dim: int, image_size: int) -> torch.Tensor:
     if input_kind == "features":
-        return torch.randn(2, int(model.text_projection.shape[1]))
+        return torch.randn(2, feature_dim)
     return torch.randn(2, 3, image_size, image_size)
 
 

@@ -1,10 +1,14 @@
-"""The model presets `flora-export` knows."""
+"""The models `flora-export` knows: any open_clip architecture, plus a few short aliases (presets)."""
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 from flora.edge.errors import FloraError
 
@@ -13,7 +17,7 @@ from flora.edge.errors import FloraError
 class Preset:
     name: str
     architecture: str  # open_clip model name, or a name for `config`
-    default_pretrained: Optional[str]  # open_clip pretrained tag; None: random-init only by default
+    default_pretrained: Optional[str]  # open_clip pretrained tag; None: --pretrained or --random-init needed
     description: str
     config: Optional[Dict[str, Any]] = field(default=None)  # open_clip model config for custom sizes
 
@@ -60,9 +64,47 @@ class UnknownPresetError(FloraError, ValueError):
     pass
 
 
+def _config_folder() -> Optional[Path]:
+    """open_clip's model_configs folder, found without importing open_clip (which imports torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        folder = Path(location) / "model_configs"
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _natural(name: str) -> List[Any]:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def open_clip_models() -> List[str]:
+    """open_clip's built-in architecture names, in its own (natural) order; none without open_clip."""
+    folder = _config_folder()
+    return sorted((p.stem for p in folder.glob("*.json")), key=_natural) if folder else []
+
+
+def open_clip_architecture(name: str) -> Optional[str]:
+    """`name` as open_clip spells it (`ViT-B/32` -> `ViT-B-32`), or None when open_clip has no such model."""
+    cleaned = name.replace("/", "-")
+    folder = _config_folder()
+    return cleaned if folder is not None and (folder / f"{cleaned}.json").is_file() else None
+
+
 def get_preset(name: str) -> Preset:
-    try:
+    """A preset by alias, or any open_clip architecture (e.g. `ViT-B-32`, `MobileCLIP-S1`)."""
+    if name in PRESETS:
         return PRESETS[name]
-    except KeyError:
-        known = ", ".join(f"{p.name} ({p.description})" for p in PRESETS.values())
-        raise UnknownPresetError(f"unknown model {name!r}; presets: {known}") from None
+    architecture = open_clip_architecture(name)
+    if architecture is None:
+        raise UnknownPresetError(unknown_model_message(name))
+    return Preset(architecture, architecture, None, f"open_clip {architecture}")
+
+
+def unknown_model_message(name: str) -> str:
+    models = open_clip_models()
+    close = difflib.get_close_matches(name.replace("/", "-"), [*PRESETS, *models], n=3, cutoff=0.6)
+    aliases = ", ".join(f"{p.name} ({p.architecture})" for p in PRESETS.values())
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return (f"unknown model {name!r}{hint}\n  presets: {aliases}\n"
+            f"  open_clip architectures ({len(models)}): {', '.join(models)}")

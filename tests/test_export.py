@@ -85,9 +85,10 @@ def test_manifest_describes_the_bundle(tiny_text_bundle):
     assert len(m.model_id) == 64
     assert set(m.files) == {
         "adapter.safetensors", "checkpoint", "eval_model.onnx", "image_encoder.onnx",
-        "inference_model.onnx", "optimizer_model.onnx", "training_model.onnx",
+        "inference_model.onnx", "optimizer_model.onnx", "training_model.onnx", "weights.data",
     }
-    assert m.external_data == {}  # clip-tiny is far below protobuf's 2 GB
+    # the float graphs keep their weights in one shared file (tests/test_bundle_size.py)
+    assert m.external_data == {"image_encoder.onnx": ("weights.data",), "inference_model.onnx": ("weights.data",)}
     assert m.onnx["tested_onnxruntime"]["onnxruntime-training"] == ort.__version__  # what this suite runs
 
 
@@ -236,7 +237,7 @@ def _assert_nothing_left(out: Path) -> None:
 @pytest.mark.parametrize(
     ("argv_extra", "lines", "message"),
     [
-        (["clip-vitb99"], DIGITS, "unknown model 'clip-vitb99'; presets: clip-vitb32"),
+        (["clip-vitb99"], DIGITS, "unknown model 'clip-vitb99'; did you mean clip-vitb32"),
         (["clip-tiny"], ["# only a comment", ""], "the class list is empty"),
         (["clip-tiny"], ["cat", "", "# c", "dog", "cat"], "repeats 'cat' (lines 1 and 5)"),
         (["clip-tiny", "--prompt", "a photo"], DIGITS, "must contain exactly one '{}'"),
@@ -361,12 +362,14 @@ def test_existing_bundle_needs_force_and_is_replaced_whole(tmp_path, capsys):
     out = tmp_path / "bundle"
     classes = _classes_file(tmp_path, DIGITS)
     assert cli.main(["clip-tiny", "--classes", str(classes), "--out", str(out), "-q"]) == 0
+    assert load_bundle(out).manifest.backends == ("ort-training", "step")  # the default: a bundle for any device
     first = load_bundle(out).manifest.model_id
     assert cli.main(["clip-tiny", "--classes", str(classes), "--out", str(out), "-q"]) == 2
     assert "already exists; pass --force" in capsys.readouterr().err
     assert load_bundle(out).manifest.model_id == first
     classes.write_text("cat\ndog\n")
-    assert cli.main(["clip-tiny", "--classes", str(classes), "--out", str(out), "--force", "-q"]) == 0
+    assert cli.main(["clip-tiny", "--classes", str(classes), "--out", str(out), "--force", "--backend",
+                     "ort-training", "-q"]) == 0
     assert load_bundle(out).manifest.classes == ("cat", "dog")
     _assert_nothing_left(tmp_path / "bundle-not-there")
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bundle.")] == []
@@ -410,7 +413,8 @@ def test_pretrained_weights_from_a_local_checkpoint_file(tmp_path):
     torch.save(source.state_dict(), ckpt)
     bundle = export_tiny(tmp_path / "b", pretrained=str(ckpt))
     m = bundle.manifest
-    assert m.pretrained["source"] == "file" and m.pretrained["file"] == str(ckpt)
+    assert m.pretrained["source"] == "file" and m.pretrained["file"] == "tiny-weights.pt"  # no workstation path
+    assert m.pretrained["file_sha256"] == sha256_file(ckpt) and m.pretrained["format"] == "torch"
     assert m.base_weights_sha256 == state_sha256(source) != state_sha256(reference_model(seed=0))
     pixels = torch.randn(3, 3, 32, 32)
     features = run_onnx(bundle.path(IMAGE_ENCODER), {"pixels": pixels.numpy()})
@@ -448,13 +452,14 @@ def test_bundle_verification_catches_a_modified_file(tmp_path):
 def test_external_data_files_are_listed_hashed_and_verified(tmp_path, monkeypatch):
     from flora.export import onnx_export
 
-    monkeypatch.setattr(onnx_export, "_PROTO_LIMIT", 0)  # every graph saved by save_model goes external
+    monkeypatch.setattr(onnx_export, "_PROTO_LIMIT", 0)  # graphs over protobuf's limit: saved with their data
     bundle = export_tiny(tmp_path / "b")
     m = bundle.manifest
-    data = {IMAGE_ENCODER: (f"{IMAGE_ENCODER}.data",), INFERENCE_MODEL: (f"{INFERENCE_MODEL}.data",)}
-    assert m.external_data == data
-    for (name,) in data.values():
-        assert bundle.path(name).stat().st_size > 10_000 and m.files[name] == sha256_file(bundle.path(name))
+    data = {IMAGE_ENCODER: ("weights.data",), INFERENCE_MODEL: ("weights.data",)}
+    assert m.external_data == data  # the per-graph data files were merged into the shared one
+    assert not list(bundle.root.glob("*.onnx.data"))
+    assert bundle.path("weights.data").stat().st_size > 10_000
+    assert m.files["weights.data"] == sha256_file(bundle.path("weights.data"))
     on_disk = json.loads(bundle.path(MANIFEST).read_text())
     assert on_disk["external_data"] == {k: list(v) for k, v in data.items()}
     pixels = torch.randn(2, 3, 32, 32)  # the encoder really reads its weights from the data file
@@ -462,13 +467,13 @@ def test_external_data_files_are_listed_hashed_and_verified(tmp_path, monkeypatc
         expected = reference_model().encode_image(pixels).numpy()
     assert np.abs(run_onnx(bundle.path(IMAGE_ENCODER), {"pixels": pixels.numpy()}) - expected).max() <= 1e-4
 
-    with open(bundle.path(f"{IMAGE_ENCODER}.data"), "r+b") as fh:
+    with open(bundle.path("weights.data"), "r+b") as fh:
         fh.seek(64)
         fh.write(b"\xff\xfe")
-    with pytest.raises(BundleError, match=r"image_encoder.onnx.data does not match its manifest sha256"):
+    with pytest.raises(BundleError, match=r"weights.data does not match its manifest sha256"):
         load_bundle(bundle.root)
-    bundle.path(f"{IMAGE_ENCODER}.data").unlink()
-    with pytest.raises(BundleError, match=r"is missing image_encoder.onnx.data"):
+    bundle.path("weights.data").unlink()
+    with pytest.raises(BundleError, match=r"is missing weights.data"):
         load_bundle(bundle.root, backends=["ort-training"])
 
 
