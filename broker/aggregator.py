@@ -43,7 +43,17 @@ from flora.edge.protocol import (
     TrainConfig,
 )
 
-from .checkpoint import METRICS, REJECTION, UPDATE, AggregatorState, Checkpoint, CheckpointError, apply_record
+from .checkpoint import (
+    METRICS,
+    REJECTION,
+    UPDATE,
+    AggregatorState,
+    Checkpoint,
+    CheckpointError,
+    KeepPolicy,
+    apply_record,
+    resolve_best_metric,
+)
 from .dashboard.server import Snapshots
 from .dashboard.snapshot import FederationInfo
 from .enroll import SIGN_AUTO, aggregator_signer
@@ -123,6 +133,8 @@ class AggregatorConfig:
     sign: str = SIGN_AUTO  # sign `global` and `round`: auto (when the state dir holds the key), yes, no
     secure_aggregation: bool = False  # every round by secure aggregation (the aggregator sees only the sum)
     secagg: SecureSettings = field(default_factory=SecureSettings)  # its k, t, encoding, timeouts, attempts
+    keep_globals: Optional[int] = 1  # the N latest global files are kept; None: all
+    keep_best: Optional[str] = None  # also keep the best global by this metric (checkpoint.KEEP_BEST_METRICS)
 
 
 class ClientsAbsent(FloraError, TimeoutError):
@@ -159,7 +171,10 @@ class Aggregator:
                              f"{str(cfg.max_num_samples)[:24]}")
         self.rounds = RoundClock(cfg.sampling, cfg.round_timeout_s, clock, cfg.metrics_grace_s, cfg.max_extensions)
         self.strategy = make_strategy(cfg.strategy, cfg.strategy_options)
-        self.checkpoint = Checkpoint(cfg.state_dir)
+        best = resolve_best_metric(cfg.keep_best, evaluation_configured=cfg.on_round_closed is not None)
+        if best == "test_accuracy" and cfg.on_round_closed is None:
+            raise ConfigError("--keep-best test_accuracy needs held-out evaluation (--eval-data)")
+        self.checkpoint = Checkpoint(cfg.state_dir, KeepPolicy(cfg.keep_globals, best))
         self.max_bytes = cfg.max_update_bytes or adapter.max_blob_bytes(self.manifest.trainable)
         self.max_partial_bytes = adapter.max_blob_bytes(self.manifest.trainable, itemsize=8)
         if cfg.sites and not self.strategy.folds_partials:
@@ -317,7 +332,7 @@ class Aggregator:
             if self.cfg.on_start is not None:
                 self.state.extra["initial_eval"] = self._call_hook("on_start", self.cfg.on_start,
                                                                    adapter.decode(blob).as_float32())
-                self.checkpoint.save(self.state)
+                self.checkpoint.note_initial(self.state, self.state.extra["initial_eval"])
             log.info("starting federation %r: %d rounds of %s, model %s…", self.cfg.federation, self.cfg.rounds,
                      self.strategy.name, self.manifest.model_id[:16])
         else:

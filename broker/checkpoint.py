@@ -25,6 +25,7 @@ started afresh (kept on resume), announced in every `round` message.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import secrets
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from flora.edge.errors import EXIT_UNAVAILABLE, FloraError
+from flora.edge.errors import EXIT_UNAVAILABLE, ConfigError, FloraError
 from flora.edge.fileio import (
     PathLike,
     append_line,
@@ -90,6 +91,73 @@ class CheckpointError(FloraError, RuntimeError):
     exit_code = EXIT_UNAVAILABLE
 
 
+#: --keep-best metrics; `auto` is test_accuracy when held-out evaluation is configured, else mean_client_accuracy
+KEEP_BEST_METRICS = ("auto", "test_accuracy", "mean_client_accuracy")
+
+
+@dataclass(frozen=True)
+class KeepPolicy:
+    """Which global adapters a state dir keeps besides the current one.
+
+    `globals`: the N latest (1: only the current one; None: all). `best`: also the best global by
+    this history-row metric (higher is better; ties keep the earlier), recorded in state.json.
+    """
+
+    globals: Optional[int] = 1
+    best: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.globals is not None and self.globals < 1:
+            raise ConfigError(f"--keep-globals must be >= 1 or 'all', got {self.globals}")
+        if self.best is not None and self.best not in KEEP_BEST_METRICS[1:]:
+            raise ConfigError(f"--keep-best metric {self.best!r} is not one of {list(KEEP_BEST_METRICS)}")
+
+
+def parse_keep_globals(text: Any) -> Optional[int]:
+    """`N` (>= 1) or `all` (None); ConfigError otherwise."""
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        number = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--keep-globals takes a number or 'all', not {text!r}") from None
+    if number < 1:
+        raise ConfigError(f"--keep-globals must be >= 1 or 'all', got {number}")
+    return number
+
+
+def keep_globals_arg(text: str) -> Optional[int]:
+    """--keep-globals as an argparse type."""
+    try:
+        return parse_keep_globals(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def resolve_best_metric(metric: Optional[str], evaluation_configured: bool) -> Optional[str]:
+    """`auto` -> test_accuracy with held-out evaluation, else mean_client_accuracy."""
+    if metric == "auto":
+        return "test_accuracy" if evaluation_configured else "mean_client_accuracy"
+    return metric
+
+
+def better(candidate: Optional[float], best: Optional[Dict[str, Any]]) -> bool:
+    """Whether a metric value beats the recorded best (None never does; ties keep the earlier)."""
+    if not isinstance(candidate, (int, float)) or candidate != candidate:  # None or NaN
+        return False
+    return best is None or candidate > best["value"]
+
+
+def globals_to_keep(files: List[str], current: str, policy: KeepPolicy, best_file: Optional[str]) -> List[str]:
+    """The global files of `files` (global-NNNNNN.safetensors) that `policy` keeps."""
+    ordered = sorted(f for f in files if f.startswith("global-"))
+    keep = set(ordered if policy.globals is None else ordered[-policy.globals:])
+    keep.add(current)
+    if best_file:
+        keep.add(best_file)
+    return sorted(f for f in ordered if f in keep)
+
+
 @dataclass
 class AggregatorState:
     model_id: str
@@ -111,12 +179,16 @@ def new_run_id() -> str:
 
 
 class Checkpoint:
-    """The files of one state dir: state.json, global-NNNNNN.safetensors, history.jsonl, spool/."""
+    """The files of one state dir: state.json, global-NNNNNN.safetensors, history.jsonl, spool/.
 
-    def __init__(self, directory: PathLike, create: bool = True) -> None:
+    `keep` says which globals survive a commit besides the current one (default: none).
+    """
+
+    def __init__(self, directory: PathLike, keep: Optional[KeepPolicy] = None, create: bool = True) -> None:
         self.dir = Path(directory)
         if create:
             self.dir.mkdir(parents=True, exist_ok=True)
+        self.keep = keep or KeepPolicy()
         self._lock_fd: Optional[int] = None
         self._journal: Optional[Journal] = None
         self._journal_round: Optional[int] = None
@@ -176,14 +248,11 @@ class Checkpoint:
         return state, blob
 
     def _sweep_leftovers(self, state: AggregatorState) -> None:
-        """Files a kill inside a commit or a write leaves: globals that state.json names nowhere (the next one,
-        written before state.json switched to it, or the previous one, not yet deleted; the globals an async
-        window keeps are named in `extra['async']['window']`) and the temporary files of atomic writes
+        """Files a kill inside a commit or a write leaves: globals nothing keeps (the next one, written before
+        state.json switched to it, or the previous one, not yet deleted; `prune_globals` keeps the current, the
+        best, the keep policy's and the async window's) and the temporary files of atomic writes
         (`.NAME.XXXX.tmp`) here and in the spool."""
-        keep = {state.global_file, *_strings_in(state.extra.get("async", {}).get("window"))}
-        for path in self.dir.glob("global-*.safetensors"):
-            if path.name not in keep:
-                path.unlink(missing_ok=True)
+        self.prune_globals(state)
         for path in (*self.dir.glob(".*.tmp"), *(self.dir / SPOOL).glob("round-*/.*.tmp")):
             path.unlink(missing_ok=True)
 
@@ -219,21 +288,14 @@ class Checkpoint:
                done: bool, keep_globals: int = 1) -> AggregatorState:
         """Record a completed round (the new global, the next open round, the history row); the new state.
 
-        `keep_globals` > 1 (async rounds) keeps that many of the latest globals on disk: the bases an update
-        may still have."""
-        previous = state.global_file
+        The keep policy says which earlier globals stay (the N latest, the best); `keep_globals` > 1 (async
+        rounds) also keeps that many of the latest globals on disk: the bases an update may still have."""
         new = replace(state, round=next_round, done=done, last_row=row, extra=dict(state.extra))
         self._write_global(new, next_round, global_blob)
+        self._note_best(new, row.get(self.keep.best) if self.keep.best else None, row["round"])
         self._write_state(new)
         append_line(self.dir / HISTORY, strict_json(row))
-        if keep_globals <= 1:
-            if previous and previous != new.global_file:
-                (self.dir / previous).unlink(missing_ok=True)
-        else:
-            for path in self.dir.glob("global-*.safetensors"):
-                number = _global_number(path.name)
-                if number is not None and number <= next_round - keep_globals:
-                    path.unlink(missing_ok=True)
+        self.prune_globals(new, window=keep_globals)
         self.clear_spool(row["round"])
         return new
 
@@ -243,6 +305,35 @@ class Checkpoint:
             return (self.dir / global_file_name(round_)).read_bytes()
         except OSError:
             return None
+
+    def _note_best(self, state: AggregatorState, value: Any, round_: Optional[int]) -> None:
+        """Record the global just written as the best when its metric beats the recorded best."""
+        best = state.extra.get("best")
+        if self.keep.best and better(value, best):
+            state.extra["best"] = {"file": state.global_file, "round": round_,
+                                   "rounds_completed": 0 if round_ is None else round_ + 1,
+                                   "metric": self.keep.best, "value": float(value)}
+
+    def note_initial(self, state: AggregatorState, metrics: Dict[str, Any]) -> None:
+        """The initial global's evaluation (round 0) competes for best too; saved with the state."""
+        self._note_best(state, metrics.get(self.keep.best) if self.keep.best else None, None)
+        self.save(state)
+
+    def prune_globals(self, state: AggregatorState, window: int = 1) -> List[str]:
+        """Delete the global files nothing keeps; the kept. Kept: the current, the best, the keep policy's N
+        latest, the async window named in `extra['async']['window']`, and the `window` latest by number.
+        Globals numbered after the current one (written by a commit that a kill cut short) are never kept."""
+        current = _global_number(state.global_file)
+        files = [p.name for p in self.dir.glob("global-*.safetensors")]
+        earlier = [f for f in files if current is None or (_global_number(f) or 0) <= current]
+        best = (state.extra.get("best") or {}).get("file")
+        kept = set(globals_to_keep(earlier, state.global_file, self.keep, best))
+        kept.update(f for f in _strings_in(state.extra.get("async", {}).get("window")) if f in earlier)
+        if current is not None and window > 1:
+            kept.update(f for f in earlier if (_global_number(f) or 0) > current - window)
+        for name in sorted(set(files) - kept):
+            (self.dir / name).unlink(missing_ok=True)
+        return sorted(kept)
 
     def _write_global(self, state: AggregatorState, round_: int, blob: bytes) -> None:
         name = global_file_name(round_)

@@ -40,6 +40,7 @@ from flora.edge.errors import EXIT_UNAVAILABLE, FloraError, report
 from flora.edge.logs import FORMATS, setup_logging
 from flora.edge.mqtt import BrokerConfig, add_connection_options
 
+from .checkpoint import KEEP_BEST_METRICS, keep_globals_arg
 from .validation import DEFAULT_MAX_NUM_SAMPLES
 
 PROG = "flora-aggregator"
@@ -134,6 +135,13 @@ def build_parser() -> CommandParser:
                          "(default %(default)s)")
     sa.add_argument("--secagg-frac-bits", type=Bounded(int, minimum=0, maximum=40), default=16, metavar="F",
                     help="fixed-point resolution 2^-F: the mean is within 2^-F per element (default %(default)s)")
+    k = run.add_argument_group("models kept in the state dir")
+    k.add_argument("--keep-globals", type=keep_globals_arg, default="1", metavar="N|all",
+                   help="keep the N latest global adapters (global-NNNNNN.safetensors), or all (default: 1)")
+    k.add_argument("--keep-best", nargs="?", const="auto", choices=KEEP_BEST_METRICS, metavar="METRIC",
+                   help="also keep the best global by METRIC: test_accuracy (needs --eval-data), "
+                        "mean_client_accuracy, or auto (the default METRIC: test_accuracy with --eval-data, else "
+                        "mean_client_accuracy); `status` names it")
     m = add_connection_options(run.add_argument_group("broker connection"))
     m.add_argument("--client-id", default="flora-aggregator", help="MQTT client id (and, by convention, username)")
     run.add_argument("--http", metavar="HOST:PORT",
@@ -359,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
             max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
             client_id=args.client_id, mode=args.mode, buffer=_buffer(args), sites=_sites(args.sites),
             sign=args.sign, secure_aggregation=args.secure_aggregation, secagg=_secure_settings(args),
+            keep_globals=args.keep_globals, keep_best=args.keep_best,
             **_hooks(bundle, args.eval_data),
         )
         if args.http:

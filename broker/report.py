@@ -63,6 +63,21 @@ def clients_table(devices: List[Dict[str, Any]], now: float) -> str:
     return "\n".join(lines)
 
 
+def model_files(state_dir: Path, state: Dict[str, Any]) -> List[str]:
+    """Where the models are: the latest global, the best one (--keep-best), the earlier ones kept."""
+    root = Path(state_dir)
+    lines = [f"latest model: {root / state['global_file']}"] if state.get("global_file") else []
+    best = state.get("extra", {}).get("best")
+    if best and (root / best["file"]).is_file():
+        label = best["metric"].replace("_", " ")
+        lines.append(f"best model: {root / best['file']} (after {best['rounds_completed']} rounds: {label} "
+                     f"{_fmt(best['value'])})")
+    kept = sorted(p.name for p in root.glob("global-*.safetensors"))
+    if len(kept) > 1:
+        lines.append(f"{len(kept)} globals kept: {', '.join(kept) if len(kept) <= 6 else kept[0] + ' … ' + kept[-1]}")
+    return lines
+
+
 def _read_state(state_dir: Path) -> Optional[Dict[str, Any]]:
     try:
         return json.loads((Path(state_dir) / STATE).read_text(encoding="utf-8"))
@@ -98,6 +113,8 @@ def print_status(state_dir: Path, plot: Optional[Path] = None, out: Callable[[st
                 reasons[reason] = reasons.get(reason, 0) + n
         if reasons:
             out(f"rejected updates by reason: {dict(sorted(reasons.items()))}")
+    for line in model_files(state_dir, state):
+        out(line)
     if clients:
         import time
 

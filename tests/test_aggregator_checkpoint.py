@@ -307,3 +307,98 @@ def test_a_fresh_start_gets_a_random_run_id_that_a_resume_keeps_and_every_round_
     assert {a.run_id for a in announcements} == {run_id}
     other = _one_client_round(tmp_path / "two", clock)
     assert other.state.run_id != run_id and other.client.announcements()[-1].run_id == other.state.run_id
+
+
+# -- which globals a state dir keeps (--keep-globals, --keep-best) ---------------------------------
+def _commit_rounds(cp, metric, values):
+    state = cp.start("m" * 64, len(values), b"g0")
+    for r, value in enumerate(values):
+        state = cp.commit(state, r + 1, f"g{r + 1}".encode(), {"round": r, metric: value}, done=False)
+    return state
+
+
+def _globals(tmp_path):
+    return sorted(p.name for p in tmp_path.glob("global-*.safetensors"))
+
+
+def test_keep_the_latest_globals_and_the_best_one(tmp_path):
+    from flora.broker.checkpoint import KeepPolicy
+
+    cp = Checkpoint(tmp_path, KeepPolicy(globals=2, best="test_accuracy"))
+    state = _commit_rounds(cp, "test_accuracy", [0.5, 0.9, None, 0.7, 0.9, 0.6])
+    assert state.extra["best"] == {"file": "global-000002.safetensors", "round": 1, "rounds_completed": 2,
+                                   "metric": "test_accuracy", "value": 0.9}  # the tie at round 4 keeps the earlier
+    assert _globals(tmp_path) == ["global-000002.safetensors", "global-000005.safetensors",
+                                  "global-000006.safetensors"]
+    assert (tmp_path / "global-000002.safetensors").read_bytes() == b"g2"
+    loaded, _ = Checkpoint(tmp_path).load()
+    assert loaded.extra["best"]["file"] == "global-000002.safetensors"  # survives a restart
+
+
+def test_keep_all_globals_and_the_default_keeps_only_the_latest(tmp_path):
+    from flora.broker.checkpoint import KeepPolicy
+
+    _commit_rounds(Checkpoint(tmp_path / "all", KeepPolicy(globals=None)), "x", [1, 2, 3])
+    assert len(_globals(tmp_path / "all")) == 4  # the initial global too
+    state = _commit_rounds(Checkpoint(tmp_path / "one"), "mean_client_accuracy", [0.9, 0.1])
+    assert _globals(tmp_path / "one") == ["global-000002.safetensors"] and "best" not in state.extra
+
+
+def test_the_initial_global_can_be_the_best(tmp_path):
+    from flora.broker.checkpoint import KeepPolicy
+
+    cp = Checkpoint(tmp_path, KeepPolicy(best="test_accuracy"))
+    state = cp.start("m" * 64, 2, b"g0")
+    cp.note_initial(state, {"test_accuracy": 0.8})
+    for r, acc in enumerate([0.3, 0.5]):
+        state = cp.commit(state, r + 1, b"g", {"round": r, "test_accuracy": acc}, done=False)
+    assert state.extra["best"]["file"] == "global-000000.safetensors" and state.extra["best"]["rounds_completed"] == 0
+    assert _globals(tmp_path) == ["global-000000.safetensors", "global-000002.safetensors"]
+
+
+def test_keep_options_and_the_auto_metric():
+    from flora.broker.checkpoint import KeepPolicy, parse_keep_globals, resolve_best_metric
+
+    assert parse_keep_globals("all") is None and parse_keep_globals("3") == 3 and parse_keep_globals(5) == 5
+    with pytest.raises(ValueError, match="a number or 'all'"):
+        parse_keep_globals("some")
+    with pytest.raises(ValueError, match=">= 1 or 'all'"):
+        KeepPolicy(globals=0)
+    assert resolve_best_metric("auto", evaluation_configured=True) == "test_accuracy"
+    assert resolve_best_metric("auto", evaluation_configured=False) == "mean_client_accuracy"
+    assert resolve_best_metric(None, True) is None
+
+
+def test_status_names_the_best_model_file(tmp_path, capsys):
+    from flora.broker.checkpoint import KeepPolicy
+    from flora.broker.report import print_status
+
+    cp = Checkpoint(tmp_path, KeepPolicy(globals=None, best="mean_client_accuracy"))
+    state = cp.start("m" * 64, 3, b"g0")
+    for r, acc in enumerate([0.4, 0.8, 0.6]):
+        row = {"round": r, "num_asked": 2, "num_reported": 2, "mean_client_accuracy": acc, "bytes_received": 10,
+               "bytes_sent": 10, "wall_time_s": 1.0}
+        state = cp.commit(state, r + 1, b"g", row, done=r == 2)
+    assert print_status(tmp_path) == 0
+    out = capsys.readouterr().out
+    assert f"best model: {tmp_path / 'global-000002.safetensors'} (after 2 rounds: mean client accuracy 0.8000)" in out
+    assert f"latest model: {tmp_path / 'global-000003.safetensors'}" in out and "4 globals kept" in out
+
+
+def test_load_sweeps_orphan_globals_but_keeps_the_kept_ones_and_the_async_window(tmp_path):
+    from flora.broker.checkpoint import KeepPolicy
+
+    cp = Checkpoint(tmp_path, KeepPolicy(globals=2, best="test_accuracy"))
+    _commit_rounds(cp, "test_accuracy", [0.9, 0.1, 0.2, 0.3])
+    (tmp_path / "global-000005.safetensors").write_bytes(b"next")  # a kill before state.json switched to it
+    (tmp_path / "global-000000.safetensors").write_bytes(b"old")  # a kill before the previous one was deleted
+    state, _ = Checkpoint(tmp_path, KeepPolicy(globals=2, best="test_accuracy")).load()
+    assert _globals(tmp_path) == ["global-000001.safetensors", "global-000003.safetensors",
+                                  "global-000004.safetensors"]  # the best, the 2 latest; no orphan
+    state.extra["async"] = {"window": ["global-000002.safetensors", "global-000003.safetensors",
+                                       "global-000004.safetensors"]}
+    (tmp_path / "global-000002.safetensors").write_bytes(b"g2")
+    cp.save(state)
+    Checkpoint(tmp_path).load()  # the default policy keeps one, the async window keeps its three, the best stays
+    assert _globals(tmp_path) == ["global-000001.safetensors", "global-000002.safetensors",
+                                  "global-000003.safetensors", "global-000004.safetensors"]

@@ -22,6 +22,7 @@ from flora.broker.rounds import (
     RoundRecord,
     Sampling,
 )
+from flora.edge import adapter
 from flora.edge.fileio import sha256_bytes
 from flora.edge.protocol import Status
 from flora.edge.synthetic import encode_update, random_adapter
@@ -399,3 +400,30 @@ def test_after_max_extensions_the_aggregator_stops_with_the_round_kept_open(tmp_
     again = offline_aggregator(tmp_path, clock, **kw)
     again._resume_or_start()
     assert again.current.reported == {"a": 3} and again.current.extensions == 1
+
+
+def test_keep_best_auto_keeps_the_global_with_the_best_held_out_accuracy(tmp_path):
+    clock = FakeClock()
+    accuracies = iter([0.2, 0.7, 0.4])
+    agg = offline_aggregator(tmp_path, clock, rounds=3, round_timeout_s=10, sampling=Sampling(min_clients=1),
+                             on_round_closed=lambda r, t: {"test_accuracy": next(accuracies)}, keep_best="auto")
+    m = agg.manifest
+    agg._resume_or_start()
+    agg.handle("status", "a", status("a"))
+    published = {}
+    for r in range(3):
+        agg._open_round()
+        agg.handle("update", "a", encode_update(m, random_adapter(m, 20 + r), "a", r, 5))
+        clock.t += 10
+        agg._close_round()
+        published[r + 1] = agg.client.globals()[-1]
+    best = agg.state.extra["best"]
+    assert best["file"] == "global-000002.safetensors" and best["metric"] == "test_accuracy"
+    kept = adapter.decode((tmp_path / best["file"]).read_bytes())
+    assert kept.meta.round == 2
+    for name in kept.tensors:
+        np.testing.assert_array_equal(kept.tensors[name], published[2].tensors[name])
+    assert sorted(p.name for p in tmp_path.glob("global-*")) == ["global-000002.safetensors",
+                                                               "global-000003.safetensors"]
+    with pytest.raises(ValueError, match="needs held-out evaluation"):
+        offline_aggregator(tmp_path / "other", clock, rounds=1, keep_best="test_accuracy")
