@@ -67,6 +67,9 @@ def build_parser() -> CommandParser:
                         "clip-tiny demo diverged after 6 rounds)")
     t.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
     t.add_argument("--fp16-updates", action="store_true", help="agents send their updates as fp16 (half the bytes)")
+    t.add_argument("--image-encoder-int8", action="store_true",
+                   help="export the int8 image encoder too and let the agents compute their features with it "
+                        "(the aggregator's held-out test features stay fp32)")
     t.add_argument("--compare", action="store_true",
                    help="after the federated run add baselines to the report: zero-shot (round 0), centralised "
                         "LoRA on the union of the clients' training splits, and local-only LoRA per client "
@@ -106,6 +109,7 @@ def config_from_args(args: argparse.Namespace):
         model=args.model, clients=args.clients, rounds=args.rounds, partition=args.partition, dataset=args.dataset,
         out=args.out, shots=args.shots, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
         compare=args.compare, backend=args.backend, fp16_updates=args.fp16_updates, bundle=args.bundle,
+        image_encoder_int8=args.image_encoder_int8,
         val_fraction=args.val_fraction, round_timeout=args.round_timeout, timeout=args.timeout,
         random_init=args.random_init, http=args.http, processes=args.processes, mode=args.mode, buffer=args.buffer,
         max_staleness=args.max_staleness, staleness=args.staleness, server_lr=args.server_lr,

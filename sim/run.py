@@ -18,7 +18,7 @@ from flora.broker.checkpoint import STATE, Checkpoint
 from flora.broker.enroll import FederationPKI
 from flora.broker.mosquitto import Mosquitto, certificate_listener, start_mosquitto
 from flora.broker.report import legend_below, plot_cumulative_mb
-from flora.edge.bundle import Bundle, BundleError, load_bundle
+from flora.edge.bundle import IMAGE_ENCODER_INT8, Bundle, BundleError, load_bundle
 from flora.edge.dataset import Sample
 from flora.edge.errors import FloraError
 from flora.edge.features import FeatureCache, image_features
@@ -64,6 +64,7 @@ class SimConfig:
     compare: bool = False
     backend: str = "auto"
     fp16_updates: bool = False
+    image_encoder_int8: bool = False  # agents compute image features with the bundle's int8 encoder
     bundle: Optional[Path] = None
     val_fraction: float = 0.1
     round_timeout: float = 120.0
@@ -163,6 +164,7 @@ def export_mismatch(bundle: Bundle, cfg: SimConfig, classes: Sequence[str]) -> O
         (is_random == want_random, "its weights are " + ("random" if is_random else "pretrained")),
         (m.created.get("lora_init_seed") == cfg.seed and (not is_random or m.pretrained.get("seed") == cfg.seed),
          f"it was exported with another seed than {cfg.seed}"),
+        (not cfg.image_encoder_int8 or IMAGE_ENCODER_INT8 in m.files, "it has no int8 image encoder"),
     ]
     reasons = [why for ok, why in checks if not ok]
     return "; ".join(reasons) or backend_mismatch(bundle, cfg.backend)
@@ -205,7 +207,8 @@ def export(cfg: SimConfig, classes: List[str], target: Path, say: Say) -> Bundle
     say(f"exporting {cfg.model} for {len(classes)} classes ({', '.join(backends)}) into {target}")
     try:
         export_bundle(ExportOptions(preset=cfg.model, classes=classes, out=target, force=True, backends=backends,
-                                    random_init=cfg.random_init, seed=cfg.seed), say=lambda m: say(f"  {m}"))
+                                    random_init=cfg.random_init, seed=cfg.seed,
+                                    image_encoder_int8=cfg.image_encoder_int8), say=lambda m: say(f"  {m}"))
     except (ExportError, WeightsError) as exc:
         raise SimError(f"cannot export {cfg.model}: {exc}") from exc
     return load_bundle(target)
@@ -438,7 +441,8 @@ def agent_args(cfg: SimConfig, bundle: Bundle, url: str, i: int) -> List[str]:
         ids = identity_dir(cfg, i)
         args += ["--identity-dir", str(ids), "--secure-aggregation", "--tls-ca", str(ids / "ca.crt"),
                  "--tls-cert", str(ids / "tls.crt"), "--tls-key", str(ids / "tls.key")]
-    return args + (["--fp16-updates"] if cfg.fp16_updates else [])
+    return (args + (["--fp16-updates"] if cfg.fp16_updates else [])
+            + (["--image-encoder-int8"] if cfg.image_encoder_int8 else []))
 
 
 def watch(cfg: SimConfig, state_dir: Path, group: ProcessGroup, t_start: float, say: Say) -> List[Dict]:
