@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="ViT-B-32")
     p.add_argument("--baseline", type=Path, help="a checkout of older code to export with as well")
     p.add_argument("--baseline-python", default=None, help="its Python (default: its .venv/bin/python)")
+    p.add_argument("--baseline-model", default=None,
+                   help="the model's name for the older code (default: clip-vitb32 for ViT-B-32, else --model)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     from bench.train_step import cpu_name
@@ -119,8 +121,9 @@ def main(argv=None) -> int:
         if baseline is not None:
             print(f"exporting {a.model} with {baseline} ...", flush=True)
             python = a.baseline_python or str(baseline / ".venv" / "bin" / "python")
-            report["baseline"] = {**export(a.model, Path(tmp) / "before", baseline, python),
-                                  "revision": _git_revision(baseline)}
+            name = a.baseline_model or ("clip-vitb32" if a.model == "ViT-B-32" else a.model)
+            report["baseline"] = {**export(name, Path(tmp) / "before", baseline, python),
+                                  "revision": _git_revision(baseline), "model": name}
     stem = "bundle_size" if a.model == "ViT-B-32" else f"bundle_size_{a.model}"
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from open_clip.model import CLIP
 from torch import nn
 
+from flora.edge.errors import ConfigError
+
 from .lora import LoRAFactors, text_tower
 
 
@@ -37,7 +39,7 @@ def _pooled_positions(tower: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
         return torch.zeros(tokens.shape[0], dtype=torch.long)
     if pool == "last":
         return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long)
-    raise NotImplementedError(f"text pooling {pool!r} is not supported (argmax, eos, first and last are)")
+    raise ConfigError(f"text pooling {pool!r} is not supported (argmax, eos, first and last are)")
 
 
 class ClassEmbeddings(nn.Module):
@@ -54,7 +56,7 @@ class ClassEmbeddings(nn.Module):
         super().__init__()
         tower = text_tower(model)
         if getattr(tower, "cls_emb", None) is not None:
-            raise NotImplementedError("text towers with an appended class token (CoCa) are not supported")
+            raise ConfigError("text towers with an appended class token (CoCa) are not supported")
         pooled = _pooled_positions(tower, tokens)
         causal_mask = getattr(tower, "attn_mask", None)
         pad_mask = bool(getattr(tower, "use_pad_mask", False))

@@ -27,6 +27,8 @@ from open_clip.transformer import TextTransformer
 from torch import nn
 from torch.nn.utils import parametrize
 
+from flora.edge.errors import ConfigError
+
 from .options import QKV, LoraSpec  # the layout, checked without torch
 
 
@@ -107,7 +109,7 @@ def text_tower(model: nn.Module) -> nn.Module:
     if text is None:
         return model
     if not isinstance(text, TextTransformer):
-        raise NotImplementedError(
+        raise ConfigError(
             f"the text tower is {type(text).__name__}; LoRA and the class-embedding graph support open_clip's "
             "own TextTransformer (CLIP, MobileCLIP, ...), not Hugging Face text encoders"
         )
@@ -121,7 +123,7 @@ def tower_blocks(model: nn.Module, tower: str) -> nn.ModuleList:
     else:
         transformer = getattr(model.visual, "transformer", None)
         if transformer is None:
-            raise NotImplementedError(
+            raise ConfigError(
                 f"the image tower is {type(model.visual).__name__} (not a ViT): LoRA in it is not supported; "
                 "use --lora-tower text (FLORA's default: the image tower stays frozen)"
             )
@@ -129,7 +131,7 @@ def tower_blocks(model: nn.Module, tower: str) -> nn.ModuleList:
     for i, block in enumerate(blocks):
         attn = getattr(block, "attn", None)
         if not fused_attention(attn):
-            raise NotImplementedError(
+            raise ConfigError(
                 f"{tower} block {i}'s attention ({type(attn).__name__}) has no fused (3d x d) in_proj_weight and "
                 "out_proj linear layer, which LoRA injection wraps (open_clip's nn.MultiheadAttention has them; "
                 "newer open_clip versions replace it: install open_clip_torch<4)"

@@ -490,7 +490,8 @@ def _random_init_bundle_matches_zero_shot(preset_name: str, out: Path):
     from flora.export.pipeline import ExportOptions, export_bundle
 
     preset = get_preset(preset_name)
-    export_bundle(ExportOptions(preset=preset_name, classes=DIGITS, out=out, random_init=True), say=lambda m: None)
+    export_bundle(ExportOptions(preset=preset_name, classes=DIGITS, out=out, random_init=True,
+                                backends=("ort-training",)), say=lambda m: None)
     bundle = load_bundle(out)
     model = build_model(preset, WeightsSource("random-init", None, None, False, 0))
     size = bundle.manifest.preprocess.image_size
@@ -506,6 +507,15 @@ def _random_init_bundle_matches_zero_shot(preset_name: str, out: Path):
     got = OrtTrainingTrainer(bundle).logits(features)
     assert np.abs(got - expected).max() <= 1e-4
     return bundle
+
+
+@pytest.mark.slow
+def test_random_init_mobileclip_eval_logits_equal_pytorch_zero_shot(tmp_path):
+    """MobileCLIP: a timm image tower (FastViT) and a bidirectional text tower, whose prompts keep all 77 tokens."""
+    bundle = _random_init_bundle_matches_zero_shot("MobileCLIP-S1", tmp_path / "mobileclip")
+    m = bundle.manifest
+    assert m.architecture == "MobileCLIP-S1" and m.preprocess.image_size == 256 and m.text_context == 77
+    assert m.feature_dim == 512 and m.adapter_numel == 12 * 4 * 2 * 8 * 512
 
 
 @pytest.mark.slow

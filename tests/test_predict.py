@@ -141,7 +141,7 @@ def test_predict_command_formats_top_k_and_bad_images(tiny_text_bundle, tmp_path
     broken = root / "one" / "broken.png"
     broken.write_bytes(b"\x89PNG not really")
     code, out, err = _run(capsys, "predict", "--bundle", b, str(root / "one"), "--format", "jsonl")
-    assert code == 1 and f"image {broken} cannot be decoded" in err and "--skip-bad" in err
+    assert code == 2 and f"image {broken} cannot be decoded" in err and "--skip-bad" in err
     code, out, err = _run(capsys, "predict", "--bundle", b, str(root / "one"), "--format", "jsonl", "--skip-bad")
     assert code == 0 and len(out.splitlines()) == 2 and "1 of 3 images could not be decoded" in err
 

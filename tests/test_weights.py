@@ -240,3 +240,16 @@ def test_probe_answers(monkeypatch):
     assert not ok and "ConnectionRefusedError" in why
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert network.reachable("127.0.0.1", 1) == (False, "HF_HUB_OFFLINE is set")
+
+
+def test_towers_lora_cannot_go_into_are_clear_errors():
+    from torch import nn
+
+    from flora.edge.errors import ConfigError
+    from flora.export.lora import LoraSpec, attach_lora
+
+    model = tiny_model(seed=0)
+    model.visual = nn.Conv2d(3, 4, 3)  # like MobileCLIP's timm FastViT: no transformer blocks
+    with pytest.raises(ConfigError, match=r"the image tower is Conv2d .not a ViT.*--lora-tower text"):
+        attach_lora(model, LoraSpec("vision"))
+    assert attach_lora(tiny_model(seed=0), LoraSpec("text"))  # the text tower takes LoRA as before
