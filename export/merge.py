@@ -153,8 +153,13 @@ def merge_checkpoint(bundle_dir: Path, adapter_path: Path, out: Path, pretrained
                      say: Callable[[str], None] = print) -> MergeResult:
     """Write open_clip weights with the adapter merged: `.safetensors`, a torch pickle (`.bin`, `.pt`,
     `.pth`) or, for any other `out`, a folder with open_clip_config.json (`local-dir:` loadable)."""
-    manifest = load_bundle(bundle_dir, verify=False).manifest
+    bundle = load_bundle(bundle_dir, verify=False)
+    manifest = bundle.manifest
     tensors, meta = read_adapter(manifest, adapter_path)
+    if manifest.lora.variant == "ffa":  # FFA-LoRA: the adapter holds the B tensors, the bundle the frozen A's
+        from flora.edge.ffa import frozen_factors
+
+        tensors.update(frozen_factors(bundle))
     say(f"rebuilding the base model of {manifest.preset} ({manifest.pretrained.get('source')})")
     model, loaded = rebuild_base(manifest, pretrained, cache_dir, offline)
     state, changed = merged_state_dict(model, spec_of(manifest), tensors)

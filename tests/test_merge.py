@@ -92,6 +92,16 @@ def test_merged_checkpoint_loads_in_open_clip_and_equals_the_bundle(fixture, req
                   ).max() > 1e-2  # the adapter changes the model
 
 
+def test_an_ffa_lora_adapter_merges_with_the_bundles_frozen_a(tmp_path, tiny_architecture):
+    bundle = export_tiny(tmp_path / "ffa", lora_variant="ffa")
+    assert all(t.name.endswith("lora_B") for t in bundle.manifest.trainable)
+    tensors = random_adapter_file(bundle, tmp_path / "g.safetensors", seed=8)
+    merge_checkpoint(bundle.root, tmp_path / "g.safetensors", tmp_path / "m.safetensors", **QUIET)
+    model, _, _ = open_clip.create_model_and_transforms(tiny_architecture, pretrained=str(tmp_path / "m.safetensors"))
+    pixels = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert np.abs(zero_shot(model.eval(), pixels) - bundle_logits(bundle, pixels, tensors)).max() <= 1e-4
+
+
 def test_folder_output_is_an_open_clip_local_dir(tiny_text_bundle, tmp_path):
     tensors = random_adapter_file(tiny_text_bundle, tmp_path / "g.safetensors", seed=4)
     out = tmp_path / "merged-model"

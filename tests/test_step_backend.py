@@ -124,8 +124,19 @@ def test_auto_backend_prefers_ort_training_and_a_step_only_bundle_uses_step(tiny
     assert available_backends(step_only) == ["step"]
     assert open_trainer(step_only).name == "step"
     assert not step_only.path("checkpoint").exists()
-    with pytest.raises(TrainerError, match="not exported with it"):
+    with pytest.raises(TrainerError, match=r"not exported with it .*--backend ort-training or --backend all"):
         open_trainer(step_only, "ort-training")
+
+
+def test_a_bundle_without_the_devices_backend_says_which_flag_to_export_with(tiny_text_bundle, monkeypatch):
+    from flora.edge.trainers.ort_training import OrtTrainingTrainer
+
+    monkeypatch.setattr(OrtTrainingTrainer, "runs_here", classmethod(lambda cls: False))  # a Raspberry Pi
+    with pytest.raises(TrainerError) as info:
+        open_trainer(tiny_text_bundle)
+    message = str(info.value)
+    assert "\n" not in message and "holds only the ort-training backend, which cannot train here" in message
+    assert message.endswith("export it with flora-export --backend all (the default) or --backend step")
 
 
 # --- a device with plain onnxruntime only -------------------------------------------------------

@@ -31,17 +31,28 @@ def choose_backend(bundle: Bundle, backend: str = AUTO) -> str:
     usable = available_backends(bundle)
     if backend == AUTO:
         if not usable:
-            needs = "; ".join(f"{name} needs {cls.requirement}" for name, cls in TRAINERS.items())
-            raise TrainerError(
-                f"no trainer backend can run bundle {bundle.root} here: it holds {list(bundle.manifest.backends)}; "
-                f"{needs}, and a bundle exported with it (--backend all has both)"
-            )
+            raise TrainerError(_no_backend_here(bundle))
         return usable[0]
     if backend not in usable:
-        why = ("the bundle was not exported with it" if not bundle.has(backend)
-               else f"it needs {TRAINERS[backend].requirement}, which is not installed")
-        raise TrainerError(f"backend {backend!r} cannot run here: {why}")
+        if not bundle.has(backend):
+            raise TrainerError(f"backend {backend!r} cannot run bundle {bundle.root}: the bundle was not exported "
+                               f"with it (it holds {', '.join(bundle.manifest.backends)}); export it with "
+                               f"flora-export --backend {backend} or --backend all (the default)")
+        raise TrainerError(f"backend {backend!r} cannot run here: it needs {TRAINERS[backend].requirement}, "
+                           "which is not installed")
     return backend
+
+
+def _no_backend_here(bundle: Bundle) -> str:
+    """One line: what the bundle holds, why none of it trains here, and the export flag that fixes it."""
+    held = list(bundle.manifest.backends)
+    runs = [name for name, cls in TRAINERS.items() if cls.runs_here()]
+    needs = "; ".join(f"{name} needs {TRAINERS[name].requirement}" for name in held if name in TRAINERS)
+    if runs:
+        return (f"bundle {bundle.root} holds only the {', '.join(held)} backend, which cannot train here ({needs}): "
+                f"export it with flora-export --backend all (the default) or --backend {runs[0]}")
+    every = "; ".join(f"{name} needs {cls.requirement}" for name, cls in TRAINERS.items())
+    return f"no trainer backend runs here ({every}); bundle {bundle.root} holds {', '.join(held)}"
 
 
 def open_trainer(
