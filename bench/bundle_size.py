@@ -51,16 +51,16 @@ def export(model: str, out: Path, cwd: Path, python: str) -> Dict:
 
 
 def mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e6:.1f} MB ({n / 2**20:.0f} MiB)"
 
 
 def markdown(r: Dict) -> str:
     now = r["bundle"]
     lines = [f"# Bundle size ({r['model']}, random-init, text tower, both backends)", "",
-             f"Measured {r['date']} on {r['machine']}; `{r['command']}`. MB = 10^6 bytes.", "",
+             f"Measured {r['date']} on {r['machine']}; `{r['command']}`. MB = 10^6 bytes, MiB = 2^20.", "",
              "| bundle | size on disk |", "| --- | --- |"]
     if r.get("baseline"):
-        lines.append(f"| before weights.data (`{r['baseline']['revision']}`), measured | "
+        lines.append(f"| before weights.data (the code at {r['baseline']['revision']}), measured | "
                      f"{mb(r['baseline']['total_bytes'])} |")
     lines += [f"| each graph its own copy (computed: less weights.data, plus every graph's referenced bytes) | "
               f"{mb(r['unshared_bytes'])} |",
@@ -82,8 +82,8 @@ def markdown(r: Dict) -> str:
 
 
 def _git_revision(folder: Path) -> str:
-    proc = subprocess.run(["git", "-C", str(folder), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
-    return proc.stdout.strip()[:80] or str(folder)
+    proc = subprocess.run(["git", "-C", str(folder), "log", "-1", "--format=%h"], capture_output=True, text=True)
+    return proc.stdout.strip() or str(folder)
 
 
 def main(argv=None) -> int:

@@ -132,10 +132,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = apply_config(command, args, argv[1:], config, ignore=shared)
     except ConfigError as exc:
         return report(PROG, exc)
-    setup_logging(args.log_level, getattr(args, "log_format", "plain"))
-    if args.command in ("predict", "evaluate"):
+    if args.command in ("predict", "evaluate"):  # stdout carries their results: logs go to stderr
+        setup_logging(args.log_level, getattr(args, "log_format", "plain"), stream=sys.stderr)
         default_state_dir(args, config)
         return run_predict(args) if args.command == "predict" else run_evaluate(args)
+    setup_logging(args.log_level, getattr(args, "log_format", "plain"))
     if args.command == "doctor":
         from .doctor import run_doctor
 

@@ -222,9 +222,11 @@ def test_an_unreachable_hub_is_found_in_seconds_and_said_once(tmp_path, monkeypa
                      "--cache-dir", str(tmp_path / "cache")])
     elapsed = time.monotonic() - t0
     captured = capsys.readouterr()
-    text = captured.out + captured.err + "\n".join(r.getMessage() for r in caplog.records)
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("flora.")]
+    error = [line for line in captured.err.splitlines() if line.startswith("flora-export: error:")]
     assert code == 2 and elapsed < 10, elapsed
-    assert "is not reachable" in text and text.count("--offline") == 1, text
+    assert sum("--offline" in m for m in said) == 1 and any("is not reachable" in m for m in said), said
+    assert len(error) == 1 and "--offline" not in captured.err.split("flora-export: error:")[1]
     assert "open_clip_model.safetensors" in captured.err  # still says which file it looked for
     assert not (tmp_path / "b").exists()
 
