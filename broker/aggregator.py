@@ -17,7 +17,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Sequence, Set, Tuple
 
@@ -59,6 +59,7 @@ from .dashboard.snapshot import FederationInfo
 from .enroll import SIGN_AUTO, aggregator_signer
 from .fedbuff import BufferConfig
 from .rounds import CLOSE, EXTEND, GIVE_UP, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
+from .schedule import Plateau, round_lr
 from .secure_aggregator import SecureAggregation, check_secure_aggregation
 from .secure_round import PLAIN_UPDATE, SecureSettings
 from .strategies import StrategyFull, make_strategy
@@ -112,6 +113,9 @@ class AggregatorConfig:
     rounds: int
     federation: str = "default"
     train: TrainConfig = field(default_factory=TrainConfig)
+    lr_schedule: str = "constant"  # schedule.LR_SCHEDULES: `train.lr` is the schedule's peak
+    #: finish early once the held-out test accuracy (else the mean client validation accuracy) plateaus
+    stop_on_plateau: Optional[Plateau] = None
     sampling: Sampling = field(default_factory=Sampling)
     round_timeout_s: float = 300.0
     wait_for_clients: int = 0
@@ -169,6 +173,7 @@ class Aggregator:
         if not 1 <= cfg.max_num_samples <= MAX_WEIGHT:
             raise ConfigError(f"--max-num-samples must be >= 1 and <= 1e300 (a float64 weight), got "
                              f"{str(cfg.max_num_samples)[:24]}")
+        round_lr(cfg.train.lr, cfg.lr_schedule, 0, cfg.rounds)  # an unknown schedule fails here, not mid-run
         self.rounds = RoundClock(cfg.sampling, cfg.round_timeout_s, clock, cfg.metrics_grace_s, cfg.max_extensions)
         self.strategy = make_strategy(cfg.strategy, cfg.strategy_options)
         best = resolve_best_metric(cfg.keep_best, evaluation_configured=cfg.on_round_closed is not None)
@@ -328,6 +333,8 @@ class Aggregator:
         if loaded is None:
             blob = adapter.encode(self.cfg.initial_adapter, model_id=self.manifest.model_id, round=0, kind="global")
             self.state = self.checkpoint.start(self.manifest.model_id, self.cfg.rounds, blob)
+            self.state.strategy = self.strategy.name
+            self.checkpoint.save(self.state)
             log.info("fresh state dir %s: run id %s", self.checkpoint.dir, self.state.run_id)
             if self.cfg.on_start is not None:
                 self.state.extra["initial_eval"] = self._call_hook("on_start", self.cfg.on_start,
@@ -342,6 +349,15 @@ class Aggregator:
                     f"state dir {self.checkpoint.dir} belongs to model {self.state.model_id[:16]}…, the bundle is "
                     f"{self.manifest.model_id[:16]}…: use another --state-dir"
                 )
+            if self.state.strategy and self.state.strategy != self.strategy.name:
+                raise CheckpointError(
+                    f"state dir {self.checkpoint.dir} was run with --strategy {self.state.strategy}, not "
+                    f"{self.strategy.name}: resume it with that strategy or use another --state-dir"
+                )
+            try:
+                self.strategy.load_state_dict(self.checkpoint.strategy_state(self.state))
+            except ValueError as exc:
+                raise CheckpointError(f"state dir {self.checkpoint.dir}: {exc}") from exc
             if self.state.rounds_total != self.cfg.rounds:
                 log.info("total rounds changed from %d to %d", self.state.rounds_total, self.cfg.rounds)
                 self.state.rounds_total = self.cfg.rounds
@@ -379,10 +395,17 @@ class Aggregator:
         self.no_round = NoRoundUpdates.from_json(pending) if pending is not None else None
 
     # -- rounds ------------------------------------------------------------------------------
+    def round_config(self, round_: int) -> TrainConfig:
+        """What round `round_` asks of its clients: the configured one, at the schedule's learning rate."""
+        assert self.state is not None
+        lr = round_lr(self.cfg.train.lr, self.cfg.lr_schedule, round_, self.state.rounds_total)
+        return replace(self.cfg.train, lr=lr)
+
     def _announcement(self, state: str, rec: Optional[RoundRecord]) -> RoundAnnouncement:
         secure = self.secagg.announcement_fields() if self.secagg is not None and rec is not None else {}
         return RoundAnnouncement(
-            round=self.state.round, model_id=self.manifest.model_id, state=state, config=self.cfg.train,
+            round=self.state.round, model_id=self.manifest.model_id, state=state,
+            config=self.round_config(self.state.round),
             clients=sorted(rec.asked) if rec is not None else [],
             deadline=rec.deadline if rec is not None else self.clock(),
             global_sha256=sha256_bytes(self.global_blob), total_rounds=self.state.rounds_total,
@@ -547,6 +570,7 @@ class Aggregator:
             self._fail_round(rec, f"the {self.strategy.name} aggregate of tensor {bad} is not finite")
             return
         aggregation_s = time.perf_counter() - t0  # finalize and check, not the evaluation hook nor the commit
+        self.strategy.commit()  # its state across rounds moves on with the accepted global
         row = self._history_row(rec, new)
         row["aggregation_s"] = round(aggregation_s, 6)
         self._commit(rec, new, row)
@@ -571,13 +595,33 @@ class Aggregator:
         assert self.state is not None
         next_round = rec.number + 1
         blob = adapter.encode(tensors, model_id=self.manifest.model_id, round=next_round, kind="global")
-        self.state = self.checkpoint.commit(self.state, next_round, blob, row, next_round >= self.state.rounds_total)
+        done = next_round >= self.state.rounds_total
+        if not done and self._plateaued(row):
+            row["stopped"] = "plateau"
+            log.info("round %d: %s plateaued (%s): finishing the federation early", rec.number,
+                     self._plateau_metric(row), self.cfg.stop_on_plateau)
+            done = True
+        self.state = self.checkpoint.commit(self.state, next_round, blob, row, done,
+                                            strategy_state=self.strategy.state_dict())
         self.global_blob, self.global_tensors = blob, tensors
         self.current = None
         self.watch.round_closed(row)
         if self.secagg is not None:
             self._publish_all(self.secagg.closed())
         self._publish(self.topics.global_, blob, retain=True)
+
+    @staticmethod
+    def _plateau_metric(row: Dict[str, Any]) -> str:
+        return "test_accuracy" if row.get("test_accuracy") is not None else "mean_client_accuracy"
+
+    def _plateaued(self, row: Dict[str, Any]) -> bool:
+        """--stop-on-plateau: whether the curve up to and including `row` has plateaued."""
+        rule = self.cfg.stop_on_plateau
+        if rule is None or row.get("failed"):
+            return False
+        key = self._plateau_metric(row)
+        rows = [*self.checkpoint.history(), row]
+        return rule.reached([r.get(key) if not r.get("failed") else None for r in rows])
 
     def _history_row(self, rec: RoundRecord, new: Optional[Dict[str, np.ndarray]]) -> Dict[str, Any]:
         """The round's history row; the `on_round_closed` hook runs only for a new global (`new`)."""
@@ -587,6 +631,7 @@ class Aggregator:
         row: Dict[str, Any] = {
             "round": rec.number,
             "strategy": self.strategy.name,
+            "lr": self.round_config(rec.number).lr,
             "asked": sorted(rec.asked),
             "reported": dict(sorted(rec.reported.items())),
             "num_asked": len(rec.asked),

@@ -32,7 +32,9 @@ import secrets
 import shutil
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import numpy as np
 
 from flora.edge.errors import EXIT_UNAVAILABLE, ConfigError, FloraError
 from flora.edge.fileio import (
@@ -171,6 +173,9 @@ class AggregatorState:
     version: int = 1
     extra: Dict[str, Any] = field(default_factory=dict)
     run_id: str = ""  # random per fresh start; "" in a state dir written before run ids existed
+    strategy: str = ""  # the aggregation strategy the run uses ("" in state dirs from before strategies had state)
+    strategy_file: str = ""  # its state across rounds (a server optimizer's moments), beside the global
+    strategy_sha256: str = ""
 
 
 def new_run_id() -> str:
@@ -253,6 +258,9 @@ class Checkpoint:
         best, the keep policy's and the async window's) and the temporary files of atomic writes
         (`.NAME.XXXX.tmp`) here and in the spool."""
         self.prune_globals(state)
+        for path in self.dir.glob("strategy-*.safetensors"):
+            if path.name != state.strategy_file:
+                path.unlink(missing_ok=True)
         for path in (*self.dir.glob(".*.tmp"), *(self.dir / SPOOL).glob("round-*/.*.tmp")):
             path.unlink(missing_ok=True)
 
@@ -285,17 +293,24 @@ class Checkpoint:
         self._write_state(state)
 
     def commit(self, state: AggregatorState, next_round: int, global_blob: bytes, row: Dict[str, Any],
-               done: bool, keep_globals: int = 1) -> AggregatorState:
-        """Record a completed round (the new global, the next open round, the history row); the new state.
+               done: bool, keep_globals: int = 1,
+               strategy_state: Optional[Mapping[str, np.ndarray]] = None) -> AggregatorState:
+        """Record a completed round (the new global and the strategy's state, the next open round, the history
+        row); the new state. The strategy state, like the global, is written before state.json points at it.
 
         The keep policy says which earlier globals stay (the N latest, the best); `keep_globals` > 1 (async
         rounds) also keeps that many of the latest globals on disk: the bases an update may still have."""
+        previous_strategy = state.strategy_file
         new = replace(state, round=next_round, done=done, last_row=row, extra=dict(state.extra))
         self._write_global(new, next_round, global_blob)
+        if strategy_state:
+            self._write_strategy(new, next_round, strategy_state)
         self._note_best(new, row.get(self.keep.best) if self.keep.best else None, row["round"])
         self._write_state(new)
         append_line(self.dir / HISTORY, strict_json(row))
         self.prune_globals(new, window=keep_globals)
+        if previous_strategy and previous_strategy != new.strategy_file:
+            (self.dir / previous_strategy).unlink(missing_ok=True)
         self.clear_spool(row["round"])
         return new
 
@@ -334,6 +349,30 @@ class Checkpoint:
         for name in sorted(set(files) - kept):
             (self.dir / name).unlink(missing_ok=True)
         return sorted(kept)
+
+    def _write_strategy(self, state: AggregatorState, round_: int, tensors: Mapping[str, np.ndarray]) -> None:
+        from safetensors.numpy import save
+
+        name = f"strategy-{round_:06d}.safetensors"
+        blob = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+        atomic_write_bytes(self.dir / name, blob)
+        state.strategy_file = name
+        state.strategy_sha256 = sha256_bytes(blob)
+
+    def strategy_state(self, state: AggregatorState) -> Dict[str, np.ndarray]:
+        """The strategy state committed with `state` ({} if none); CheckpointError if it is missing or altered."""
+        if not state.strategy_file:
+            return {}
+        path = self.dir / state.strategy_file
+        try:
+            blob = path.read_bytes()
+        except OSError as exc:
+            raise CheckpointError(f"the checkpointed strategy state {path} is missing: {exc}") from exc
+        if sha256_bytes(blob) != state.strategy_sha256:
+            raise CheckpointError(f"the checkpointed strategy state {path} does not match its sha256")
+        from safetensors.numpy import load
+
+        return dict(load(blob))
 
     def _write_global(self, state: AggregatorState, round_: int, blob: bytes) -> None:
         name = global_file_name(round_)

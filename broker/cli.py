@@ -41,6 +41,7 @@ from flora.edge.logs import FORMATS, setup_logging
 from flora.edge.mqtt import BrokerConfig, add_connection_options
 
 from .checkpoint import KEEP_BEST_METRICS, keep_globals_arg
+from .schedule import LR_SCHEDULES
 from .validation import DEFAULT_MAX_NUM_SAMPLES
 
 PROG = "flora-aggregator"
@@ -69,6 +70,16 @@ def build_parser() -> CommandParser:
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="lr across rounds: constant, or cosine from --lr down to ~0 at the last round")
+    t.add_argument("--reset-optimizer", action="store_true",
+                   help="ask clients to zero their Adam moments before every round (default: kept across rounds)")
+    run.add_argument("--stop-on-plateau", type=int, metavar="WINDOW",
+                     help="finish early once the mean held-out test accuracy (with --eval-data; else the mean client "
+                          "validation accuracy) of the last WINDOW rounds is at most --plateau-delta above the WINDOW "
+                          "before; --rounds stays the upper bound")
+    run.add_argument("--plateau-delta", type=float, default=0.005,
+                     help="with --stop-on-plateau: the gain that still counts as progress (default: 0.005)")
     s = run.add_argument_group("client sampling and quorum")
     s.add_argument("--clients-per-round", type=int, help="ask N of the online clients each round (seeded)")
     s.add_argument("--fraction", type=float, help="ask this fraction of the online clients each round (seeded)")
@@ -104,7 +115,14 @@ def build_parser() -> CommandParser:
     g.add_argument("--upstream-federation", help="site: the root's federation name (default: --federation)")
     g.add_argument("--site-id", help="site: this site's client id in the root federation (default: --client-id)")
     g.add_argument("--sites", help="root: comma-separated client ids of site aggregators, whose updates are partials")
-    run.add_argument("--strategy", default="fedavg", help="aggregation strategy (default: fedavg)")
+    run.add_argument("--strategy", default="fedavg",
+                     help="aggregation strategy: fedavg (A and B averaged separately, FLORA's; the default), flexlora "
+                          "(the exact mean of the B @ A products, truncated back to rank r by SVD), fedavgm, fedadam, "
+                          "fedyogi (a server optimizer on the averaged update), norm-bound, median, trimmed-mean, "
+                          "dp-fedavg")
+    run.add_argument("--strategy-option", dest="strategy_option", action="extend", nargs="+", default=[],
+                     metavar="KEY=VALUE", help="an option of the strategy, e.g. server_lr=0.01, product_error=true "
+                                               "(repeatable)")
     run.add_argument("--max-update-bytes", type=int, help="reject larger updates (default: fp32 size + 64 KiB)")
     run.add_argument("--max-queued-updates", type=int, default=32,
                      help="updates held in memory before the rest wait at the broker (default: 32)")
@@ -346,7 +364,8 @@ def run(args: argparse.Namespace) -> int:
     from .aggregator import AggregatorConfig
     from .async_rounds import make_aggregator
     from .rounds import Sampling
-    from .strategies import STRATEGIES
+    from .schedule import Plateau
+    from .strategies import STRATEGIES, parse_assignments
 
     log = logging.getLogger("flora.aggregator")
     dashboard = None
@@ -359,10 +378,13 @@ def run(args: argparse.Namespace) -> int:
             manifest=manifest, initial_adapter=initial, broker=broker, state_dir=args.state_dir,
             rounds=args.rounds, federation=args.federation,
             train=TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                              weight_decay=args.weight_decay),
+                              weight_decay=args.weight_decay, reset_optimizer=bool(args.reset_optimizer)),
+            lr_schedule=args.lr_schedule,
+            stop_on_plateau=Plateau(args.stop_on_plateau, args.plateau_delta) if args.stop_on_plateau else None,
             sampling=Sampling(args.clients_per_round, args.fraction, args.min_clients, args.seed),
             round_timeout_s=args.round_timeout, wait_for_clients=args.wait_for_clients,
             wait_timeout_s=args.wait_timeout, metrics_grace_s=args.metrics_grace, strategy=args.strategy,
+            strategy_options=parse_assignments(args.strategy_option),
             max_update_bytes=args.max_update_bytes, max_num_samples=args.max_num_samples,
             max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
             client_id=args.client_id, mode=args.mode, buffer=_buffer(args), sites=_sites(args.sites),

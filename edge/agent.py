@@ -59,7 +59,8 @@ class AgentConfig:
     providers: Optional[List[str]] = None
     shots: Optional[int] = None
     val_fraction: float = 0.1
-    seed: int = 0
+    seed: int = 0  # batch order; also the splits unless split_seed is given
+    split_seed: Optional[int] = None
     fp16_updates: bool = False
     image_encoder_int8: bool = False  # image features from the bundle's int8 encoder (text mode)
     exit_when_done: bool = False
@@ -220,7 +221,8 @@ class Agent:
         store = StateStore(cfg.resolved_state_dir())
         state = open_state(store, cfg.client_id, bundle.manifest.model_id, cfg.federation)
         data = load_device_data(cfg.data, bundle, store.dir, shots=cfg.shots, val_fraction=cfg.val_fraction,
-                                seed=cfg.seed, feature_batch_size=cfg.feature_batch_size, threads=cfg.threads,
+                                seed=cfg.seed if cfg.split_seed is None else cfg.split_seed,
+                                feature_batch_size=cfg.feature_batch_size, threads=cfg.threads,
                                 providers=cfg.providers, progress_every_s=cfg.progress_every_s,
                                 image_encoder_int8=cfg.image_encoder_int8)
         if client is None:
@@ -481,6 +483,8 @@ class Agent:
         log.info("round %d: training %d epochs, lr %g, batch %d on %d images", r.round, cfg.epochs, cfg.lr,
                  cfg.batch_size, len(self.train_data), extra=fields("training", round=r.round))
         self.publish_status("training")
+        if cfg.reset_optimizer:  # the round asks every client to start from zero Adam moments
+            self.trainer.reset_optimizer()
         self._apply_global()
         self.trainer.set_lr(cfg.lr)
         if not self.trainer.set_weight_decay(cfg.weight_decay):

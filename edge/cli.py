@@ -70,7 +70,11 @@ def build_parser() -> CommandParser:
                           "validation split is taken from all images, so training gets K per class")
     run.add_argument("--val-fraction", type=Bounded(float, minimum=0.0, below=1.0), default=0.1,
                      help="local validation split (default %(default)s)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0, help="seed of the batch order (and of the splits, unless "
+                                                            "--split-seed) (default %(default)s)")
+    run.add_argument("--split-seed", type=int,
+                     help="seed of the validation and few-shot splits (default: --seed); keeping it fixed while "
+                          "--seed varies trains on the same images in another order")
     run.add_argument("--fp16-updates", action="store_true", help="send updates as float16 (half the bytes)")
     run.add_argument("--image-encoder-int8", action="store_true",
                      help="compute image features with the bundle's int8 image encoder (flora-export "
@@ -159,7 +163,8 @@ def agent_config(args: argparse.Namespace):
         providers=args.providers, shots=args.shots, val_fraction=args.val_fraction, seed=args.seed,
         fp16_updates=args.fp16_updates, image_encoder_int8=args.image_encoder_int8,
         exit_when_done=args.exit_when_done, progress_every_s=args.progress_every_s, metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host, slowdown=args.slowdown, aggregator_key=args.aggregator_key,
+        metrics_host=args.metrics_host, slowdown=args.slowdown, split_seed=args.split_seed,
+        aggregator_key=args.aggregator_key,
         aggregator_key_file=args.aggregator_key_file, identity_dir=args.identity_dir,
         secure_aggregation=args.secure_aggregation,
     )

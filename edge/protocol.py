@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from . import wire
 from .fileio import json_safe
 from .secagg.schema import PARAMS as SECAGG_PARAMS
-from .wire import Array, Const, Float, Int, Map, Message, Nullable, Object, OneOf, Str, optional
+from .wire import Array, Bool, Const, Float, Int, Map, Message, Nullable, Object, OneOf, Str, optional
 
 PREFIX = "flora"
 QOS = 1
@@ -147,6 +147,7 @@ _CONFIG = Object({
     "lr": Float(gt=0.0, hi=1e3),
     "batch_size": Int(1, 1 << 20),
     "weight_decay": Float(0.0, 1e3),
+    "reset_optimizer": optional(Bool(), False),
 })
 
 
@@ -158,8 +159,13 @@ class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 32
     weight_decay: float = 0.0
+    #: zero the client's Adam moments (and step count) before this round's training; sent only when true,
+    #: so agents that predate it keep reading every other round message
+    reset_optimizer: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reset_optimizer, bool):
+            raise ProtocolError(f"reset_optimizer must be true or false, got {self.reset_optimizer!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ProtocolError(f"epochs and batch_size must be >= 1 (got {self.epochs}, {self.batch_size})")
         if not (self.lr > 0) or self.weight_decay < 0:
@@ -231,6 +237,8 @@ class RoundAnnouncement:
                 d.pop(key)
         if d["secagg"] is None:  # a plain round says nothing of it (agents that predate it read the message)
             del d["secagg"]
+        if not self.config.reset_optimizer:  # sent only when true: agents that predate the key read the rest
+            del d["config"]["reset_optimizer"]
         return ROUND_MESSAGE.encode(d)
 
     @classmethod

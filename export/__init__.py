@@ -8,3 +8,10 @@ def main() -> int:
     from flora.edge.errors import run_console_script
 
     return run_console_script("flora-export", "export", "flora.export.cli")
+
+
+def proxy_main() -> int:
+    """The `flora-proxy` console script: flora.export.proxy_cli.main (or which extra to install)."""
+    from flora.edge.errors import run_console_script
+
+    return run_console_script("flora-proxy", "export", "flora.export.proxy_cli")

@@ -28,7 +28,7 @@ from flora.edge.errors import FloraError
 from flora.edge.fileio import sha256_file
 
 from .network import endpoint_of, offline_hint, reachable
-from .presets import Preset
+from .presets import PROXY_TAG, Preset
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,8 @@ def resolve_weights(
             f"{', '.join(architecture_tags(preset.architecture)) or 'none'}), --pretrained PATH (a checkpoint file "
             "or a Hugging Face snapshot folder), or --random-init"
         )
+    if pretrained == PROXY_TAG:
+        pretrained = str(_proxy_checkpoint())
     candidate = Path(pretrained).expanduser()
     if candidate.is_dir():
         return WeightsSource("folder", find_folder_checkpoint(candidate), None, quick_gelu, folder=candidate.resolve())
@@ -186,6 +188,18 @@ def find_folder_checkpoint(folder: Path) -> Path:
         return (folder / others[0]).resolve()
     raise WeightsError(f"{folder} holds no open_clip weight file ({' or '.join(FOLDER_CHECKPOINTS[:3])}"
                        + (f"; several candidates: {others}: pass one with --pretrained FILE" if others else "") + ")")
+
+
+def _proxy_checkpoint() -> Path:
+    """The cached proxy checkpoint (export.proxy), or WeightsError saying how to make it."""
+    from . import proxy
+
+    folder = proxy.default_dir()
+    path = folder / proxy.CHECKPOINT
+    if not path.is_file():
+        raise WeightsError(f"the clip-proxy checkpoint {path} has not been made yet: run `flora-proxy` once "
+                           "(about two minutes on 2 cores; scripts/setup.sh does it), or pass --pretrained PATH")
+    return path
 
 
 def _find_cached(cfg: Dict[str, Any], cache_dir: Optional[str]) -> Optional[Path]:

@@ -34,6 +34,9 @@ CLIP_TINY_CONFIG: Dict[str, Any] = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
+#: `default_pretrained` of the clip-proxy preset: the checkpoint `flora-proxy` pre-trains and caches
+PROXY_TAG = "flora-proxy"
+
 PRESETS: Dict[str, Preset] = {
     p.name: p
     for p in (
@@ -54,6 +57,13 @@ PRESETS: Dict[str, Preset] = {
             "clip-tiny",
             None,
             "toy CLIP (2 blocks, width 64, 32 px), random-init: tests and the offline demo",
+            CLIP_TINY_CONFIG,
+        ),
+        Preset(
+            "clip-proxy",
+            "clip-tiny",
+            PROXY_TAG,
+            "clip-tiny pre-trained offline on printed glyphs (flora-proxy): zero-shot above chance, the demo's model",
             CLIP_TINY_CONFIG,
         ),
     )

@@ -19,12 +19,16 @@ fi
 
 stamp=.venv/.flora-installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    exit 0
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    echo "setup: creating .venv and installing the project (torch is large; a few minutes the first time)"
+    [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -c constraints.txt -e ".[edge,broker,export,sim,dev]"
+    echo "$want" > "$stamp"
+    echo "setup: done"
 fi
-echo "setup: creating .venv and installing the project (torch is large; a few minutes the first time)"
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[edge,broker,export,sim,dev]"
-echo "$want" > "$stamp"
-echo "setup: done"
+
+# The offline stand-in for pre-trained CLIP weights (the clip-proxy preset, the demo's model): pre-trained
+# on printed glyphs the first time (a few minutes on 2 cores), then reused while its recipe, torch and
+# open_clip stay the same ($FLORA_PROXY_DIR, else ~/.cache/flora-edge/proxy).
+.venv/bin/flora-proxy | sed 's/^/setup: /'

@@ -18,8 +18,8 @@ from flora.edge.config import CommandParser, add_version_option
 from flora.edge.errors import FloraError, report
 
 EPILOG = """\
-example (the README's demo, about a minute on 2 cores):
-  flora-sim --model clip-tiny --clients 4 --rounds 10 --partition dirichlet:0.5 --dataset digits --compare
+example (the README's demo):
+  flora-sim --model clip-proxy --clients 4 --rounds 10 --partition dirichlet:0.5 --dataset digits --compare
 
 exit status: 0 done, 1 error (every option is checked before any data is written or bundle exported),
 2 unparsable arguments, 128+N stopped by signal N (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP)"""
@@ -30,8 +30,12 @@ def build_parser() -> CommandParser:
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_version_option(p)
     m = p.add_argument_group("model")
-    m.add_argument("--model", default="clip-tiny",
-                   help="flora-export preset to export into OUT/bundle (default: %(default)s, random weights, offline)")
+    m.add_argument("--model", default="clip-proxy",
+                   help="flora-export preset to export into OUT/bundle (default: %(default)s, clip-tiny pre-trained "
+                        "offline by flora-proxy, made once if missing; clip-tiny: random weights, for plumbing)")
+    m.add_argument("--pretrained", metavar="PATH",
+                   help="weights file for the export (an open_clip checkpoint of --model's architecture), as "
+                        "flora-export --pretrained")
     m.add_argument("--bundle", type=Path, metavar="DIR",
                    help="use this flora-export bundle instead of exporting one (its classes must be the data's)")
     m.add_argument("--random-init", action="store_true",
@@ -57,7 +61,14 @@ def build_parser() -> CommandParser:
                    help="fraction of each client's images it holds out for validation and does not train on; "
                         "the baselines leave out the same images (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0,
-                   help="seed of the test split, partition, export and training; client i uses SEED+i "
+                   help="model seed: LoRA init (and random-init weights) and batch order; client i uses SEED+i "
+                        "(default: %(default)s)")
+    d.add_argument("--data-seed", type=int,
+                   help="data seed: test split, partition, validation and few-shot splits (default: --seed); "
+                        "fix it to compare settings on the same split")
+    d.add_argument("--seeds", type=int, default=1, metavar="N",
+                   help="run N federations (model seed SEED+k, data seed DATA_SEED+k, each in OUT/seed-<k>) and "
+                        "report mean +- sd; two settings run with the same seeds are paired run by run "
                         "(default: %(default)s)")
     t = p.add_argument_group("training")
     t.add_argument("--rounds", type=int, default=10, help="federated rounds (default: %(default)s)")
@@ -66,14 +77,32 @@ def build_parser() -> CommandParser:
                    help="AdamW learning rate (default: %(default)s; at 3e-3 the centralised baseline of the "
                         "clip-tiny demo diverged after 6 rounds)")
     t.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="lr across rounds, for the federation and every baseline alike; the round message carries "
+                        "each round's lr (default: %(default)s)")
+    t.add_argument("--reset-optimizer", action="store_true",
+                   help="zero every client's (and baseline's) Adam moments at the start of every round")
+    t.add_argument("--until-plateau", action="store_true",
+                   help="stop once the federated test accuracy plateaus (mean of the last 10 rounds at most 0.5 "
+                        "points above the 10 before); --rounds is the upper bound, the baselines run as many rounds")
+    t.add_argument("--strategy", default="fedavg",
+                   help="the aggregator's strategy: fedavg, flexlora, fedavgm, fedadam, fedyogi, ... (flora-aggregator "
+                        "--help) (default: %(default)s)")
+    t.add_argument("--strategy-option", dest="strategy_option", action="extend", nargs="+", default=[],
+                   metavar="KEY=VALUE", help="an option of the strategy, as flora-aggregator --strategy-option (e.g. "
+                                             "server_lr=0.01; fedavg: product_error=true reports each round's error "
+                                             "of averaging A and B separately) (repeatable)")
     t.add_argument("--fp16-updates", action="store_true", help="agents send their updates as fp16 (half the bytes)")
     t.add_argument("--image-encoder-int8", action="store_true",
                    help="export the int8 image encoder too and let the agents compute their features with it "
                         "(the aggregator's held-out test features stay fp32)")
     t.add_argument("--compare", action="store_true",
                    help="after the federated run add baselines to the report: zero-shot (round 0), centralised "
-                        "LoRA on the union of the clients' training splits, and local-only LoRA per client "
-                        "(mean of their test accuracies)")
+                        "LoRA on the union of the clients' training splits at equal epochs (--epochs a round) and at "
+                        "equal steps (the federated model's sequential steps a round), and local-only LoRA per "
+                        "client (mean of their test accuracies)")
+    t.add_argument("--plot-x", choices=["rounds", "steps"], default="rounds",
+                   help="x axis of report.png: rounds, or sequential optimizer steps (default: %(default)s)")
     a = p.add_argument_group("asynchronous rounds")
     a.add_argument("--mode", default="sync", choices=["sync", "async"],
                    help="async: buffered asynchronous rounds (FedBuff), run after a sync run on the same data and "
@@ -115,6 +144,10 @@ def config_from_args(args: argparse.Namespace):
         max_staleness=args.max_staleness, staleness=args.staleness, server_lr=args.server_lr,
         straggler_factor=args.straggler_factor, secure_aggregation=args.secure_aggregation, shares=args.shares,
         threshold=args.threshold,
+        pretrained=args.pretrained, data_seed=args.data_seed,
+        seeds=args.seeds,
+        lr_schedule=args.lr_schedule, reset_optimizer=args.reset_optimizer, until_plateau=args.until_plateau,
+        plot_x=args.plot_x, strategy=args.strategy, strategy_options=tuple(args.strategy_option),
     )
 
 

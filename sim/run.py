@@ -17,7 +17,6 @@ import numpy as np
 from flora.broker.checkpoint import STATE, Checkpoint
 from flora.broker.enroll import FederationPKI
 from flora.broker.mosquitto import Mosquitto, certificate_listener, start_mosquitto
-from flora.broker.report import legend_below, plot_cumulative_mb
 from flora.edge.bundle import IMAGE_ENCODER_INT8, Bundle, BundleError, load_bundle
 from flora.edge.dataset import Sample
 from flora.edge.errors import FloraError
@@ -25,10 +24,11 @@ from flora.edge.features import FeatureCache, image_features
 from flora.edge.trainers import TRAINERS, available_backends
 from flora.edge.training import LocalData
 
-from .baselines import client_seed, training_splits
+from .baselines import client_seed, equal_steps, steps_per_round, training_splits
 from .datasets import SplitDataset, load_folder_dataset, write_digits
 from .partition import histogram_skew, parse_scheme, partition
 from .processes import Child, ProcessGroup, describe_failure
+from .report import comparison, seeds_report, seeds_summary, summary, write_report
 from .signals import signals_deferred
 
 log = logging.getLogger("flora.sim")
@@ -41,7 +41,11 @@ METHODS = {
                  "less the validation images it holds out (--val-fraction, edge.dataset.train_val_split with its "
                  "client seed); the global adapter is tested on the held-out test split after every round",
     "centralised": "one LoRA adapter trained on the union of the agents' training splits (exactly the images the "
-                   "agents train on), --epochs epochs per round from the initial adapter, tested after every round",
+                   "agents train on), --epochs epochs per round from the initial adapter, tested after every round "
+                   "(equal epochs: about as many steps a round as all clients together)",
+    "centralised_equal_steps": "the same, but S optimizer steps per round, S = round(sum_k n_k s_k / sum_k n_k) with "
+                               "s_k client k's steps in a round: the sequential steps of the federated model "
+                               "(equal steps)",
     "local_only": "each client trains its own LoRA adapter on its training split alone, never aggregated, "
                   "--epochs epochs per round; the value per round is the unweighted mean over clients of each "
                   "local model's accuracy on the shared held-out test split (per client: local_only_per_client)",
@@ -50,7 +54,7 @@ METHODS = {
 
 @dataclass
 class SimConfig:
-    model: str = "clip-tiny"
+    model: str = "clip-proxy"
     clients: int = 4
     rounds: int = 10
     partition: str = "iid"
@@ -78,6 +82,16 @@ class SimConfig:
     staleness: str = "sqrt"
     server_lr: float = 1.0
     straggler_factor: float = 1.0  # the last client takes this many times as long per round
+    pretrained: Optional[str] = None  # a checkpoint file (flora-export --pretrained); presets have their own
+    data_seed: Optional[int] = None  # test split, partition, validation splits (default: seed)
+    seeds: int = 1  # runs with seeds seed+i and data_seed+i, reported as mean +- sd
+    lr_schedule: str = "constant"
+    reset_optimizer: bool = False
+    until_plateau: bool = False  # stop once federated accuracy plateaus; --rounds is the upper bound
+    plateau_window: int = 10
+    plot_x: str = "rounds"  # or "steps": sequential optimizer steps
+    strategy: str = "fedavg"
+    strategy_options: Tuple[str, ...] = ()  # KEY=VALUE, as flora-aggregator --strategy-option
 
     @property
     def hosted(self) -> bool:
@@ -96,6 +110,10 @@ class SimConfig:
     shares: Optional[int] = None  # secure aggregation's k and t (None: the aggregator's defaults)
     threshold: Optional[int] = None
 
+    @property
+    def split_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
 
 class SimError(FloraError, RuntimeError):
     pass
@@ -104,11 +122,11 @@ class SimError(FloraError, RuntimeError):
 # -- data ----------------------------------------------------------------------------------------
 def prepare_data(cfg: SimConfig) -> SplitDataset:
     if cfg.dataset == "digits":
-        return write_digits(cfg.out / "data" / "digits", seed=cfg.seed)
+        return write_digits(cfg.out / "data" / "digits", seed=cfg.split_seed)
     path = Path(cfg.dataset)
     if not path.is_dir():
         raise SimError(f"dataset {cfg.dataset!r} is neither 'digits' nor an image folder")
-    return load_folder_dataset(path, seed=cfg.seed)
+    return load_folder_dataset(path, seed=cfg.split_seed)
 
 
 def write_csv(path: Path, samples: Sequence[Sample], classes: Sequence[str]) -> None:
@@ -122,12 +140,12 @@ def write_csv(path: Path, samples: Sequence[Sample], classes: Sequence[str]) -> 
 
 def shard(cfg: SimConfig, data: SplitDataset) -> List[List[Sample]]:
     parse_scheme(cfg.partition)
-    parts = partition(data.train_labels, cfg.clients, cfg.partition, cfg.seed)
+    parts = partition(data.train_labels, cfg.clients, cfg.partition, cfg.split_seed)
     shards = [[data.train[i] for i in p] for p in parts]
     if cfg.shots:
         from flora.edge.dataset import few_shot
 
-        shards = [few_shot(s, cfg.shots, cfg.seed + i) for i, s in enumerate(shards)]
+        shards = [few_shot(s, cfg.shots, cfg.split_seed + i) for i, s in enumerate(shards)]
     return shards
 
 
@@ -156,18 +174,61 @@ def export_mismatch(bundle: Bundle, cfg: SimConfig, classes: Sequence[str]) -> O
     from flora.export.presets import get_preset
 
     m = bundle.manifest
-    want_random = cfg.random_init or get_preset(cfg.model).default_pretrained is None
+    want_random = not cfg.pretrained and (cfg.random_init or get_preset(cfg.model).default_pretrained is None)
     is_random = m.pretrained.get("source") == "random-init"
     checks = [
         (m.preset == cfg.model, f"it is {m.preset}, not {cfg.model}"),
         (list(m.classes) == list(classes), "its classes differ from the data's"),
         (is_random == want_random, "its weights are " + ("random" if is_random else "pretrained")),
+        (is_random or weights_current(bundle, cfg), "its weights file is another or has changed since"),
         (m.created.get("lora_init_seed") == cfg.seed and (not is_random or m.pretrained.get("seed") == cfg.seed),
          f"it was exported with another seed than {cfg.seed}"),
         (not cfg.image_encoder_int8 or IMAGE_ENCODER_INT8 in m.files, "it has no int8 image encoder"),
     ]
     reasons = [why for ok, why in checks if not ok]
     return "; ".join(reasons) or backend_mismatch(bundle, cfg.backend)
+
+
+def weights_file(cfg: SimConfig) -> Optional[Path]:
+    """The checkpoint file this run's export loads: --pretrained, or the clip-proxy preset's cached file."""
+    from flora.export.presets import PROXY_TAG, get_preset
+
+    if cfg.random_init:
+        return None
+    if cfg.pretrained:
+        return Path(cfg.pretrained).expanduser().resolve()
+    if get_preset(cfg.model).default_pretrained == PROXY_TAG:
+        from flora.export import proxy
+
+        return proxy.default_dir() / proxy.CHECKPOINT
+    return None
+
+
+def weights_current(bundle: Bundle, cfg: SimConfig) -> bool:
+    """Whether the bundle was exported from this run's weights file as it is now (same name, written after it)."""
+    path = weights_file(cfg)
+    if path is None:
+        return True  # an open_clip tag: the cache names it
+    recorded = bundle.manifest.pretrained.get("file")
+    try:
+        return (recorded is not None and Path(recorded).name == path.name
+                and (bundle.root / "manifest.json").stat().st_mtime >= path.stat().st_mtime)
+    except OSError:
+        return False
+
+
+def ensure_proxy(cfg: SimConfig, say: Say) -> None:
+    """The clip-proxy preset's checkpoint, pre-trained now if it was never made (scripts/setup.sh makes it)."""
+    from flora.export.presets import PROXY_TAG, get_preset
+
+    if cfg.random_init or cfg.pretrained or get_preset(cfg.model).default_pretrained != PROXY_TAG:
+        return
+    from flora.export import proxy
+
+    if not (proxy.default_dir() / proxy.CHECKPOINT).is_file():
+        say(f"pre-training the offline proxy CLIP once into {proxy.default_dir()} (flora-proxy; about two minutes "
+            "on 2 cores)")
+        proxy.build(proxy.default_dir(), say=lambda m: say(f"  {m}"))
 
 
 def given_bundle(cfg: SimConfig, classes: Sequence[str]) -> Bundle:
@@ -204,10 +265,11 @@ def export(cfg: SimConfig, classes: List[str], target: Path, say: Say) -> Bundle
     from flora.export.pipeline import ExportError, ExportOptions, export_bundle
 
     backends = needed_backends(cfg.backend)
+    ensure_proxy(cfg, say)
     say(f"exporting {cfg.model} for {len(classes)} classes ({', '.join(backends)}) into {target}")
     try:
         export_bundle(ExportOptions(preset=cfg.model, classes=classes, out=target, force=True, backends=backends,
-                                    random_init=cfg.random_init, seed=cfg.seed,
+                                    random_init=cfg.random_init, seed=cfg.seed, pretrained=cfg.pretrained,
                                     image_encoder_int8=cfg.image_encoder_int8), say=lambda m: say(f"  {m}"))
     except (ExportError, WeightsError) as exc:
         raise SimError(f"cannot export {cfg.model}: {exc}") from exc
@@ -271,6 +333,10 @@ def check_config(cfg: SimConfig) -> None:
         raise SimError(f"--bundle {cfg.bundle} is not a folder")
     if cfg.processes is not None and cfg.processes < 1:
         raise SimError(f"--processes must be >= 1, got {cfg.processes}")
+    if cfg.seeds < 1:
+        raise SimError(f"--seeds must be >= 1, got {cfg.seeds}")
+    if cfg.seeds > 1 and cfg.mode == "async":
+        raise SimError("--seeds above 1 runs sync federations only; drop --mode async or --seeds")
     if cfg.mode not in ("sync", "async"):
         raise SimError(f"--mode must be sync or async, got {cfg.mode!r}")
     if cfg.straggler_factor < 1:
@@ -297,9 +363,24 @@ def check_config(cfg: SimConfig) -> None:
 
 
 def run(cfg: SimConfig, say: Say = print) -> Dict:
+    """One federation (or `cfg.seeds` of them, each in OUT/seed-<k>), reported; with --compare, baselines too."""
+    check_config(cfg)
+    if cfg.seeds == 1:
+        return run_one(cfg, say)
+    reports = []
+    for k in range(cfg.seeds):
+        one = replace(cfg, seeds=1, seed=cfg.seed + k, data_seed=cfg.split_seed + k, out=cfg.out / f"seed-{k}")
+        say(f"== seed {k + 1} of {cfg.seeds}: model seed {one.seed}, data seed {one.split_seed} ({one.out})")
+        reports.append(run_one(one, say))
+    agg = seeds_report(reports, cfg.out)
+    (cfg.out / "report.json").write_text(json.dumps(agg, indent=2) + "\n")
+    say(seeds_summary(agg))
+    return agg
+
+
+def run_one(cfg: SimConfig, say: Say = print) -> Dict:
     """Federate, report, then (with --compare) add the baselines to the report already written. With --mode
     async a synchronous run comes first, and the report compares their time to the sync run's accuracy."""
-    check_config(cfg)
     t_start = time.monotonic()
     cfg = replace(cfg, backend=effective_backend(cfg))
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -324,7 +405,7 @@ def run(cfg: SimConfig, say: Say = print) -> Dict:
     report["federated_seconds"] = round(time.monotonic() - t_start, 1)
     if cfg.mode == "async":
         report["modes"] = compare_modes(modes)
-    write_report(cfg.out, report, say)
+    write_report(cfg.out, report, say, cfg.plot_x)
     if cfg.compare:
         add_baselines(cfg, bundle, shards, data, report, say)
     say(summary(report))
@@ -395,12 +476,19 @@ def aggregator_args(cfg: SimConfig, bundle: Bundle, url: str, mode: str = "sync"
             "--state-dir", str(state_dir or cfg.out / "aggregator"), "--wait-for-clients", str(cfg.clients),
             "--round-timeout", str(cfg.round_timeout), "--epochs", str(cfg.epochs), "--lr", str(cfg.lr),
             "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--eval-data", str(cfg.out / "test.csv"),
-            "--wait-timeout", "300", *(["--http", cfg.http] if cfg.http else []),
+            "--wait-timeout", "300", "--lr-schedule", cfg.lr_schedule, *(["--http", cfg.http] if cfg.http else []),
             *secure_aggregator_args(cfg, state_dir or cfg.out / "aggregator")]
+    if cfg.reset_optimizer:
+        args.append("--reset-optimizer")
+    args += ["--strategy", cfg.strategy]
+    if cfg.strategy_options:
+        args += ["--strategy-option", *cfg.strategy_options]
     if mode == "async":
         return [*args, "--mode", "async", "--rounds", str(cfg.async_versions), "--min-clients", "1",
                 "--buffer", str(cfg.async_buffer), "--max-staleness", str(cfg.max_staleness),
                 "--staleness", cfg.staleness, "--server-lr", str(cfg.server_lr)]
+    if cfg.until_plateau:
+        args += ["--stop-on-plateau", str(cfg.plateau_window)]
     return [*args, "--rounds", str(cfg.rounds), "--min-clients", str(cfg.clients)]
 
 
@@ -434,7 +522,7 @@ def agent_args(cfg: SimConfig, bundle: Bundle, url: str, i: int) -> List[str]:
     args = ["--bundle", str(bundle.root), "--data", str(client_dir(cfg, i) / "data.csv"), "--broker", url,
             "--client-id", f"client-{i}", "--federation", FEDERATION, "--state-dir", str(client_dir(cfg, i) / "state"),
             "--exit-when-done", "--val-fraction", str(cfg.val_fraction), "--seed", str(client_seed(cfg.seed, i)),
-            "--backend", cfg.backend, "--threads", "1"]
+            "--split-seed", str(client_seed(cfg.split_seed, i)), "--backend", cfg.backend, "--threads", "1"]
     if cfg.straggler_factor > 1.0 and i == cfg.clients - 1:
         args += ["--slowdown", str(cfg.straggler_factor)]
     if cfg.secure_aggregation:  # the enrollment folder: TLS login, identity, the aggregator's key
@@ -473,24 +561,49 @@ def watch(cfg: SimConfig, state_dir: Path, group: ProcessGroup, t_start: float, 
 
 # -- the report ----------------------------------------------------------------------------------
 ROW_KEYS = ("round", "num_asked", "num_reported", "reported", "samples", "test_accuracy", "test_loss",
-            "mean_client_accuracy", "bytes_received", "bytes_sent", "global_bytes", "wall_time_s", "rejection_counts")
+            "mean_client_accuracy", "bytes_received", "bytes_sent", "global_bytes", "wall_time_s", "rejection_counts",
+            "lr", "strategy", "separate_vs_exact_rel_error", "svd_truncation_rel_error")
+
+
+def step_counts(cfg: SimConfig, shards: List[List[Sample]], rows: List[Dict]) -> Dict:
+    """Optimizer steps a round of each method, from the training split sizes (and what the agents reported)."""
+    sizes = [len(s) for s in training_splits(shards, cfg.val_fraction, cfg.split_seed)]
+    per_client = {f"client-{i}": steps_per_round(n, cfg.epochs, cfg.batch_size) for i, n in enumerate(sizes)}
+    sequential = equal_steps(sizes, cfg.epochs, cfg.batch_size)
+    reported = {c: m.get("steps") for c, m in (rows[0].get("metrics") or {}).items()} if rows else {}
+    return {
+        "per_round": {"federated": sequential, "federated_per_client": per_client,
+                      "centralised": steps_per_round(sum(sizes), cfg.epochs, cfg.batch_size),
+                      "centralised_equal_steps": sequential, "local_only": per_client},
+        "reported_by_agents": reported,
+        "rule": "federated: S = round(sum_k n_k s_k / sum_k n_k), the sequential steps of the FedAvg model, with "
+                "s_k = epochs * ceil(n_k / batch) client k's steps; centralised (equal epochs): epochs * "
+                "ceil(N / batch) on the union; centralised_equal_steps: S",
+    }
 
 
 def build_report(cfg: SimConfig, data: SplitDataset, bundle: Bundle, shards: List[List[Sample]], hist: np.ndarray,
                  rows: List[Dict], initial: Dict) -> Dict:
     """The federated run's report; `accuracy[m][0]` is round 0 (before training), `[r]` after round r."""
     kind, _ = parse_scheme(cfg.partition)
+    accuracy = {"federated": [initial.get("test_accuracy")] + [r.get("test_accuracy") for r in rows],
+                "zero_shot": initial.get("test_accuracy")}
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "seeds": {"model": cfg.seed, "data": cfg.split_seed},
         "dataset": {"name": data.name, "classes": data.classes, "train": len(data.train), "test": len(data.test)},
         "partition": {"scheme": cfg.partition, "kind": kind, "non_iid": kind != "iid",
                       "few_shot": cfg.shots is not None, "shots": cfg.shots, "label_skew": histogram_skew(hist),
                       "client_sizes": [len(s) for s in shards], "label_histogram": hist.tolist()},
         "bundle": {"path": str(bundle.root), "model_id": bundle.manifest.model_id, "preset": bundle.manifest.preset,
-                   "backends": list(bundle.manifest.backends), "lora": asdict(bundle.manifest.lora)},
+                   "backends": list(bundle.manifest.backends), "lora": asdict(bundle.manifest.lora),
+                   "weights": bundle.manifest.pretrained},
         "methods": {k: METHODS[k] for k in ("zero_shot", "federated")},
-        "accuracy": {"federated": [initial.get("test_accuracy")] + [r.get("test_accuracy") for r in rows],
-                     "zero_shot": initial.get("test_accuracy")},
+        "accuracy": accuracy,
+        "comparison": comparison(accuracy),
+        "steps": step_counts(cfg, shards, rows),
+        "lr_per_round": [r.get("lr") for r in rows],
+        "stopped": next((r["stopped"] for r in rows if r.get("stopped")), None),
         "rounds": [{k: r.get(k) for k in ROW_KEYS} for r in rows],
         "bytes": {"up_per_round": [r["bytes_received"] for r in rows],
                   "down_per_round": [r["bytes_sent"] for r in rows]},
@@ -502,16 +615,18 @@ def add_baselines(cfg: SimConfig, bundle: Bundle, shards: List[List[Sample]], da
                   say: Say) -> None:
     """Train the baselines and rewrite the report with them; if they fail the federated report stays."""
     t0 = time.monotonic()
+    rounds = len(report["accuracy"]["federated"]) - 1  # fewer than --rounds if the federation plateaued
     try:
-        accuracy, info = compare(cfg, bundle, shards, data, say)
+        accuracy, info = compare(cfg, bundle, shards, data, rounds, say)
     except Exception as exc:  # any failure here must leave the federated report in place
         report["baselines_error"] = f"{type(exc).__name__}: {exc}"
-        write_report(cfg.out, report, say)
+        write_report(cfg.out, report, say, cfg.plot_x)
         raise SimError(f"the baselines failed ({exc}); the federated report is in {cfg.out / 'report.json'}") from exc
     report["accuracy"].update(accuracy)
     report["methods"] = dict(METHODS)
+    report["comparison"] = comparison(report["accuracy"])
     report["baselines"] = {**info, "seconds": round(time.monotonic() - t0, 1)}
-    write_report(cfg.out, report, say)
+    write_report(cfg.out, report, say, cfg.plot_x)
 
 
 def baseline_inputs(cfg: SimConfig, bundle: Bundle, splits: List[List[Sample]],
@@ -536,23 +651,30 @@ def _labels(samples: Sequence[Sample]) -> np.ndarray:
     return np.array([s.label for s in samples], dtype=np.int64)
 
 
-def compare(cfg: SimConfig, bundle: Bundle, shards: List[List[Sample]], data: SplitDataset,
+def compare(cfg: SimConfig, bundle: Bundle, shards: List[List[Sample]], data: SplitDataset, rounds: int,
             say: Say) -> Tuple[Dict, Dict]:
-    """Centralised and local-only accuracy curves on the agents' training splits, and which data they used."""
+    """Centralised (equal epochs and equal steps) and local-only curves on the agents' training splits, for
+    `rounds` rounds at the federation's per-round lr, and which data they used."""
     from . import baselines
 
-    splits = training_splits(shards, cfg.val_fraction, cfg.seed)
+    splits = training_splits(shards, cfg.val_fraction, cfg.split_seed)
     train, test = baseline_inputs(cfg, bundle, splits, data.test)
-    kw = dict(rounds=cfg.rounds, epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-              backend=cfg.backend)
-    say(f"baselines: centralised LoRA on the union of the agents' training splits ({sum(map(len, splits))} "
-        f"images), local-only LoRA on each split ({[len(s) for s in splits]})")
-    central = baselines.centralised(bundle, train, test, **kw)
-    per_client = baselines.local_only(bundle, train, test, **kw)
-    accuracy = {"centralised": [None, *central], "local_only": [None, *baselines.mean_curve(per_client)],
+    schedule = baselines.Schedule(rounds=rounds, total_rounds=cfg.rounds, epochs=cfg.epochs, lr=cfg.lr,
+                                  batch_size=cfg.batch_size, lr_schedule=cfg.lr_schedule,
+                                  reset_optimizer=cfg.reset_optimizer, backend=cfg.backend)
+    sizes = [len(s) for s in splits]
+    s_eq = equal_steps(sizes, cfg.epochs, cfg.batch_size)
+    say(f"baselines: centralised LoRA on the union of the agents' training splits ({sum(sizes)} images; "
+        f"{steps_per_round(sum(sizes), cfg.epochs, cfg.batch_size)} steps a round at equal epochs, {s_eq} at equal "
+        f"steps), local-only LoRA on each split ({sizes})")
+    central = baselines.centralised(bundle, train, test, schedule, cfg.seed)
+    central_steps = baselines.centralised(bundle, train, test, schedule, cfg.seed, steps=s_eq)
+    per_client = baselines.local_only(bundle, train, test, schedule, cfg.seed)
+    accuracy = {"centralised": [None, *central], "centralised_equal_steps": [None, *central_steps],
+                "local_only": [None, *baselines.mean_curve(per_client)],
                 "local_only_per_client": {c: [None, *v] for c, v in per_client.items()}}
-    info = {"train_images": {"centralised": sum(map(len, splits)),
-                             "local_only": {f"client-{i}": len(s) for i, s in enumerate(splits)}},
+    info = {"train_images": {"centralised": sum(sizes),
+                             "local_only": {f"client-{i}": n for i, n in enumerate(sizes)}},
             "val_fraction": cfg.val_fraction}
     return accuracy, info
 
@@ -592,65 +714,3 @@ def _sum_counts(rows: List[Dict]) -> Dict[str, int]:
             total[reason] = total.get(reason, 0) + n
     return dict(sorted(total.items()))
 
-
-def write_report(out: Path, report: Dict, say: Say) -> None:
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        say("matplotlib is not installed: wrote report.json only (pip install 'flora-edge[sim]')")
-        return
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    plot_accuracy(ax, report)
-    plot_bytes(bx, report)
-    bx.set_xlim(ax.get_xlim())  # the same x for a round in both panels
-    fig.tight_layout()
-    fig.savefig(out / "report.png", dpi=110)
-    plt.close(fig)
-
-
-def plot_accuracy(ax, report: Dict) -> None:
-    """Accuracy per method at x = 0 (before training) .. R (after round R)."""
-    acc = report["accuracy"]
-    xs = list(range(len(acc["federated"])))
-    ax.plot(xs, acc["federated"], marker="o", label="federated LoRA (FedAvg)")
-    if "centralised" in acc:
-        ax.plot(xs[1:], acc["centralised"][1:], marker="s", label="centralised LoRA")
-        ax.plot(xs[1:], acc["local_only"][1:], marker="^", label="local-only LoRA (mean)")
-    if acc.get("zero_shot") is not None:
-        ax.axhline(acc["zero_shot"], color="grey", linestyle="--", label="zero-shot")
-    ax.set_xlabel("rounds completed")
-    ax.set_ylabel("held-out test accuracy")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    legend_below(ax)
-    ax.set_title(f"{report['dataset']['name']}, {report['config']['clients']} clients, {report['partition']['scheme']}")
-
-
-def plot_bytes(bx, report: Dict) -> None:
-    """Cumulative MB after round r at x = r + 1, the x at which the accuracy after that round is plotted."""
-    plot_cumulative_mb(bx, [r["round"] + 1 for r in report["rounds"]], report["bytes"]["up_per_round"],
-                       report["bytes"]["down_per_round"])
-
-
-def summary(report: Dict) -> str:
-    acc = report["accuracy"]
-    lines = [f"final held-out test accuracy after {len(acc['federated']) - 1} rounds:",
-             f"  federated LoRA   {_f(acc['federated'][-1])}"]
-    if "centralised" in acc:
-        lines += [f"  centralised LoRA {_f(acc['centralised'][-1])}", f"  local-only LoRA  {_f(acc['local_only'][-1])}"]
-    lines.append(f"  zero-shot        {_f(acc['zero_shot'])}")
-    if "modes" in report:
-        m = report["modes"]
-        lines.append(f"time to the sync run's final accuracy ({_f(m['target_accuracy'])}), from the first round:")
-        for name in ("sync", "async"):
-            got = m[name]
-            reach = "never" if got["time_to_target_s"] is None else f"{got['time_to_target_s']:.1f} s"
-            lines.append(f"  {name:<5} {reach:>8}  ({got['globals']} globals in {got['seconds']:.1f} s, final "
-                         f"{_f(got['final_accuracy'])}, rejected {got['rejection_counts'] or 'none'})")
-    out = Path(report["out"])
-    lines.append(f"report: {out / 'report.json'} and {out / 'report.png'}")
-    return "\n".join(lines)

@@ -14,7 +14,7 @@ import pytest
 
 from flora.broker.mosquitto import MosquittoError, find_mosquitto, start_mosquitto
 
-from .helpers import PREPROCESS_IMAGES, copy_sources, export_tiny, write_preprocess_images
+from .helpers import PREPROCESS_IMAGES, TINY_PROXY, copy_sources, export_tiny, write_preprocess_images
 
 
 @pytest.fixture
@@ -34,6 +34,27 @@ def mosquitto(mosquitto_binary, tmp_path):
     broker = start_mosquitto(tmp_path / "mosquitto")
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def proxy_dir(tmp_path_factory):
+    """FLORA_PROXY_DIR for the whole session: a fresh folder, so no test reads or writes the user's cached proxy."""
+    folder = tmp_path_factory.mktemp("proxy")
+    saved = os.environ.get("FLORA_PROXY_DIR")
+    os.environ["FLORA_PROXY_DIR"] = str(folder)
+    yield folder
+    if saved is None:
+        os.environ.pop("FLORA_PROXY_DIR", None)
+    else:
+        os.environ["FLORA_PROXY_DIR"] = saved
+
+
+@pytest.fixture(scope="session")
+def tiny_proxy(proxy_dir):
+    """The clip-proxy preset's checkpoint, from a few-step pre-training, where the preset looks for it."""
+    from flora.export.proxy import ProxyConfig, build
+
+    return build(proxy_dir, ProxyConfig(**TINY_PROXY), say=lambda _msg: None)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from flora.edge.protocol import Metrics, RoundAnnouncement, Status, Topics, Trai
 from flora.edge.secagg.messages import peek_context
 from flora.edge.secagg.session import SecureSession, SessionStep
 from flora.edge.state import StateStore
-from flora.edge.synthetic import random_adapter, synthetic_manifest
+from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
 from flora.edge.trainers.base import StepResult, Trainer, score_logits
 from flora.edge.training import LocalData
 
@@ -396,3 +396,28 @@ def scripted(pki: Any, device_id: str, folder: Path, drop_at: Optional[Mapping[i
     s = kw["secure"]
     kw["secure"] = ScriptedSession(s.identity, s.ca, s.aggregator_key, drop_at=drop_at)
     return kw
+
+
+def started_aggregator(state_dir: Path, rounds: int, **kw: Any) -> Aggregator:
+    """`offline_aggregator`, started (or resumed) over `state_dir`, with clients a, b and c online."""
+    agg = offline_aggregator(state_dir, FakeClock(), rounds=rounds, **kw)
+    agg._resume_or_start()
+    for c in ("a", "b", "c"):
+        agg.handle("status", c, status(c))
+    return agg
+
+
+def one_round(agg: Aggregator, updates: Sequence[Mapping[str, np.ndarray]], samples: Sequence[int]) -> None:
+    """Open the next round, fold one update per client (a, b, c, ...) and close it."""
+    agg._open_round()
+    for client, tensors, n in zip("abc", updates, samples):
+        agg.handle("update", client, encode_update(agg.manifest, tensors, client, agg.state.round, n))
+    agg._close_round()
+
+
+def run_rounds(state_dir: Path, rounds: int, **kw: Any) -> Aggregator:
+    """Rounds of one client's update (seeded by round), each closed at once, until the aggregator is done."""
+    agg = started_aggregator(state_dir, rounds, **kw)
+    while not agg.state.done:
+        one_round(agg, [random_adapter(agg.manifest, agg.state.round + 1)], [5])
+    return agg

@@ -18,6 +18,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+#: a proxy pre-trained for a few steps only (the `tiny_proxy` fixture): the code path of the real one, in seconds
+TINY_PROXY = dict(steps=12, corpus=800, batch_size=64, warmup=4)
 
 #: CLIP's normalisation (open_clip.OPENAI_DATASET_MEAN / _STD, checked in test_preprocess_open_clip.py).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

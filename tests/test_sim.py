@@ -22,6 +22,7 @@ from flora.broker.checkpoint import STATE
 from flora.edge import adapter
 from flora.edge.bundle import ADAPTER, Bundle, load_bundle
 from flora.sim import cli
+from flora.sim import report as sim_report
 from flora.sim import run as sim_run
 from flora.sim import signals as sim_signals
 from flora.sim.datasets import DIGIT_NAMES, write_digits
@@ -47,7 +48,8 @@ def test_digits_are_written_once_as_png_folders(tmp_path):
 
 def run_sim(tmp_path, *extra):
     out = tmp_path / "run"
-    code = cli.main(["--clients", "3", "--rounds", "3", "--out", str(out), "--round-timeout", "60", *extra])
+    model = [] if "--model" in extra or "--bundle" in extra else ["--model", "clip-tiny"]  # random-init: plumbing
+    code = cli.main(["--clients", "3", "--rounds", "3", "--out", str(out), "--round-timeout", "60", *model, *extra])
     assert code == 0
     return out, json.loads((out / "report.json").read_text())
 
@@ -180,7 +182,7 @@ def test_ctrl_c_while_mosquitto_starts_up_still_stops_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sim_run, "start_mosquitto", slow_start)
     with pytest.raises(KeyboardInterrupt):
-        sim_run.federate(SimConfig(out=tmp_path, clients=2), tiny_bundle_stub(), 0.0, lambda m: None)
+        sim_run.federate(SimConfig(model="clip-tiny", out=tmp_path, clients=2), tiny_bundle_stub(), 0.0, lambda m: None)
     assert calls == ["broker started", "broker stopped"]
 
 
@@ -192,18 +194,19 @@ def tiny_bundle_stub():
 def test_bundle_reuse_checks_backend_seed_model_and_classes(tiny_text_bundle, tmp_path):
     ort_only = tiny_text_bundle
     step_only = Bundle(ort_only.root, dataclasses.replace(ort_only.manifest, backends=("step",)))
-    fits = SimConfig(seed=0, backend="auto")
+    fits = SimConfig(model="clip-tiny", seed=0, backend="auto")
     assert sim_run.export_mismatch(ort_only, fits, DIGIT_NAMES) is None
-    assert "not step" in sim_run.export_mismatch(ort_only, SimConfig(backend="step"), DIGIT_NAMES)
-    assert sim_run.export_mismatch(step_only, SimConfig(backend="step"), DIGIT_NAMES) is None
-    assert "not ort-training" in sim_run.export_mismatch(step_only, SimConfig(backend="ort-training"), DIGIT_NAMES)
-    assert "seed" in sim_run.export_mismatch(ort_only, SimConfig(seed=1), DIGIT_NAMES)
+    assert "not step" in sim_run.export_mismatch(ort_only, SimConfig(model="clip-tiny", backend="step"), DIGIT_NAMES)
+    assert sim_run.export_mismatch(step_only, SimConfig(model="clip-tiny", backend="step"), DIGIT_NAMES) is None
+    ort = SimConfig(model="clip-tiny", backend="ort-training")
+    assert "not ort-training" in sim_run.export_mismatch(step_only, ort, DIGIT_NAMES)
+    assert "seed" in sim_run.export_mismatch(ort_only, SimConfig(model="clip-tiny", seed=1), DIGIT_NAMES)
     assert "classes" in sim_run.export_mismatch(ort_only, fits, DIGIT_NAMES[:5])
     assert "clip-vitb32" in sim_run.export_mismatch(ort_only, SimConfig(model="clip-vitb32"), DIGIT_NAMES)
     assert sim_run.needed_backends("step") == ("step",)
     assert sim_run.needed_backends("auto") in (("ort-training",), ("step",))
     with pytest.raises(SimError, match="flora-export --backend step"):
-        sim_run.given_bundle(SimConfig(bundle=ort_only.root, backend="step"), DIGIT_NAMES)
+        sim_run.given_bundle(SimConfig(model="clip-tiny", bundle=ort_only.root, backend="step"), DIGIT_NAMES)
 
 
 def test_backend_step_exports_the_step_graph_and_trains_with_it(tmp_path, mosquitto_binary):
@@ -212,7 +215,7 @@ def test_backend_step_exports_the_step_graph_and_trains_with_it(tmp_path, mosqui
     assert [r["num_reported"] for r in report["rounds"]] == [2, 2]
     assert all("trainer step" in (out / "logs" / f"client-{i}.log").read_text() for i in range(2))
     said = []
-    cfg = SimConfig(out=out, backend="step")
+    cfg = SimConfig(model="clip-tiny", out=out, backend="step")
     assert sim_run.prepare_bundle(cfg, DIGIT_NAMES, said.append).manifest.backends == ("step",)
     assert said == [f"reusing the bundle in {out / 'bundle'}"]
 
@@ -224,8 +227,14 @@ def test_compare_reports_all_four_methods_on_the_agents_training_splits(tmp_path
                           "--bundle", str(tiny_text_bundle.root))
     acc = report["accuracy"]
     initial = json.loads((out / "aggregator" / STATE).read_text())["extra"]["initial_eval"]
-    assert set(report["methods"]) == {"zero_shot", "federated", "centralised", "local_only"}
-    assert all(len(acc[m]) == 3 for m in ("federated", "centralised", "local_only"))
+    assert set(report["methods"]) == {"zero_shot", "federated", "centralised", "centralised_equal_steps", "local_only"}
+    assert all(len(acc[m]) == 3 for m in ("federated", "centralised", "centralised_equal_steps", "local_only"))
+    steps = report["steps"]["per_round"]
+    sizes = report["rounds"][0]["reported"]
+    assert steps["federated_per_client"] == {c: 5 * -(-n // 32) for c, n in sizes.items()}  # 5 epochs of batch 32
+    assert steps["federated_per_client"] == report["steps"]["reported_by_agents"]  # what the agents said they ran
+    assert steps["centralised"] == 5 * -(-sum(sizes.values()) // 32) > steps["centralised_equal_steps"]
+    assert report["comparison"]["window"] == 2 and "rounds_to_target" in report["comparison"]
     assert acc["zero_shot"] == acc["federated"][0] == initial["test_accuracy"]  # the aggregator's round 0
     assert acc["centralised"][-1] > acc["zero_shot"]
     per_client = acc["local_only_per_client"]
@@ -273,7 +282,7 @@ def test_traffic_is_cumulative_and_sits_at_the_rounds_where_accuracy_is_plotted(
     report = {"rounds": [{"round": 0}, {"round": 1}, {"round": 2}],
               "bytes": {"up_per_round": [1e6, 2e6, 3e6], "down_per_round": [2e6, 2e6, 2e6]}}
     ax = RecordingAxes()
-    sim_run.plot_bytes(ax, report)
+    sim_report.plot_bytes(ax, report)
     (up_x, up_y, up_label), (down_x, down_y, down_label) = ax.lines
     assert up_x == down_x == [1, 2, 3]  # the accuracy after round r is plotted at x = r + 1
     assert up_y == [1.0, 3.0, 6.0] and down_y == [2.0, 4.0, 6.0] and (up_label, down_label) == ("up", "down")

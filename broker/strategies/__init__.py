@@ -18,6 +18,8 @@ from .fedavg import FedAvg
 from .median import CoordinateMedian
 from .norm_bound import NormBound
 from .options import OptionError, parse_assignments, resolve
+from .product import ProductSVD
+from .server_opt import FedAdam, FedAvgM, FedYogi
 from .trimmed_mean import TrimmedMean
 
 STRATEGIES: Dict[str, Callable[..., Strategy]] = {
@@ -26,6 +28,10 @@ STRATEGIES: Dict[str, Callable[..., Strategy]] = {
     "median": CoordinateMedian,
     "trimmed-mean": TrimmedMean,
     "dp-fedavg": DPFedAvg,
+    "flexlora": ProductSVD,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
 }
 
 
@@ -45,5 +51,5 @@ def make_strategy(name: str, options: Optional[Mapping[str, Any]] = None) -> Str
         raise ConfigError(str(exc)) from exc
 
 
-__all__ = ["STRATEGIES", "CoordinateMedian", "DPFedAvg", "FedAvg", "NormBound", "OptionError", "Strategy",
-           "StrategyFull", "TrimmedMean", "make_strategy", "parse_assignments"]
+__all__ = ["STRATEGIES", "CoordinateMedian", "DPFedAvg", "FedAdam", "FedAvg", "FedAvgM", "FedYogi", "NormBound",
+           "OptionError", "ProductSVD", "Strategy", "StrategyFull", "TrimmedMean", "make_strategy", "parse_assignments"]

@@ -21,6 +21,11 @@ class Strategy(abc.ABC):
     `needs_all_updates`, keeps them in a buffer bounded by `max_updates`, and refuses one more with
     `StrategyFull`. A strategy that must see each update on its own (not only their sum) sets
     `needs_individual_updates`: it cannot run on a securely aggregated sum.
+
+    A strategy with state across rounds (a server optimizer's moments) proposes the new state in
+    `finalize` and adopts it only in `commit`, which the aggregator calls once the round's global is
+    accepted (finite) and before it is checkpointed; `state_dict` is then written beside that global
+    and `load_state_dict` gets it back on a restart, so a resumed federation continues exactly.
     """
 
     name: str
@@ -76,6 +81,18 @@ class Strategy(abc.ABC):
     def round_info(self) -> Dict[str, object]:
         """Facts about the round just finalized (updates clipped, trimmed, noise added), for its history row."""
         return {}
+
+    def commit(self) -> None:  # noqa: B027 - optional hook, a no-op for stateless strategies
+        """Adopt the state `finalize` proposed (the round's global was accepted). Stateless: nothing."""
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """State carried across rounds (committed), to checkpoint; {} for a stateless strategy."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what `state_dict` returned (on a restart, before the next round begins)."""
+        if state:
+            raise ValueError(f"the {self.name} strategy keeps no state, but the checkpoint holds {sorted(state)[:3]}")
 
 
 class StrategyFull(ValueError):

@@ -7,7 +7,7 @@ plays no part: FLORA's server replaces it by the weighted mean of the clients' a
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -15,6 +15,8 @@ from flora.edge.adapter import FlatTensors, Layout, layout_of
 from flora.edge.bundle import TensorSpec
 
 from .base import Strategy
+from .lowrank import ProductSums, relative_error, separate_products
+from .options import Option, boolean
 
 #: elements of the float64 scratch buffer (256 KiB): small enough to stay in cache between the multiply
 #: and the add, which makes the fold about a quarter faster than one pass through a full-size buffer
@@ -27,8 +29,17 @@ class FedAvg(Strategy):
     other is folded in tensor by tensor into the same buffer."""
 
     name = "fedavg"
+    options: ClassVar[Dict[str, Option]] = {
+        "product_error": Option(boolean, False, "also report each round's relative error of mean(B) @ mean(A) "
+                                                "against the exact mean of the B @ A products"),
+    }
 
-    def __init__(self) -> None:
+    def __init__(self, product_error: bool = False) -> None:
+        """`product_error`: also keep the exact mean of the B @ A products (lowrank.ProductSums: one
+        d_out x d_in float64 matrix per target) to report how far FedAvg's mean(B) @ mean(A) is from it."""
+        self.product_error = bool(product_error)
+        self._products: Optional[ProductSums] = None
+        self._diagnostics: Dict[str, Any] = {}
         self._layout: Optional[Layout] = None
         self._sum = np.zeros(0, np.float64)
         self._by_name: Dict[str, np.ndarray] = {}  # flat views of _sum, by tensor name
@@ -42,6 +53,8 @@ class FedAvg(Strategy):
         self._by_name = {name: self._sum[a:b] for name, _, a, b in self._layout.entries}
         self._weight = 0
         self._count = 0
+        self._products = ProductSums(specs) if self.product_error else None
+        self._diagnostics = {}
 
     def accumulate(self, tensors: Mapping[str, np.ndarray], num_samples: int) -> None:
         weight = _as_weight(num_samples)  # checked before any sum is touched
@@ -53,16 +66,20 @@ class FedAvg(Strategy):
             else:
                 for name, total in self._by_name.items():
                     self._fold(np.ravel(tensors[name]), total, weight)
+        if self._products is not None:
+            self._products.add(tensors, weight)
         self._weight += num_samples
         self._count += 1
 
     folds_partials = True
 
     def accumulate_partial(self, weighted_sum: Mapping[str, np.ndarray], total_weight: int) -> None:
-        """A site's sum_i n_i u_i is added as it is (no multiply): the root's sums are then the flat ones."""
+        """A site's sum_i n_i u_i is added as it is (no multiply): the root's sums are then the flat ones.
+        A partial holds no products, so a round with one reports no `product_error`."""
         _as_weight(total_weight)
         if self._layout is None:
             raise RuntimeError("accumulate_partial() before begin_round()")
+        self._products = None
         with np.errstate(over="ignore", invalid="ignore"):
             if isinstance(weighted_sum, FlatTensors) and weighted_sum.layout is self._layout:
                 self._sum += weighted_sum.flat
@@ -97,7 +114,15 @@ class FedAvg(Strategy):
         assert self._layout is not None
         with np.errstate(over="ignore", invalid="ignore"):  # the caller checks that the result is finite
             mean = (self._sum / weight).astype(np.float32)
-        return self._layout.split(mean)
+        result = self._layout.split(mean)
+        if self._products is not None:
+            exact = self._products.means(weight)
+            self._diagnostics = {"separate_vs_exact_rel_error": relative_error(
+                separate_products(result, self._products.pairs), exact)}
+        return result
+
+    def round_info(self) -> Dict[str, Any]:
+        return dict(self._diagnostics)
 
     @property
     def count(self) -> int:

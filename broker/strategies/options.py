@@ -92,3 +92,21 @@ def choice(*allowed: str) -> Callable[[Any], str]:
         return text
 
     return parse
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def unit_interval(value: Any) -> float:
+    x = float(value)
+    if not 0 <= x < 1:
+        raise ValueError("must be in [0, 1)")
+    return x
