@@ -88,7 +88,7 @@ def build_parser() -> CommandParser:
     t.add_argument("--strategy", default="fedavg",
                    help="the aggregator's strategy: fedavg, flexlora, fedavgm, fedadam, fedyogi, ... (flora-aggregator "
                         "--help) (default: %(default)s)")
-    t.add_argument("--strategy-option", dest="strategy_option", action="extend", nargs="+", default=[],
+    t.add_argument("--strategy-option", dest="strategy_option", action="extend", nargs="+",
                    metavar="KEY=VALUE", help="an option of the strategy, as flora-aggregator --strategy-option (e.g. "
                                              "server_lr=0.01; fedavg: product_error=true reports each round's error "
                                              "of averaging A and B separately) (repeatable)")
@@ -147,7 +147,7 @@ def config_from_args(args: argparse.Namespace):
         pretrained=args.pretrained, data_seed=args.data_seed,
         seeds=args.seeds,
         lr_schedule=args.lr_schedule, reset_optimizer=args.reset_optimizer, until_plateau=args.until_plateau,
-        plot_x=args.plot_x, strategy=args.strategy, strategy_options=tuple(args.strategy_option),
+        plot_x=args.plot_x, strategy=args.strategy, strategy_options=tuple(args.strategy_option or ()),
     )
 
 
