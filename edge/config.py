@@ -179,11 +179,14 @@ def explicit_options(parser: CommandParser, argv: Sequence[str]) -> Set[str]:
 
     Parses `argv` once more into a namespace where every option is pre-set to a marker: argparse
     only fills in a default where the namespace has no value, so what is no longer the marker was
-    given on the command line.
+    given on the command line. Options that collect values (append, extend) start from None instead,
+    as argparse extends what the namespace holds.
     """
-    namespace = argparse.Namespace(**{dest: _UNSET for dest in parser.options})
+    collecting = {dest for dest, action in parser.options.items() if isinstance(action, argparse._AppendAction)}
+    namespace = argparse.Namespace(**{dest: None if dest in collecting else _UNSET for dest in parser.options})
     parser.parse_known_args(list(argv), namespace)
-    return {dest for dest in parser.options if getattr(namespace, dest, _UNSET) is not _UNSET}
+    return {dest for dest in parser.options
+            if getattr(namespace, dest, _UNSET) is not (None if dest in collecting else _UNSET)}
 
 
 def apply_config(parser: CommandParser, args: argparse.Namespace, argv: Sequence[str], config: Dict[str, Any],

@@ -246,3 +246,17 @@ def test_the_agent_checks_the_broker_and_tls_files_before_loading_anything(extra
     assert agent_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("flora-agent: error: ") and message in err, err
+
+
+def test_repeatable_options_count_as_given_and_keep_their_values():
+    from flora.edge.config import explicit_options
+
+    parser = aggregator_cli.build_parser()
+    argv = ["run", "--bundle", "b", "--strategy", "fedadam", "--strategy-option", "server_lr=0.01", "tau=0.001",
+            "--strategy-option", "beta1=0.8"]
+    args = parser.parse_args(argv)
+    run = parser.commands["run"]
+    assert "strategy_option" in explicit_options(run, argv[1:])
+    assert "strategy_option" not in explicit_options(run, argv[1:5])
+    got = apply_config(run, args, argv[1:], {})
+    assert got.strategy_option == ["server_lr=0.01", "tau=0.001", "beta1=0.8"]
