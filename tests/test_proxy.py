@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from flora.edge.fileio import sha256_file
 from flora.edge.trainers import open_trainer
 from flora.export import glyphs, proxy
 from flora.export.loading import WeightsError, state_sha256
@@ -108,7 +109,8 @@ def test_the_clip_proxy_preset_loads_the_checkpoint_like_real_weights(tmp_path, 
     bundle = export_bundle(ExportOptions(preset="clip-proxy", classes=list(DIGITS), out=tmp_path / "b"),
                            say=lambda _m: None)
     m = bundle.manifest
-    assert m.pretrained["source"] == "file" and m.pretrained["file"] == str(tiny_proxy)
+    assert m.pretrained["source"] == "file" and m.pretrained["file"] == tiny_proxy.name  # the name, never a path
+    assert m.pretrained["file_sha256"] == sha256_file(tiny_proxy)
     model = proxy.new_model(1)
     from open_clip.factory import load_checkpoint
 
