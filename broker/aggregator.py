@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
@@ -58,7 +59,7 @@ from .dashboard.server import Snapshots
 from .dashboard.snapshot import FederationInfo
 from .enroll import SIGN_AUTO, aggregator_signer
 from .fedbuff import BufferConfig
-from .rounds import CLOSE, EXTEND, GIVE_UP, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
+from .rounds import CLOSE, EXTEND, GIVE_UP, WAIT, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
 from .schedule import Plateau, round_lr
 from .secure_aggregator import SecureAggregation, check_secure_aggregation
 from .secure_round import PLAIN_UPDATE, SecureSettings
@@ -92,6 +93,14 @@ FOREIGN = "foreign"
 SECAGG = "secagg-up"
 #: The aggregator re-publishes its own `global` and `round` over a foreign one at most this often.
 REPUBLISH_EVERY_S = 5.0
+#: The queue's kind for "paho reconnected" (the main thread then publishes the global and round again).
+RECONNECTED = "reconnected"
+#: Devices' requests for the global (a status's wants_global) are answered at most this often.
+REPUBLISH_INTERVAL_S = 5.0
+#: An asked client whose status says it submitted while its update has not come is asked to send it again
+#: after this long, at most RESEND_ATTEMPTS times a round.
+RESEND_AFTER_S = 5.0
+RESEND_ATTEMPTS = 3
 #: The queue's kind for an update whose topic id is outside the id grammar.
 BAD_UPDATE = "bad-update"
 #: The largest --max-num-samples accepted: every weight a strategy gets is then a finite float64.
@@ -221,6 +230,8 @@ class Aggregator:
         self.client.manual_ack_set(True)  # updates are acked after they are durable (see _handle_event)
         self.client.on_message = self._on_message
         self.connection = Connection(self.broker_cfg, self.client, on_connected=self._on_connected)
+        self._republish_why: Optional[str] = None  # why the global and round should go out again
+        self._republished_at = -math.inf
 
     @classmethod
     def open(cls, cfg: AggregatorConfig, clock: Callable[[], float] = time.time) -> Aggregator:
@@ -235,6 +246,8 @@ class Aggregator:
         if self.secagg is not None:
             topics += [(self.topics.all_secagg_up, QOS), (self.topics.secagg_stage, from_others(QOS))]
         client.subscribe(topics)
+        if self.connections > 1:  # a broker restarted without persistence has lost the retained global and round
+            self.events.put((RECONNECTED, "", b"", None))
 
     def _route(self, topic: str) -> Tuple[Optional[str], str]:
         """(kind, client) of a subscribed topic; kind `bad-update` for an update whose topic id is outside the
@@ -406,17 +419,42 @@ class Aggregator:
         return RoundAnnouncement(
             round=self.state.round, model_id=self.manifest.model_id, state=state,
             config=self.round_config(self.state.round),
-            clients=sorted(rec.asked) if rec is not None else [],
+            clients=sorted(rec.asked) if rec is not None else [], resend=dict(rec.resend) if rec is not None else {},
             deadline=rec.deadline if rec is not None else self.clock(),
             global_sha256=sha256_bytes(self.global_blob), total_rounds=self.state.rounds_total,
             run_id=self.state.run_id, **secure,
         )
 
-    def _announce(self, rec: RoundRecord) -> None:
+    def _announce(self, rec: RoundRecord, with_global: bool = True) -> None:
+        """Publish the round (retained), after the global it trains from unless that was just published: a
+        broker that lost or restored an old retained global never leaves a round without its global."""
+        if with_global:
+            self._publish(self.topics.global_, self.global_blob, retain=True)
         self._publish(self.topics.round, self._announcement(ROUND_TRAINING, rec).to_json(), retain=True)
 
     def _announce_done(self) -> None:
+        self._publish(self.topics.global_, self.global_blob, retain=True)
         self._publish(self.topics.round, self._announcement(ROUND_DONE, None).to_json(), retain=True)
+
+    def _want_republish(self, why: str, now: bool = False) -> None:
+        """Ask the main loop to publish the global and the announcement again (`now`: not rate-limited)."""
+        self._republish_why = why
+        if now:
+            self._republished_at = -math.inf
+
+    def _maybe_republish(self) -> None:
+        """Publish the current global and announcement again when asked to, at most once per
+        REPUBLISH_INTERVAL_S for devices' requests (a reconnect to the broker goes at once)."""
+        if self._republish_why is None or time.monotonic() - self._republished_at < REPUBLISH_INTERVAL_S:
+            return
+        why, self._republish_why, self._republished_at = self._republish_why, None, time.monotonic()
+        log.info("publishing the round-%d global and announcement again: %s", self.state.round, why)
+        if self.current is not None:
+            self._announce(self.current)
+        elif self.state.done:
+            self._announce_done()
+        else:
+            self._publish(self.topics.global_, self.global_blob, retain=True)
 
     def _begin(self, rec: RoundRecord, journal_offset: int = 0) -> None:
         """Start folding `rec`; after a restart, replay its journal: every update re-folded in arrival order,
@@ -469,7 +507,7 @@ class Aggregator:
         self.no_round = None
         if self.secagg is not None:
             self.secagg.open(rec, self.state.run_id, self.signer)
-        self._announce(rec)
+        self._announce(rec, with_global=False)  # published at the start or by the commit that made it
         if self.secagg is not None:
             self._publish_all(self.secagg.start_first(rec))
         log.info("round %d of %d open: asked %d client(s) (%s) %s, deadline in %.0f s", rec.number,
@@ -686,6 +724,8 @@ class Aggregator:
                 self.secagg.handle(client, payload)
         elif kind == BAD_UPDATE:
             self._count_bad_topic(client, payload)
+        elif kind == RECONNECTED:
+            self._want_republish("reconnected to the broker (a restarted broker may have lost them)", now=True)
         elif kind == "status":
             self._handle_status(client, payload)
         elif kind == "metrics":
@@ -738,6 +778,13 @@ class Aggregator:
         if was_online != (client in self.online):
             log.info("client %s is %s (%d online)", client, status.state, len(self.online),
                      extra=fields("client-state", client=client, reason=status.state))
+        if status.client_id != client:
+            return
+        if status.wants_global is not None and status.wants_global == sha256_bytes(self.global_blob):
+            self._want_republish(f"{client} waits for it (the broker's retained copy is lost or stale)")
+        rec = self.current
+        if rec is not None and rec.submitted(client, status.submitted, self.clock()):
+            log.info("round %d: %s says it submitted, but its update has not come", rec.number, client)
 
     def _handle_metrics(self, client: str, payload: bytes) -> None:
         try:
@@ -849,6 +896,7 @@ class Aggregator:
                 log.info("waiting for %d client(s) to come online (%d now)", need, len(self._participants()))
                 next_note = now + 60.0
             self._drain(0.1)
+            self._maybe_republish()
 
     # -- main loop ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -863,10 +911,11 @@ class Aggregator:
             self.checkpoint.unlock()
             raise
         try:
-            self._publish(self.topics.global_, self.global_blob, retain=True)
             if self.current is not None:
-                self._announce(self.current)
-            elif not self.state.done:
+                self._announce(self.current)  # the checkpointed global, then the resumed round
+            else:
+                self._publish(self.topics.global_, self.global_blob, retain=True)
+            if self.current is None and not self.state.done:
                 self._wait_for_clients(max(self.cfg.wait_for_clients, self.cfg.sampling.min_clients),
                                        self.cfg.wait_timeout_s)
             while not self.stop_event.is_set():
@@ -881,6 +930,7 @@ class Aggregator:
                         self._open_round()
                     continue
                 self._drain(0.05)
+                self._maybe_republish()
                 if self.current is not None:  # an async buffer may have closed the last version while draining
                     self._tick()
             log.info("stopped%s", f" in round {self.current.number} (resumes there)" if self.current else "")
@@ -908,6 +958,8 @@ class Aggregator:
                         extra=fields("client-error", round=rec.number, client=client, reason=error.code))
         if step.errored:
             self._save_round(rec)
+        if step.action == WAIT:
+            self._ask_again(rec)
         if step.action == CLOSE:
             self._close_round()
         elif step.action == EXTEND:
@@ -938,6 +990,17 @@ class Aggregator:
         elif step.fold is not None:
             self.strategy.accumulate_partial(*step.fold)
             self._close_round()
+
+    def _ask_again(self, rec: RoundRecord) -> None:
+        """Asked clients that say they submitted this round, whose update never came (a broker dropped it):
+        announce the round again with them in `resend`, so each sends its stored update once more."""
+        due = rec.due_resends(self.clock(), RESEND_AFTER_S, RESEND_ATTEMPTS)
+        if not due:
+            return
+        log.warning("round %d: no update came from %s though their status says they submitted it: asking them to "
+                    "send it again", rec.number, due)
+        self._save_round(rec)
+        self._announce(rec)
 
     def stop(self) -> None:
         self.stop_event.set()

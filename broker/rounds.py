@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set
 from flora.edge.errors import EXIT_QUORUM, ConfigError, FloraError
 from flora.edge.protocol import PERMANENT_ERRORS as PROTOCOL_PERMANENT_ERRORS
 
-from .validation import BAD_CLIENT_ID, NO_ROUND
+from .validation import BAD_CLIENT_ID, NO_ROUND, RATE_LIMITED
 
 Clock = Callable[[], float]
 
@@ -27,7 +27,7 @@ EXTEND = "extend"
 GIVE_UP = "give-up"
 
 #: Rejections that say nothing about the client's submission for *this* round (it may still send one).
-OTHER_ROUND_REASONS = ("late", "early", NO_ROUND, BAD_CLIENT_ID)
+OTHER_ROUND_REASONS = ("late", "early", NO_ROUND, BAD_CLIENT_ID, RATE_LIMITED)
 #: Status error codes of a device that cannot take part until someone fixes it (a bundle of another model, a
 #: newer protocol): it is not asked while its latest status says so.
 PERMANENT_ERRORS = PROTOCOL_PERMANENT_ERRORS
@@ -112,6 +112,9 @@ class RoundRecord:
     complete_since: Optional[float] = None  # when the last asked client reported
     refused: Set[str] = field(default_factory=set)  # clients whose update for this round was rejected
     errored: Set[str] = field(default_factory=set)  # asked clients in error for this round: they send nothing
+    # asked clients whose status says they submitted this round while no update of theirs came: since when
+    missing_since: Dict[str, float] = field(default_factory=dict)
+    resend: Dict[str, int] = field(default_factory=dict)  # client -> times asked to send its update again
 
     def reject(self, client: str, reason: str, detail: str, size: int) -> None:
         """Count a rejection; a client whose update for this round was refused will not send another."""
@@ -131,6 +134,27 @@ class RoundRecord:
             raise ValueError(f"{client} already reported in round {self.number}")
         self.reported[client] = int(num_samples)
         self.bytes_received += size
+        self.missing_since.pop(client, None)
+
+    def submitted(self, client: str, round_: Optional[int], now: float) -> bool:
+        """A status of `client` says it submitted `round_`: True when that is this round, it was asked, and no
+        update of it has come (accepted or refused): the update was lost on the way (a broker that dropped
+        it, a rate limit) unless it is still in flight, so it is noted as missing since `now`."""
+        if round_ != self.number or client not in self.asked or client in self.reported or client in self.refused:
+            return False
+        self.missing_since.setdefault(client, now)
+        return True
+
+    def due_resends(self, now: float, after_s: float, max_attempts: int) -> List[str]:
+        """The missing clients to ask again now (missing for `after_s`, asked fewer than `max_attempts`
+        times); each one's attempt count goes up and its wait starts again."""
+        due = sorted(c for c, since in self.missing_since.items()
+                     if now - since >= after_s and self.resend.get(c, 0) < max_attempts
+                     and c not in self.reported and c not in self.refused)
+        for client in due:
+            self.resend[client] = self.resend.get(client, 0) + 1
+            self.missing_since[client] = now
+        return due
 
     def to_json(self) -> Dict[str, Any]:
         """A shallow dict (no deep copy: a round of 10,000 clients is snapshotted every few seconds)."""

@@ -38,7 +38,9 @@ BAD_CLIENT_ID = "bad-client-id"
 #: Counted by the aggregator itself: a strategy that keeps every update (median, trimmed mean) holds as many as
 #: its memory bound allows.
 STRATEGY_FULL = "strategy-full"
-REASONS = (*VALIDATION_REASONS, NO_ROUND, BAD_CLIENT_ID, STRATEGY_FULL)
+#: Counted by the aggregator itself, unread: an update beyond its sender's rate limit (--rate-limit).
+RATE_LIMITED = "rate-limited"
+REASONS = (*VALIDATION_REASONS, NO_ROUND, BAD_CLIENT_ID, STRATEGY_FULL, RATE_LIMITED)
 
 #: The default cap on an update's num_samples (`--max-num-samples`): far above any edge device's data set,
 #: and low enough that the exact integer total of a round stays below 2**53 (exact in float64) for

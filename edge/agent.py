@@ -79,6 +79,7 @@ class AgentConfig:
     # take part in secure rounds only (`--secure-aggregation`): the update never leaves the device in the clear.
     # Without it an agent with an identity still joins secure rounds, and trains plain ones as before
     secure_aggregation: bool = False
+    max_round_jump: int = rules.DEFAULT_MAX_ROUND_JUMP  # refuse rounds this far past the highest seen (0: off)
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else Path("flora-state") / self.client_id
@@ -198,6 +199,8 @@ class Agent:
         self.layout = adapter_blob.layout_of(tuple(bundle.manifest.trainable))
         self._said: Set[str] = set()
         self._failed: Set[Tuple[str, int]] = set()  # (run_id, round) that failed in this process
+        self._resent: Set[Tuple[str, int, int]] = set()  # (run_id, round, attempt) of the aggregator's requests served
+        self._highest_announced: Optional[int] = None  # the highest round announced in this run to this process
         self._inflight: Optional[InFlight] = None
         self._resend_pending = state.outbox_pending  # an update stored before a restart, not acked
         self._acks = Acks()
@@ -245,7 +248,12 @@ class Agent:
                                   global_sha256=self.global_.sha256 if self.global_ else None, finished=self.done,
                                   secure_capable=self.secure is not None,
                                   secure_required=self.cfg.secure_aggregation,
-                                  holding=self.secure.holding if self.secure is not None else None)
+                                  holding=self.secure.holding if self.secure is not None else None,
+                                  resent=frozenset(self._resent), highest_round=self._highest_round())
+
+    def _highest_round(self) -> Optional[int]:
+        seen = [r for r in (self._highest_announced, self.state.last_submitted_round) if r is not None]
+        return max(seen) if seen else None
 
     # -- MQTT callbacks (paho's thread) ------------------------------------------------------
     def _on_connected(self, client) -> None:
@@ -267,16 +275,19 @@ class Agent:
 
     # -- helpers -----------------------------------------------------------------------------
     def _status(self, state: str, error: Optional[str] = None, code: Optional[str] = None,
-                about_round: bool = True) -> Status:
+                about_round: bool = True, wants_global: Optional[str] = None) -> Status:
         number = self.round.round if self.round and about_round else None
-        return Status(self.cfg.client_id, state, number, error, len(self.train_data), self.backend, time.time(), code)
+        return Status(self.cfg.client_id, state, number, error, len(self.train_data), self.backend, time.time(), code,
+                      submitted=self.state.last_submitted_round, wants_global=wants_global)
 
     def publish_status(self, state: str, error: Optional[str] = None, code: Optional[str] = None,
-                       about_round: bool = True) -> None:
+                       about_round: bool = True, wants_global: Optional[str] = None) -> None:
         """A retained status; with `error`, a message and an error code the aggregator acts on (`about_round`:
-        the status names the round held, so the aggregator stops waiting for this device in it)."""
+        the status names the round held, so the aggregator stops waiting for this device in it); it always says
+        the last round submitted, and `wants_global` names a global this device waits for."""
         self.client.publish(self.topics.status(self.cfg.client_id),
-                            self._status(state, error, code, about_round).to_json(), qos=QOS, retain=True)
+                            self._status(state, error, code, about_round, wants_global).to_json(), qos=QOS,
+                            retain=True)
 
     def _say(self, note: Optional[rules.Note]) -> bool:
         """Log a decision's note (once per process for a keyed one); True if it was logged now."""
@@ -330,14 +341,21 @@ class Agent:
             self.store.mark_sent(self.state)
         return True
 
-    def _resend(self, round_: int) -> None:
-        """After a restart: send the stored, unacknowledged update once."""
-        self._resend_pending = False
+    def _resend(self, effect: rules.Resend) -> None:
+        """Send the stored update once more: after a restart (not acknowledged), or when the aggregator asks
+        (its announcement's `resend`: the update never reached it), once per request."""
+        round_ = effect.round
+        if effect.attempt:
+            self._resent.add((self.state.run_id, round_, effect.attempt))
+        else:
+            self._resend_pending = False
         blob = self.store.outbox()
         if blob is None:
             log.warning("the update of round %d is recorded but its file is missing: not re-sent", round_)
             return
-        log.info("re-sending the stored update of round %d (not acknowledged before a restart)", round_)
+        why = (f"the aggregator never received it, request {effect.attempt}" if effect.attempt
+               else "not acknowledged before a restart")
+        log.info("re-sending the stored update of round %d (%s)", round_, why)
         self._publish_update(round_, blob)
 
     def _start_run(self, change: rules.StartRun) -> None:
@@ -390,12 +408,19 @@ class Agent:
                 self.round = None
             self._refused(announcement)
             return
+        jump = rules.check_round_jump(announcement, self.view(), self.cfg.max_round_jump)
+        if jump is not None:
+            self._refused(jump)
+            return
         for effect in rules.enter_round(announcement, self.view()):
             if isinstance(effect, rules.StartRun):
                 self._start_run(effect)
+                self._highest_announced = None
             else:
-                self._resend(effect.round)
+                self._resend(effect)
         self.round = announcement
+        if self._highest_announced is None or announcement.round > self._highest_announced:
+            self._highest_announced = announcement.round
         self._enter_secure(announcement)
 
     # -- secure aggregation --------------------------------------------------------------------
@@ -441,6 +466,12 @@ class Agent:
         elif isinstance(action, rules.Idle):
             if self._say(action.note) and action.status_error is not None:
                 self.publish_status("error", action.status_error, action.status_code)
+            elif action.reason == rules.WAITING_FOR_GLOBAL and self.round is not None and self._say(
+                    rules.Note(rules.INFO, f"round {self.round.round}: asking for its global",
+                               key=f"ask-{self.round.run_id}/{self.round.round}-{self.view().global_sha256}")):
+                # the broker's retained global is lost or stale (a restart without persistence, an old save):
+                # say which one this round needs; the aggregator publishes it again
+                self.publish_status("online", wants_global=self.round.global_sha256)
         elif self.round is not None:
             self._train_or_fail(self.round)
 

@@ -53,6 +53,9 @@ SECURE_UNAVAILABLE = "secure-aggregation-unavailable"  # a secure round, and thi
 SECURE_REQUIRED = "secure-aggregation-required"  # a plain round, and this agent sends its update masked only
 SECURE_WAITING = "secure-aggregation-waiting"  # trained: the update waits for an attempt to take it
 
+#: How far past the highest round it has seen in a run an announced round may be (`--max-round-jump`).
+DEFAULT_MAX_ROUND_JUMP = 1000
+
 # Why start-up does not keep the stored record (`Adoption.reset`).
 OTHER_MODEL = "other-model"
 OTHER_FEDERATION = "other-federation"
@@ -86,6 +89,9 @@ class AgentView:
     secure_capable: bool = False  # it has an identity and the aggregator's key: it can take part in secure rounds
     secure_required: bool = False  # `--secure-aggregation`: it takes part in secure rounds only
     holding: Optional[Tuple[str, int]] = None  # (run_id, round) whose trained update waits for a secure attempt
+    # (run_id, round, attempt) of the aggregator's requests to send an update again that this process served
+    resent: FrozenSet[Tuple[str, int, int]] = field(default_factory=frozenset)
+    highest_round: Optional[int] = None  # the highest round announced in this run so far (or submitted)
 
     @classmethod
     def of(cls, state: AgentState, client_id: str, model_id: str, **process) -> AgentView:
@@ -238,9 +244,11 @@ class StartRun:
 
 @dataclass(frozen=True)
 class Resend:
-    """Send the stored, unacknowledged update of `round` once more (a restarted agent, nothing in flight)."""
+    """Send the stored update of `round` once more: a restarted agent's unacknowledged one (`attempt` 0), or
+    the aggregator's request number `attempt` (its announcement's `resend`: the update never reached it)."""
 
     round: int
+    attempt: int = 0
 
 
 def enter_round(announcement: RoundAnnouncement, view: AgentView) -> Tuple[Union[StartRun, Resend], ...]:
@@ -254,7 +262,26 @@ def enter_round(announcement: RoundAnnouncement, view: AgentView) -> Tuple[Union
         effects.append(StartRun(run_id, _start_run_note(run_id, view)))
     elif view.resend_pending and view.outbox_pending and not view.in_flight and view.outbox_round is not None:
         effects.append(Resend(view.outbox_round))
+    else:
+        attempt = announcement.resend.get(view.client_id, 0)
+        if (attempt and view.outbox_round == announcement.round and not view.in_flight
+                and (run_id, announcement.round, attempt) not in view.resent):
+            effects.append(Resend(announcement.round, attempt))
     return tuple(effects)
+
+
+def check_round_jump(announcement: RoundAnnouncement, view: AgentView, max_jump: int) -> Optional[Refused]:
+    """A round far past the highest this agent has seen in the run (more than `max_jump` ahead; 0: no bound)
+    is refused: a forged `round: 10**8` on an open broker would otherwise make the agent record it as
+    submitted and skip every real round after it. A new run_id starts again from any round."""
+    if max_jump <= 0 or view.highest_round is None or announcement.run_id != view.run_id:
+        return None
+    if announcement.round <= view.highest_round + max_jump:
+        return None
+    return Refused(Note(WARNING, f"refused round {announcement.round}: more than {max_jump} rounds past round "
+                                 f"{view.highest_round}, the highest this agent has seen in run "
+                                 f"{view.run_id or 'unnamed'} (--max-round-jump)",
+                        key=f"jump-{announcement.run_id}-{announcement.round}"))
 
 
 def _start_run_note(run_id: str, view: AgentView) -> Note:

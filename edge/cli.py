@@ -89,6 +89,9 @@ def build_parser() -> CommandParser:
     run.add_argument("--slowdown", type=Bounded(float, minimum=1.0), default=1.0, metavar="F",
                      help="take F times as long per round as this device needs (a straggler, for tests and "
                           "simulations; default %(default)s)")
+    run.add_argument("--max-round-jump", type=Bounded(int, minimum=0), default=1000, metavar="N",
+                     help="refuse a round more than N rounds past the highest this agent has seen in the run "
+                          "(a forged round number would silence it; 0: no bound; default %(default)s)")
     trust = run.add_argument_group("trust (what `flora-aggregator enroll` wrote into agent.toml)")
     trust.add_argument("--identity-dir", type=Path, metavar="DIR",
                        help="the device's enrollment folder: identity key and certificate, ca.crt, aggregator.pub")
@@ -164,6 +167,7 @@ def agent_config(args: argparse.Namespace):
         fp16_updates=args.fp16_updates, image_encoder_int8=args.image_encoder_int8,
         exit_when_done=args.exit_when_done, progress_every_s=args.progress_every_s, metrics_port=args.metrics_port,
         metrics_host=args.metrics_host, slowdown=args.slowdown, split_seed=args.split_seed,
+        max_round_jump=args.max_round_jump,
         aggregator_key=args.aggregator_key,
         aggregator_key_file=args.aggregator_key_file, identity_dir=args.identity_dir,
         secure_aggregation=args.secure_aggregation,

@@ -191,6 +191,7 @@ ROUND_MESSAGE = Message("round", Object({
     # a secure round (docs/protocol.md, "Secure aggregation"): its parameters; absent in a plain round, so
     # an agent that predates secure aggregation refuses a secure round (an unknown key) and sends nothing
     "secagg": optional(Nullable(SECAGG_PARAMS)),
+    "resend": optional(Map(Str(64, _ID), Int(1, 1000), MAX_CLIENTS), {}),
 }), max_bytes=8 << 20)
 
 
@@ -218,6 +219,9 @@ class RoundAnnouncement:
     max_staleness: int = 0
     # with secure aggregation: the round's SecAggParams as JSON (the agent sends no plain update then)
     secagg: Optional[Dict[str, Any]] = None
+    # client id -> attempt: asked clients whose status says they submitted this round but whose update never
+    # reached the aggregator; each sends its stored update of this round again, once per attempt number
+    resend: Dict[str, int] = field(default_factory=dict)
 
     def asks(self, client_id: str) -> bool:
         return self.state == ROUND_TRAINING and (self.clients == "all" or client_id in self.clients)
@@ -239,6 +243,8 @@ class RoundAnnouncement:
             del d["secagg"]
         if not self.config.reset_optimizer:  # sent only when true: agents that predate the key read the rest
             del d["config"]["reset_optimizer"]
+        if not d["resend"]:  # only a round that asks a client to send its update again carries it
+            d.pop("resend")
         return ROUND_MESSAGE.encode(d)
 
     @classmethod
@@ -268,6 +274,8 @@ STATUS_MESSAGE = Message("status", Object({
     "backend": optional(Nullable(Str(64))),
     "ts": optional(Float(0.0, MAX_TIME), 0.0),
     "error_code": optional(Nullable(Str(32, ERROR_CODE))),
+    "submitted": optional(Nullable(Int(0, MAX_ROUND))),
+    "wants_global": optional(Nullable(Str(64, wire.HEX64))),
 }), max_bytes=16 << 10)
 
 
@@ -284,6 +292,12 @@ class Status:
     ts: float = 0.0
     # with state `error`: why, as a code (model-mismatch, protocol-mismatch, bad-global, round-failed, ...)
     error_code: Optional[str] = None
+    # the last round this device submitted in the run it follows (the aggregator notices an update lost on
+    # the way and asks for it again: the announcement's `resend`)
+    submitted: Optional[int] = None
+    # the sha256 of the global an announced round trains from, while the device does not hold it (the
+    # aggregator then publishes its global again)
+    wants_global: Optional[str] = None
 
     def to_json(self) -> bytes:
         d = asdict(self)
