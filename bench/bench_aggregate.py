@@ -206,7 +206,7 @@ def run_mqtt(agg_factory, manifest, dtype: str, clients: List[str], workdir: Pat
     """(seconds, payload bytes, RSS before connecting): drain a backlog of len(clients) updates from mosquitto."""
     from flora.broker.mosquitto import start_mosquitto
 
-    broker = start_mosquitto(workdir / "mosquitto", extra_config=["max_queued_messages 0"])
+    broker = start_mosquitto(workdir / "mosquitto", extra_config=["max_queued_messages 0"], anonymous=True)
     try:
         first = agg_factory(broker.url)
         first._resume_or_start()

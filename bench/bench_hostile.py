@@ -359,6 +359,7 @@ def scenario_live(hostile: str, work: Path, rounds: int = 2, timeout: float = 60
     work.mkdir(parents=True, exist_ok=True)
     bundle = write_bundle(work / "bundle", m)
     broker = start_mosquitto(work / "mosquitto")
+    os.environ.update(getattr(broker, "env", {}))  # a generated password, where the version under test has one
     state, log = work / "state", work / "aggregator.log"
     devices = _Devices(broker.url, m, ["h1", "h2"])
     crashes, restarts = 0, 0

@@ -302,7 +302,7 @@ def run_config(n: int, mode: str, adapter_name: str, rounds: int, processes: int
             keep.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix="fleet-", dir=keep))
         bundle = write_bundle(tmp / "bundle", manifest)
-        broker = start_mosquitto(tmp / "mosquitto", extra_config=broker_config(n))
+        broker = start_mosquitto(tmp / "mosquitto", extra_config=broker_config(n), anonymous=True)
         procs: List[subprocess.Popen] = []
         observer = None
         try:

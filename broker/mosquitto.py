@@ -1,16 +1,24 @@
-"""Start a private mosquitto broker on a free loopback port (for flora-sim and the tests)."""
+"""Start a private mosquitto broker on a free loopback port (for flora-sim and the tests), and size any
+mosquitto's queues for a federation (`queue_limits`).
+
+The private broker requires a generated username and password (anonymous clients are refused), so
+another local user cannot forge `global` or `round` messages, take over the aggregator's session or
+add ghost devices; clients get the credentials from the environment (`Mosquitto.env`:
+FLORA_MQTT_USERNAME, FLORA_MQTT_PASSWORD), never from a command line other users can read.
+"""
 
 from __future__ import annotations
 
 import getpass
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from flora.edge.errors import EXIT_UNAVAILABLE, FloraError
 
@@ -37,6 +45,35 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+#: The generated user of a private broker.
+USERNAME = "flora"
+#: What one device puts through the aggregator's session in a round: its update, metrics, two statuses, and
+#: room for re-sends and retries.
+MESSAGES_PER_DEVICE = 8
+
+
+def queue_limits(clients: int, max_update_bytes: int) -> List[str]:
+    """mosquitto config lines that let the aggregator's session hold a whole round unread for a federation of
+    `clients` devices whose updates are at most `max_update_bytes` (mosquitto 2.0's limits apply to every
+    session; only the aggregator's ever fills, devices read two retained messages). Past these limits
+    mosquitto drops messages it already acknowledged to their senders, so they are sized for the
+    federation, twice over, instead of the default 1,000 messages; `max_packet_size` refuses (disconnects)
+    a client that sends a packet larger than any valid update or announcement."""
+    if clients < 1 or max_update_bytes < 1:
+        raise ValueError(f"queue_limits needs clients >= 1 and max_update_bytes >= 1, got {clients}, "
+                         f"{max_update_bytes}")
+    messages = MESSAGES_PER_DEVICE * clients + 1000
+    queued_bytes = 2 * clients * (max_update_bytes + 16384)
+    announcement = 80 * clients + 65536  # the round message names every asked client
+    return [f"max_queued_messages {messages}", f"max_queued_bytes {queued_bytes}",
+            f"max_packet_size {max(max_update_bytes, announcement) + 65536}"]
+
+
+#: What start_mosquitto sizes its private broker for unless told otherwise (tests, a simulation).
+DEFAULT_CLIENTS = 10_000
+DEFAULT_MAX_UPDATE_BYTES = 4 << 20
+
+
 @dataclass
 class Mosquitto:
     host: str
@@ -44,10 +81,21 @@ class Mosquitto:
     process: subprocess.Popen
     config_path: Path
     log_path: Path
+    username: Optional[str] = None
+    password: Optional[str] = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
+
+    @property
+    def env(self) -> Dict[str, str]:
+        """The environment that gives a flora client (or a child process) this broker's credentials."""
+        from flora.edge.mqtt import PASSWORD_ENV, USERNAME_ENV
+
+        if self.username is None:
+            return {}
+        return {USERNAME_ENV: self.username, PASSWORD_ENV: self.password or ""}
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -79,17 +127,29 @@ def start_mosquitto(
     extra_config: Sequence[str] = (),
     listener_config: Optional[Sequence[str]] = None,
     timeout: float = 10.0,
+    clients: int = DEFAULT_CLIENTS,
+    max_update_bytes: int = DEFAULT_MAX_UPDATE_BYTES,
+    anonymous: bool = False,
 ) -> Mosquitto:
     """Write a config into `workdir`, start mosquitto on loopback, wait until it accepts connections.
 
-    By default the listener allows anonymous clients (a private test/simulation broker bound to
-    127.0.0.1); `listener_config` replaces that block (e.g. TLS, password file, ACL).
+    By default the listener requires a generated username and password (`Mosquitto.env` holds them;
+    `anonymous=True` allows anonymous clients instead); `listener_config` replaces that block (e.g. TLS,
+    a password file and ACL of the caller's). The queues are sized for `clients` devices sending updates of
+    at most `max_update_bytes` (`queue_limits`); `extra_config` lines come last and win.
     """
     find_mosquitto()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port(host)
-    listener = list(listener_config) if listener_config is not None else ["allow_anonymous true"]
+    username = password = None
+    if listener_config is not None:
+        listener = list(listener_config)
+    elif anonymous:
+        listener = ["allow_anonymous true"]
+    else:
+        username, password = USERNAME, secrets.token_urlsafe(24)
+        listener = ["allow_anonymous false", f"password_file {write_password_file(workdir, username, password)}"]
     lines = [
         *run_as_invoking_user(),
         "per_listener_settings false",
@@ -100,14 +160,30 @@ def start_mosquitto(
         "log_type notice",
         "log_type information",
         "connection_messages true",
-        "max_queued_messages 1000",
+        *queue_limits(clients, max_update_bytes),
         f"listener {port} {host}",
         *listener,
         *extra_config,
     ]
     config_path = workdir / "mosquitto.conf"
     config_path.write_text("\n".join(lines) + "\n")
-    return launch_mosquitto(config_path, host, port, timeout=timeout)
+    broker = launch_mosquitto(config_path, host, port, timeout=timeout)
+    broker.username, broker.password = username, password
+    return broker
+
+
+def write_password_file(workdir: Path, username: str, password: str) -> Path:
+    """A mosquitto password file (mode 600) with one user, hashed by mosquitto_passwd."""
+    path = Path(workdir) / "passwords"
+    path.unlink(missing_ok=True)
+    path.touch(mode=0o600)
+    tool = shutil.which("mosquitto_passwd") or shutil.which("mosquitto_passwd", path="/usr/bin:/usr/sbin")
+    if not tool:
+        raise MosquittoError(f"mosquitto_passwd is missing (it comes with mosquitto): {INSTALL_HINT}")
+    proc = subprocess.run([tool, "-b", str(path), username, password], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise MosquittoError(f"mosquitto_passwd failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    return path
 
 
 def certificate_listener(state_dir: Path) -> List[str]:

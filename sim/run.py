@@ -17,6 +17,7 @@ import numpy as np
 from flora.broker.checkpoint import STATE, Checkpoint
 from flora.broker.enroll import FederationPKI
 from flora.broker.mosquitto import Mosquitto, certificate_listener, start_mosquitto
+from flora.edge import adapter
 from flora.edge.bundle import IMAGE_ENCODER_INT8, Bundle, BundleError, load_bundle
 from flora.edge.dataset import Sample
 from flora.edge.errors import FloraError
@@ -429,8 +430,12 @@ def federate(cfg: SimConfig, bundle: Bundle, t_start: float, say: Say, mode: str
     broker: Optional[Mosquitto] = None
     try:
         with signals_deferred():  # a Ctrl-C while mosquitto starts up is held until `broker` is set
-            broker = (start_mosquitto(cfg.out / f"mosquitto{tag}", listener_config=certificate_listener(state_dir))
-                      if cfg.secure_aggregation else start_mosquitto(cfg.out / f"mosquitto{tag}"))
+            sizes = dict(clients=max(cfg.clients, 1),
+                         max_update_bytes=adapter.max_blob_bytes(bundle.manifest.trainable))
+            broker = (start_mosquitto(cfg.out / f"mosquitto{tag}", listener_config=certificate_listener(state_dir),
+                                      **sizes)
+                      if cfg.secure_aggregation else start_mosquitto(cfg.out / f"mosquitto{tag}", **sizes))
+        group.env.update(broker.env)  # the generated credentials reach the children in their environment only
         url = f"mqtts://{broker.host}:{broker.port}" if cfg.secure_aggregation else broker.url
         say(f"mosquitto on {url}; logs in {cfg.out / f'logs{tag}'}"
             + (" (per-device certificates, the enrollment ACL)" if cfg.secure_aggregation else "")

@@ -29,9 +29,13 @@ def mosquitto_binary():
 
 
 @pytest.fixture
-def mosquitto(mosquitto_binary, tmp_path):
-    """A real mosquitto on a free loopback port, anonymous access, stopped after the test."""
+def mosquitto(mosquitto_binary, tmp_path, monkeypatch):
+    """A real mosquitto on a free loopback port with a generated password, stopped after the test; the
+    credentials are in the environment (FLORA_MQTT_USERNAME/PASSWORD), where every flora client of the test
+    and every process it starts finds them."""
     broker = start_mosquitto(tmp_path / "mosquitto")
+    for name, value in broker.env.items():
+        monkeypatch.setenv(name, value)
     yield broker
     broker.stop()
 

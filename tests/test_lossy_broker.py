@@ -169,7 +169,7 @@ def live_agent(state_dir, url: str, client_id: str, manifest, federation: str):
 
 
 def test_a_broker_restarted_without_persistence_and_a_restarted_agent_do_not_stall_the_federation(
-        mosquitto_binary, tmp_path):
+        mosquitto_binary, tmp_path, monkeypatch):
     import subprocess
     import sys
     import threading
@@ -182,12 +182,15 @@ def test_a_broker_restarted_without_persistence_and_a_restarted_agent_do_not_sta
     fed = "lossy"
     broker = start_mosquitto(tmp_path / "mosquitto")
     port = broker.port
+    for name, value in broker.env.items():  # the restarted broker gets the same credentials
+        monkeypatch.setenv(name, value)
     bundle, state = write_bundle(tmp_path / "bundle", m), tmp_path / "agg-state"
     log = tmp_path / "aggregator.log"
-    proc = subprocess.Popen([sys.executable, "-m", "flora.broker.cli", "--bundle", str(bundle), "--broker",
-                             broker.url, "--federation", fed, "--rounds", "3", "--state-dir", str(state),
-                             "--min-clients", "2", "--round-timeout", "4", "--metrics-grace", "0"],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flora.broker.cli", "--bundle", str(bundle), "--broker",
+                                 broker.url, "--federation", fed, "--rounds", "3", "--state-dir", str(state),
+                                 "--min-clients", "2", "--round-timeout", "4", "--metrics-grace", "0"],
+                                stdout=out, stderr=subprocess.STDOUT)
     agents, threads = {}, {}
 
     def start(client_id: str) -> None:
@@ -211,7 +214,8 @@ def test_a_broker_restarted_without_persistence_and_a_restarted_agent_do_not_sta
             start(c)
         wait(lambda: rounds_done() >= 1, 60, "round 0")
         broker.stop()  # every retained message and the aggregator's session are gone
-        broker = start_mosquitto(tmp_path / "mosquitto2", port=port)
+        broker = start_mosquitto(tmp_path / "mosquitto2", port=port, listener_config=[  # the same password
+            "allow_anonymous false", f"password_file {tmp_path / 'mosquitto' / 'passwords'}"])
         agents["d2"].stop()  # and a device restarts (a fresh process, the same state dir)
         threads["d2"].join(30)
         start("d2")
@@ -224,5 +228,6 @@ def test_a_broker_restarted_without_persistence_and_a_restarted_agent_do_not_sta
             proc.kill()
         broker.stop()
     rows = [json.loads(ln) for ln in (state / "history.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1, 2] and all(sorted(r["reported"]) == ["d1", "d2"] for r in rows)
+    assert [r["round"] for r in rows] == [0, 1, 2], log.read_text()[-3000:]
+    assert all(sorted(r["reported"]) == ["d1", "d2"] for r in rows), [r["reported"] for r in rows]
     assert "publishing the round-" in log.read_text()  # it did publish again after the restart

@@ -21,6 +21,7 @@ from PIL import Image
 from flora.broker.checkpoint import STATE
 from flora.edge import adapter
 from flora.edge.bundle import ADAPTER, Bundle, load_bundle
+from flora.edge.synthetic import synthetic_manifest
 from flora.sim import cli
 from flora.sim import report as sim_report
 from flora.sim import run as sim_run
@@ -152,7 +153,7 @@ def test_sigterm_and_sighup_unwind_like_ctrl_c(signum):
 
 class FakeBroker:
     def __init__(self, calls):
-        self.calls, self.url = calls, "mqtt://127.0.0.1:1"
+        self.calls, self.url, self.env = calls, "mqtt://127.0.0.1:1", {}
 
     def stop(self):
         self.calls.append("broker stopped")
@@ -175,7 +176,7 @@ def test_a_second_ctrl_c_during_teardown_does_not_skip_stopping_the_broker():
 def test_ctrl_c_while_mosquitto_starts_up_still_stops_it(tmp_path, monkeypatch):
     calls = []
 
-    def slow_start(workdir):
+    def slow_start(workdir, **sizing):
         signal.raise_signal(signal.SIGINT)  # Ctrl-C during mosquitto's start-up wait
         calls.append("broker started")
         return FakeBroker(calls)
@@ -187,7 +188,7 @@ def test_ctrl_c_while_mosquitto_starts_up_still_stops_it(tmp_path, monkeypatch):
 
 
 def tiny_bundle_stub():
-    return SimpleNamespace(root=Path("/nonexistent"))
+    return SimpleNamespace(root=Path("/nonexistent"), manifest=synthetic_manifest())
 
 
 # -- the bundle: the backend the run needs, reuse only when it fits -----------------------------
