@@ -336,10 +336,11 @@ class _Devices:
         self.conn.stop()
 
 
-def _start_aggregator(bundle: Path, url: str, state: Path, log: Path, rounds: int) -> subprocess.Popen:
+def _start_aggregator(bundle: Path, url: str, state: Path, log: Path, rounds: int,
+                      extra: Sequence[str] = ()) -> subprocess.Popen:
     args = [sys.executable, "-m", "flora.broker.cli", "--bundle", str(bundle), "--broker", url, "--federation", FED,
             "--rounds", str(rounds), "--state-dir", str(state), "--min-clients", "2", "--round-timeout", "5",
-            "--metrics-grace", "0"]
+            "--metrics-grace", "0", *extra]
     return subprocess.Popen(args, stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -44,6 +44,7 @@ from flora.edge.protocol import (
     TrainConfig,
 )
 
+from .backpressure import Room
 from .checkpoint import (
     METRICS,
     REJECTION,
@@ -59,12 +60,21 @@ from .dashboard.server import Snapshots
 from .dashboard.snapshot import FederationInfo
 from .enroll import SIGN_AUTO, aggregator_signer
 from .fedbuff import BufferConfig
+from .ratelimit import Rate, RateLimiter
 from .rounds import CLOSE, EXTEND, GIVE_UP, WAIT, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
 from .schedule import Plateau, round_lr
 from .secure_aggregator import SecureAggregation, check_secure_aggregation
 from .secure_round import PLAIN_UPDATE, SecureSettings
 from .strategies import StrategyFull, make_strategy
-from .validation import BAD_CLIENT_ID, DEFAULT_MAX_NUM_SAMPLES, STRATEGY_FULL, Rejected, RoundView, validate_update
+from .validation import (
+    BAD_CLIENT_ID,
+    DEFAULT_MAX_NUM_SAMPLES,
+    RATE_LIMITED,
+    STRATEGY_FULL,
+    Rejected,
+    RoundView,
+    validate_update,
+)
 from .watch import Watch
 
 if TYPE_CHECKING:
@@ -93,6 +103,13 @@ FOREIGN = "foreign"
 SECAGG = "secagg-up"
 #: The aggregator re-publishes its own `global` and `round` over a foreign one at most this often.
 REPUBLISH_EVERY_S = 5.0
+#: Room for an update's topic and MQTT headers besides its payload, in the Maximum Packet Size advertised.
+PACKET_OVERHEAD = 4096
+#: Received updates held in memory at most, in bytes (besides --max-queued-updates in number).
+DEFAULT_MAX_QUEUED_BYTES = 256 << 20
+#: Per-client rates: an agent sends one update a round (a few more if asked again), and a few statuses.
+DEFAULT_UPDATE_RATE = Rate(1.0, 10.0)
+DEFAULT_MESSAGE_RATE = Rate(5.0, 50.0)
 #: The queue's kind for "paho reconnected" (the main thread then publishes the global and round again).
 RECONNECTED = "reconnected"
 #: Devices' requests for the global (a status's wants_global) are answered at most this often.
@@ -136,6 +153,9 @@ class AggregatorConfig:
     max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES
     max_extensions: int = 0  # 0: extend a round below quorum for as long as it takes
     max_queued_updates: int = 32  # updates received but not yet handled, at most (memory bound)
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES  # ... and at most these many bytes of them
+    update_rate: Rate = DEFAULT_UPDATE_RATE  # per client: updates beyond it are counted rate-limited, unread
+    message_rate: Rate = DEFAULT_MESSAGE_RATE  # per client: statuses and metrics beyond it are dropped
     on_round_closed: Optional[RoundHook] = None
     on_start: Optional[StartHook] = None
     client_id: str = "flora-aggregator"
@@ -197,7 +217,15 @@ class Aggregator:
         if cfg.max_queued_updates < 1:
             raise ConfigError(f"--max-queued-updates must be >= 1, got {cfg.max_queued_updates}")
         self.events: queue.Queue[Event] = queue.Queue()
-        self._room = threading.Semaphore(cfg.max_queued_updates)  # free places for updates in `events`
+        self._room = Room(cfg.max_queued_updates, cfg.max_queued_bytes)  # places for updates in `events`
+        self._update_rate = RateLimiter(cfg.update_rate)  # used by paho's thread only
+        self._message_rate = RateLimiter(cfg.message_rate)
+        self.dropped_messages = 0  # metrics over their sender's rate (paho's thread counts)
+        # the latest status of a client over its rate, by client (a status is retained state: the last one wins)
+        self._held_statuses: Dict[str, bytes] = {}
+        self._held_lock = threading.Lock()
+        self._logged_rejections: Set[Tuple[int, str, str]] = set()
+        self._no_round_dirty = False  # the no-round record changed since it was saved (see _settle)
         self.stop_event = threading.Event()
         self.online: Set[str] = set()
         self.watch = Watch(self.checkpoint, FederationInfo(cfg.federation, "sync", self.strategy.name,
@@ -229,7 +257,9 @@ class Aggregator:
         self.client = client
         self.client.manual_ack_set(True)  # updates are acked after they are durable (see _handle_event)
         self.client.on_message = self._on_message
-        self.connection = Connection(self.broker_cfg, self.client, on_connected=self._on_connected)
+        # MQTT 5 Maximum Packet Size: the broker does not send the aggregator what no valid update fits in
+        self.connection = Connection(self.broker_cfg, self.client, on_connected=self._on_connected,
+                                     max_packet_size=self.max_bytes + PACKET_OVERHEAD)
         self._republish_why: Optional[str] = None  # why the global and round should go out again
         self._republished_at = -math.inf
 
@@ -265,30 +295,42 @@ class Aggregator:
         return kind, who
 
     def _on_message(self, client, userdata, msg) -> None:
-        """Queue the message; acknowledge all but updates at once (an update is acked once it is durable)."""
+        """Queue the message; acknowledge all but updates at once (an update is acked once it is durable).
+
+        A sender over its rate costs a token-bucket lookup: its update is queued unread, to be counted as
+        `rate-limited` (and acked once that count is saved), its status or metrics message dropped."""
         if msg.topic in self._guarded:  # not our own (No Local): someone else wrote our topic
             client.ack(msg.mid, msg.qos)
             self.events.put((FOREIGN, msg.topic, bytes(msg.payload), None))
             return
         kind, who = self._route(msg.topic)
         if kind in ("update", BAD_UPDATE):
-            self._wait_for_room()
-            self.events.put((kind, who, bytes(msg.payload), (msg.mid, msg.qos, self.connections)))
+            token = (msg.mid, msg.qos, self.connections)
+            if not self._update_rate.allow(who if kind == "update" else BAD_UPDATE):  # bad ids share one bucket
+                self.events.put((RATE_LIMITED, who, b"", token))
+                return
+            self._room.take(len(msg.payload), self.stop_event)
+            self.events.put((kind, who, bytes(msg.payload), token))
             return
         if kind == SECAGG:  # a masked input is as large as an update: it waits for room too (acked at once: a
             client.ack(msg.mid, msg.qos)  # restart aborts the attempt anyway, nothing of it is kept on disk)
-            self._wait_for_room()
+            self._room.take(len(msg.payload), self.stop_event)
             self.events.put((kind, who, bytes(msg.payload), None))
             return
         client.ack(msg.mid, msg.qos)
-        if kind is not None:
-            self.events.put((kind, who, bytes(msg.payload), None))
-
-    def _wait_for_room(self) -> None:
-        """Hold paho's thread while `max_queued_updates` updates wait for the main thread (not once stopping)."""
-        while not self._room.acquire(timeout=0.5):
-            if self.stop_event.is_set():
-                return
+        if kind is None:
+            return
+        if not self._message_rate.allow(who):
+            if kind == "status":  # its latest status still counts: kept aside, handled at the next batch's end
+                with self._held_lock:
+                    self._held_statuses[who] = bytes(msg.payload)
+            else:
+                self.dropped_messages += 1
+            return
+        if kind == "status" and self._held_statuses:
+            with self._held_lock:
+                self._held_statuses.pop(who, None)  # superseded by this newer one
+        self.events.put((kind, who, bytes(msg.payload), None))
 
     def _ack(self, token: AckToken) -> None:
         """PUBACK an update (thread-safe: paho queues the packet for its network thread, as for a publish)."""
@@ -566,11 +608,18 @@ class Aggregator:
                  self.current.number if self.current is not None else -1, key)
         return True
 
-    def _reject(self, rec: RoundRecord, client: str, reason: str, detail: str, size: int, save: bool) -> bool:
-        """Count a rejection in the round's record (saved before the update is acked); always False."""
+    def _reject(self, rec: RoundRecord, client: str, reason: str, detail: str, size: int, save: bool,
+                quiet: bool = False) -> bool:
+        """Count a rejection in the round's record (saved before the update is acked); always False. `quiet`:
+        logged once per (round, client, reason), for what a flood repeats."""
         rec.reject(client, reason, detail, size)
-        log.warning("round %d: rejected update from %s: %s: %s", rec.number, client, reason, detail,
-                    extra=fields("rejected", round=rec.number, client=client, reason=reason))
+        key = (rec.number, client, reason)
+        if not quiet or key not in self._logged_rejections:
+            if quiet and len(self._logged_rejections) < 100_000:
+                self._logged_rejections.add(key)
+            log.warning("round %d: rejected update from %s: %s: %s%s", rec.number, client, reason, detail,
+                        " (more of these are counted, not logged)" if quiet else "",
+                        extra=fields("rejected", round=rec.number, client=client, reason=reason))
         if save:
             self._journal(rec, REJECTION, client, {"reason": reason, "detail": detail, "size": size})
         return False
@@ -588,7 +637,7 @@ class Aggregator:
         number = record.round
         detail = f"no round was open (the next is round {number}); the update says round {_claimed_round(blob)}"
         record.add(client, detail, len(blob))
-        self.checkpoint.save_no_round(number, record.to_json())
+        self._no_round_dirty = True
         log.warning("update from %s while no round is open: not folded, counted as no-round in round %d", client,
                     number, extra=fields("rejected", round=number, client=client, reason="no-round"))
 
@@ -724,6 +773,8 @@ class Aggregator:
                 self.secagg.handle(client, payload)
         elif kind == BAD_UPDATE:
             self._count_bad_topic(client, payload)
+        elif kind == RATE_LIMITED:
+            self._count_rate_limited(client)
         elif kind == RECONNECTED:
             self._want_republish("reconnected to the broker (a restarted broker may have lost them)", now=True)
         elif kind == "status":
@@ -748,6 +799,17 @@ class Aggregator:
                     len(payload), topic, extra=fields("foreign-message", reason="foreign"))
         self.client.publish(topic, ours, qos=QOS, retain=True)  # not waited for: paho resends it after a reconnect
 
+    def _count_rate_limited(self, client: str) -> None:
+        """An update over its sender's rate (`--rate-limit`), unread: counted `rate-limited` in the open round
+        (or the next one's no-round record); it says nothing of the sender's real update, which the round
+        still waits for (and asks again for, should the status say it was sent)."""
+        detail = f"over the per-client rate of {self.cfg.update_rate.describe()} (--rate-limit)"
+        if self.current is not None:
+            self._reject(self.current, client, RATE_LIMITED, detail, 0, save=True, quiet=True)
+            return
+        self._no_round_record().add(client, detail, 0, RATE_LIMITED)
+        self._no_round_dirty = True
+
     def _count_bad_topic(self, topic_id: str, payload: bytes) -> None:
         """An update on `update/<id>` with an id outside the grammar: counted as `bad-client-id` in the open
         round's record (or the next round's, while none is open), never folded."""
@@ -756,7 +818,7 @@ class Aggregator:
             self._reject(self.current, topic_id, BAD_CLIENT_ID, detail, len(payload), save=True)
             return
         self._no_round_record().add(topic_id, detail, len(payload), BAD_CLIENT_ID)
-        self.checkpoint.save_no_round(self.no_round.round, self.no_round.to_json())
+        self._no_round_dirty = True
 
     def _handle_status(self, client: str, payload: bytes) -> None:
         if not payload:  # a cleared retained status: the client is gone
@@ -829,7 +891,7 @@ class Aggregator:
                 self._count_unhandled(client, exc, len(payload))
         finally:
             if kind in ("update", BAD_UPDATE, SECAGG):
-                self._room.release()
+                self._room.give(len(payload))
         return token
 
     def _count_unhandled(self, client: str, exc: Exception, size: int) -> None:
@@ -839,7 +901,7 @@ class Aggregator:
             self._reject(self.current, client, "malformed", detail, size, save=True)
         else:
             self._no_round_record().add(client, detail, size, "malformed")
-            self.checkpoint.save_no_round(self.no_round.round, self.no_round.to_json())
+            self._no_round_dirty = True
 
     def _drain(self, timeout: float) -> None:
         """Handle every queued message (waiting up to `timeout` for the first), then make their outcomes durable
@@ -867,6 +929,7 @@ class Aggregator:
                     break
         finally:  # what was handled before an exception (a failed journal write) is still made durable and acked
             self._settle(tokens)
+        self._handle_held_statuses()
         self.watch.tick(self.state, self.current)
 
     def _buffer_full(self) -> bool:
@@ -874,11 +937,22 @@ class Aggregator:
         return False
 
     def _settle(self, tokens: Sequence[AckToken]) -> None:
-        """One sync of the journal, then the PUBACKs of the updates it made durable."""
+        """One sync of the journal (and a save of the no-round record if it changed), then the PUBACKs of the
+        updates they made durable."""
+        if self._no_round_dirty and self.no_round is not None:
+            self.checkpoint.save_no_round(self.no_round.round, self.no_round.to_json())
+        self._no_round_dirty = False
         if tokens:
             self.checkpoint.sync()
             for token in tokens:
                 self._ack(token)
+
+    def _handle_held_statuses(self) -> None:
+        """The latest status of each client that went over its rate (one per client, whatever it sent)."""
+        with self._held_lock:
+            held, self._held_statuses = self._held_statuses, {}
+        for client, payload in held.items():
+            self._handle_event("status", client, payload, None)
 
     def _wait_for_clients(self, need: int, timeout: Optional[float] = None) -> None:
         """Process messages until `need` clients are online; ClientsAbsent after `timeout` seconds if given."""

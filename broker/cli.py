@@ -126,6 +126,14 @@ def build_parser() -> CommandParser:
     run.add_argument("--max-update-bytes", type=int, help="reject larger updates (default: fp32 size + 64 KiB)")
     run.add_argument("--max-queued-updates", type=int, default=32,
                      help="updates held in memory before the rest wait at the broker (default: 32)")
+    run.add_argument("--max-queued-bytes", type=Bounded(int, minimum=1), default=256 << 20,
+                     help="... and at most these many bytes of them (default: 256 MiB)")
+    run.add_argument("--rate-limit", type=_rate, default="1/s,burst=10", metavar="N/s[,burst=B]",
+                     help="per client: updates beyond this rate are counted rate-limited without being read, so "
+                          "one device flooding its topic cannot starve the others (default: %(default)s; off: no "
+                          "limit)")
+    run.add_argument("--message-rate-limit", type=_rate, default="5/s,burst=50", metavar="N/s[,burst=B]",
+                     help="per client: statuses and metrics beyond this rate are dropped (default: %(default)s)")
     run.add_argument("--max-num-samples", type=int, default=DEFAULT_MAX_NUM_SAMPLES,
                      help="reject updates claiming more local samples, as bad-num-samples (default: 10**9)")
     run.add_argument("--eval-data", type=Path, help="held-out images (folder or CSV) to test every global on")
@@ -182,6 +190,12 @@ def build_parser() -> CommandParser:
     dash.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     dash.add_argument("--http", default=DEFAULT_HTTP, metavar="HOST:PORT", help="where (default %(default)s)")
     dash.add_argument("--log-level", default="INFO", choices=LEVELS)
+    limits = sub.add_parser("broker-limits", help="mosquitto config lines that size its queues for a federation "
+                                                  "(put them in a conf.d drop-in)")
+    limits.add_argument("--clients", type=Bounded(int, minimum=1), required=True, help="devices in the federation")
+    limits.add_argument("--bundle", type=Path, help="the bundle (its largest valid update sets the sizes)")
+    limits.add_argument("--max-update-bytes", type=Bounded(int, minimum=1),
+                        help="instead of --bundle: the largest valid update, in bytes")
     clear = sub.add_parser("clear-status", help="remove the retained status of a retired device (it then no "
                                                 "longer shows as a device nor counts as online)")
     clear.add_argument("device", help="the device's client id")
@@ -246,12 +260,46 @@ def main(argv: Optional[List[str]] = None) -> int:
             return enrollment(args)
         except FloraError as exc:
             return report(PROG, exc)
+    if args.command == "broker-limits":
+        return print_broker_limits(args)
     try:
         args = apply_config(parser.commands["run"], args, argv[1:], load_toml(args.config))
     except ConfigError as exc:
         return report(PROG, exc)
     setup_logging(args.log_level, args.log_format)
     return run(args)
+
+
+def _rate(text):
+    """--rate-limit's type: a Rate (from 'N/s,burst=B' or 'off', or one already parsed)."""
+    from .ratelimit import Rate
+
+    if isinstance(text, Rate):
+        return text
+    try:
+        return Rate.parse(str(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def print_broker_limits(args: argparse.Namespace) -> int:
+    """`broker-limits`: mosquitto's queue and packet limits for `--clients` devices of a bundle."""
+    from flora.edge import adapter
+    from flora.edge.bundle import load_manifest
+
+    from .mosquitto import queue_limits
+
+    if (args.bundle is None) == (args.max_update_bytes is None):
+        return report(PROG, ConfigError("give exactly one of --bundle and --max-update-bytes"))
+    try:
+        size = args.max_update_bytes or adapter.max_blob_bytes(load_manifest(args.bundle).trainable)
+    except FloraError as exc:
+        return report(PROG, exc)
+    print(f"# flora: the aggregator's session holds a whole round of {args.clients} devices unread "
+          f"(updates of at most {size} bytes); `flora-aggregator broker-limits --clients {args.clients}`")
+    for line in queue_limits(args.clients, size):
+        print(line)
+    return 0
 
 
 def _until_signalled() -> None:
@@ -387,8 +435,10 @@ def run(args: argparse.Namespace) -> int:
             strategy_options=parse_assignments(args.strategy_option),
             max_update_bytes=args.max_update_bytes, max_num_samples=args.max_num_samples,
             max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
-            client_id=args.client_id, mode=args.mode, buffer=_buffer(args), sites=_sites(args.sites),
-            sign=args.sign, secure_aggregation=args.secure_aggregation, secagg=_secure_settings(args),
+            max_queued_bytes=args.max_queued_bytes, update_rate=_rate(args.rate_limit),
+            message_rate=_rate(args.message_rate_limit), client_id=args.client_id, mode=args.mode,
+            buffer=_buffer(args), sites=_sites(args.sites), sign=args.sign,
+            secure_aggregation=args.secure_aggregation, secagg=_secure_settings(args),
             keep_globals=args.keep_globals, keep_best=args.keep_best,
             **_hooks(bundle, args.eval_data),
         )

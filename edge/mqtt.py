@@ -191,9 +191,13 @@ def make_client(
     return client
 
 
-def connect_properties(cfg: BrokerConfig) -> Properties:
+def connect_properties(cfg: BrokerConfig, max_packet_size: Optional[int] = None) -> Properties:
+    """CONNECT's properties: the session expiry, and the Maximum Packet Size this client accepts (the broker
+    then never sends it a larger packet)."""
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = cfg.session_expiry_s
+    if max_packet_size is not None:
+        props.MaximumPacketSize = max_packet_size
     return props
 
 
@@ -204,9 +208,11 @@ class Connection:
     `on_connected` runs on every (re)connection: subscribe there.
     """
 
-    def __init__(self, cfg: BrokerConfig, client: mqtt.Client, on_connected=None) -> None:
+    def __init__(self, cfg: BrokerConfig, client: mqtt.Client, on_connected=None,
+                 max_packet_size: Optional[int] = None) -> None:
         self.cfg = cfg
         self.client = client
+        self.max_packet_size = max_packet_size
         self.connected = threading.Event()
         self._on_connected = on_connected
         self.last_reason: Optional[str] = None
@@ -247,7 +253,7 @@ class Connection:
         while True:
             try:
                 self.client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive, clean_start=False,
-                                    properties=connect_properties(self.cfg))
+                                    properties=connect_properties(self.cfg, self.max_packet_size))
                 break
             except OSError as exc:  # before ValueError: ssl.SSLCertVerificationError is both
                 cause = describe_socket_error(exc, self.cfg)

@@ -3,11 +3,11 @@ and restarts that rebuild the round exactly from the snapshot and the journal, h
 
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import numpy as np
 
+from flora.broker.backpressure import Room
 from flora.broker.checkpoint import JOURNAL, OPEN_ROUND
 from flora.broker.rounds import Sampling
 from flora.edge.synthetic import encode_update, random_adapter
@@ -105,7 +105,7 @@ def test_a_full_batch_leaves_the_rest_of_the_queue_for_the_next_drain(tmp_path, 
     clock = FakeClock()
     clients = [f"c{i}" for i in range(5)]
     agg = started(tmp_path, clock, clients=clients)
-    agg._room = threading.Semaphore(10)  # room for all five in memory at once
+    agg._room = Room(10, 1 << 30)  # room for all five in memory at once
     m = agg.manifest
     for i, c in enumerate(clients):
         deliver(agg, "update", c, encode_update(m, random_adapter(m, i), c, 0, 1 + i), mid=20 + i)

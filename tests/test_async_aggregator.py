@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List
@@ -15,6 +14,7 @@ import pytest
 
 from flora.broker.aggregator import AggregatorConfig
 from flora.broker.async_rounds import AsyncAggregator, make_aggregator
+from flora.broker.backpressure import Room
 from flora.broker.fedbuff import BufferConfig, Staleness
 from flora.edge import adapter
 from flora.edge.mqtt import BrokerConfig
@@ -172,7 +172,7 @@ def test_a_batch_larger_than_the_buffer_fills_versions_of_exactly_k(tmp_path):
     """Messages are handled in batches; the K-th update closes the buffer before the next one is folded."""
     clock = Clock()
     agg = make(tmp_path, clock, k=2, s=3)
-    agg._room = threading.Semaphore(10)
+    agg._room = Room(10, 1 << 30)
     agg.connections = 1
     for i, c in enumerate("abcde"):
         blob = encode_update(M, random_adapter(M, i), c, 0, 5)
