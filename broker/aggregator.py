@@ -474,8 +474,9 @@ class Aggregator:
             self._publish(self.topics.global_, self.global_blob, retain=True)
         self._publish(self.topics.round, self._announcement(ROUND_TRAINING, rec).to_json(), retain=True)
 
-    def _announce_done(self) -> None:
-        self._publish(self.topics.global_, self.global_blob, retain=True)
+    def _announce_done(self, with_global: bool = False) -> None:
+        if with_global:
+            self._publish(self.topics.global_, self.global_blob, retain=True)
         self._publish(self.topics.round, self._announcement(ROUND_DONE, None).to_json(), retain=True)
 
     def _want_republish(self, why: str, now: bool = False) -> None:
@@ -494,7 +495,7 @@ class Aggregator:
         if self.current is not None:
             self._announce(self.current)
         elif self.state.done:
-            self._announce_done()
+            self._announce_done(with_global=True)
         else:
             self._publish(self.topics.global_, self.global_blob, retain=True)
 
@@ -759,7 +760,12 @@ class Aggregator:
 
     # -- events ------------------------------------------------------------------------------
     def handle(self, kind: str, client: str, payload: bytes) -> None:
-        """Process one message (main thread); a malformed message is logged and dropped."""
+        """Process one message (main thread) and make its outcome durable; a malformed message is logged and
+        dropped. (The event loop dispatches a batch of messages, then saves once: `_drain`.)"""
+        self._dispatch(kind, client, payload)
+        self._commit_batch([])
+
+    def _dispatch(self, kind: str, client: str, payload: bytes) -> None:
         if kind == "update":
             if self.current is None:
                 self._count_no_round(client, payload)
@@ -882,7 +888,7 @@ class Aggregator:
         An exception other than the three below (an OSError writing the journal) propagates unacknowledged.
         """
         try:
-            self.handle(kind, client, payload)
+            self._dispatch(kind, client, payload)
         except OSError:  # the state dir failed: fatal, and the update stays unacknowledged
             raise
         except Exception as exc:  # a message that slipped past validation: never a crash (nor a crash loop)

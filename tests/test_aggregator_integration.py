@@ -180,7 +180,8 @@ def test_the_cli_accepts_only_good_updates_and_counts_every_rejection(mosquitto,
                ("c2", encode_update(M, good, "c2", 1, 10, model_id="a" * 64)),          # foreign model
                ("c2", encode_update(M, nan, "c2", 1, 10)),                              # NaN
                ("c3", encode_update(M, wrong, "c3", 1, 10)),                            # wrong shape
-               ("c3", encode_update(M, huge, "c3", 1, 10)),                             # oversized
+               ("c3", encode_update(M, huge, "c3", 1, 10)),  # oversized: over the Maximum Packet Size the
+                                                                            # aggregator advertises, never sent to it
                ("c3", mixed),                                                           # fp16 data, fp32 label
                ("c2", zero),                                                            # num_samples 0
                ("c1", b"garbage"),                                                      # malformed
@@ -210,7 +211,7 @@ def test_the_cli_accepts_only_good_updates_and_counts_every_rejection(mosquitto,
     assert rows[0]["reported"] == {"c1": 10, "c2": 30, "c3": 60} and rows[0]["num_rejected"] == 0
     assert rows[1]["reported"] == {"c1": 5, "c2": 7, "c3": 11} and rows[1]["asked"] == ["c1", "c2", "c3"]
     assert rows[1]["rejection_counts"] == {
-        "late": 1, "early": 1, "foreign-model": 1, "non-finite": 1, "bad-tensors": 1, "oversized": 1, "bad-dtype": 1,
+        "late": 1, "early": 1, "foreign-model": 1, "non-finite": 1, "bad-tensors": 1, "bad-dtype": 1,
         "bad-num-samples": 1, "malformed": 1, "client-mismatch": 1, "not-asked": 1, "duplicate": 1}
     assert {r["client"] for r in rows[1]["rejected"]} == {"c1", "c2", "c3", "c9"}
     assert rows[1]["bytes_received"] == sum(len(b) for b in ups1.values())

@@ -16,6 +16,7 @@ from flora.broker.validation import (
     BAD_CLIENT_ID,
     DEFAULT_MAX_NUM_SAMPLES,
     NO_ROUND,
+    RATE_LIMITED,
     REASONS,
     STRATEGY_FULL,
     VALIDATION_REASONS,
@@ -195,7 +196,7 @@ def cases() -> Dict[str, list]:
 def test_every_rejection_reason_is_detected_with_a_readable_detail():
     all_cases = cases()
     assert set(all_cases) == set(VALIDATION_REASONS)
-    assert set(REASONS) == {*VALIDATION_REASONS, NO_ROUND, BAD_CLIENT_ID, STRATEGY_FULL}
+    assert set(REASONS) == {*VALIDATION_REASONS, NO_ROUND, BAD_CLIENT_ID, STRATEGY_FULL, RATE_LIMITED}
     for reason, blobs in all_cases.items():
         for i, item in enumerate(blobs):
             blob, client, view = (*item, ROUND)[:3] if isinstance(item, tuple) else (item, "c1", ROUND)
