@@ -763,7 +763,8 @@ class Aggregator:
         """Process one message (main thread) and make its outcome durable; a malformed message is logged and
         dropped. (The event loop dispatches a batch of messages, then saves once: `_drain`.)"""
         self._dispatch(kind, client, payload)
-        self._commit_batch([])
+        self._settle([])
+        self.checkpoint.sync()
 
     def _dispatch(self, kind: str, client: str, payload: bytes) -> None:
         if kind == "update":
@@ -851,7 +852,8 @@ class Aggregator:
         if status.wants_global is not None and status.wants_global == sha256_bytes(self.global_blob):
             self._want_republish(f"{client} waits for it (the broker's retained copy is lost or stale)")
         rec = self.current
-        if rec is not None and rec.submitted(client, status.submitted, self.clock()):
+        # (a sync round only: an async buffer asks no one and waits for no one in particular)
+        if isinstance(rec, RoundRecord) and rec.submitted(client, status.submitted, self.clock()):
             log.info("round %d: %s says it submitted, but its update has not come", rec.number, client)
 
     def _handle_metrics(self, client: str, payload: bytes) -> None:

@@ -70,7 +70,7 @@ def test_the_cli_prints_broker_limits_for_a_bundle(tmp_path, capsys):
     assert main(["broker-limits", "--clients", "5"]) == 2
 
 
-def test_a_flooding_device_is_rate_limited_unread_and_counted_with_one_save_per_batch(tmp_path, monkeypatch):
+def test_a_flooding_device_is_rate_limited_unread_and_counted_with_one_sync_per_batch(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     agg = offline_aggregator(tmp_path / "state", FakeClock(), client=FakeMqttClient(), rounds=1,
@@ -83,6 +83,7 @@ def test_a_flooding_device_is_rate_limited_unread_and_counted_with_one_save_per_
     saves = []
     real = agg.checkpoint.save_open_round
     monkeypatch.setattr(agg.checkpoint, "save_open_round", lambda n, r: (saves.append(n), real(n, r)))
+    syncs = agg.checkpoint.journal(0).syncs
     junk = b"junk" * 100
     for mid in range(1, 201):
         agg._on_message(agg.client, None, SimpleNamespace(topic=f"{agg.topics.base}/update/flood", payload=junk,
@@ -93,7 +94,8 @@ def test_a_flooding_device_is_rate_limited_unread_and_counted_with_one_save_per_
     counts = agg.current.rejection_counts
     assert counts == {"malformed": 10, "rate-limited": 190}  # the burst was read, the rest only counted
     assert agg.current.reported == {"a": 7} and sorted(m for m, _ in agg.client.acks) == [*range(1, 201), 999]
-    assert len(saves) == 1  # 200 rejections, one write of the round's record
+    # 200 rejections and one update: appended to the journal, one sync for the batch, no rewrite of round.json
+    assert agg.checkpoint.journal(0).syncs == syncs + 1 and saves == []
     for _ in range(300):  # a status flood: only the latest status counts
         agg._on_message(agg.client, None, SimpleNamespace(topic=agg.topics.status("flood"),
                                                           payload=status("flood"), mid=0, qos=1))
