@@ -70,7 +70,7 @@ def measure(qos: int, rounds: int, manifest, workdir: Path) -> Dict:
     from flora.edge.synthetic import random_adapter
 
     topics = Topics(FEDERATION)
-    broker = start_mosquitto(workdir / f"mosquitto-qos{qos}")
+    broker = start_mosquitto(workdir / f"mosquitto-qos{qos}", anonymous=True)  # loopback, no credentials
     try:
         cfg = BrokerConfig.from_url(broker.url)
         server = make_client(cfg, "aggregator")

@@ -72,10 +72,10 @@ class Fleet:
         self.procs: List[subprocess.Popen] = []
         self.manifest = fleet_manifest("tiny")
         self.bundle = write_bundle(tmp / "bundle", self.manifest)
-        self.root = start_mosquitto(tmp / "root")
+        self.root = start_mosquitto(tmp / "root", anonymous=True)  # loopback; the bridge lines carry no password
         self.sites: Dict[str, Mosquitto] = {}
         for site in ("site-a", "site-b"):
-            self.sites[site] = start_mosquitto(tmp / site, extra_config=bridge_lines(site, self.root))
+            self.sites[site] = start_mosquitto(tmp / site, extra_config=bridge_lines(site, self.root), anonymous=True)
 
     def start_root(self, *extra: str) -> subprocess.Popen:
         args = ["--bundle", str(self.bundle), "--broker", self.root.url, "--federation", ROOT_FEDERATION,
