@@ -258,8 +258,9 @@ class Aggregator:
         self.client.manual_ack_set(True)  # updates are acked after they are durable (see _handle_event)
         self.client.on_message = self._on_message
         # MQTT 5 Maximum Packet Size: the broker does not send the aggregator what no valid update fits in
+        largest = max(self.max_bytes, self.max_partial_bytes if cfg.sites else 0)  # a site's partial is float64
         self.connection = Connection(self.broker_cfg, self.client, on_connected=self._on_connected,
-                                     max_packet_size=self.max_bytes + PACKET_OVERHEAD)
+                                     max_packet_size=largest + PACKET_OVERHEAD)
         self._republish_why: Optional[str] = None  # why the global and round should go out again
         self._republished_at = -math.inf
 
@@ -350,9 +351,15 @@ class Aggregator:
             self._retained[topic] = payload
         info = self.client.publish(topic, payload, qos=QOS, retain=retain)
         deadline = time.monotonic() + wait
-        while not info.is_published() and time.monotonic() < deadline and not self.stop_event.is_set():
+        while True:
+            done = _is_published(info)
+            if done is None:  # not connected: paho keeps the message and sends it once it has reconnected
+                log.info("not connected to the broker: %s goes out when paho reconnects", topic)
+                return
+            if done or time.monotonic() >= deadline or self.stop_event.is_set():
+                break
             self._drain(0.01)  # keep handling messages: paho's thread may be waiting for room in the queue
-        if wait > 0 and not info.is_published() and not self.stop_event.is_set():
+        if wait > 0 and not done and not self.stop_event.is_set():
             log.warning("no PUBACK for %s within %.0f s; paho will resend it after reconnecting", topic, wait)
 
     def _publish_all(self, messages, wait: float = 60.0) -> None:
@@ -1086,6 +1093,15 @@ class Aggregator:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+def _is_published(info) -> Optional[bool]:
+    """Whether the broker acknowledged a QoS 1 publish; None if it was published while disconnected (paho
+    then sends it after reconnecting, and its is_published() raises for good)."""
+    try:
+        return info.is_published()
+    except RuntimeError:
+        return None
 
 
 def _claimed_round(blob: bytes) -> str:

@@ -96,13 +96,13 @@ class SiteAggregator(Aggregator):
         elif msg.topic == self.up_topics.global_:
             self.events.put((UP_GLOBAL, "", bytes(msg.payload), None))
 
-    def handle(self, kind: str, client: str, payload: bytes) -> None:
+    def _dispatch(self, kind: str, client: str, payload: bytes) -> None:
         if kind == UP_ROUND:
             self._handle_up_round(payload)
         elif kind == UP_GLOBAL:
             self._handle_up_global(payload)
         else:
-            super().handle(kind, client, payload)
+            super()._dispatch(kind, client, payload)
 
     def _handle_up_global(self, payload: bytes) -> None:
         try:
