@@ -371,7 +371,7 @@ class Aggregator:
                 self._retained[topic] = payload
             infos.append(self.client.publish(topic, payload, qos=QOS, retain=retain))
         deadline = time.monotonic() + wait
-        while (not all(i.is_published() for i in infos) and time.monotonic() < deadline
+        while (any(_is_published(i) is False for i in infos) and time.monotonic() < deadline  # None: disconnected
                and not self.stop_event.is_set()):
             self._drain(0.01)
 
