@@ -305,7 +305,8 @@ class PrivacyLedger:
         self.events.append(event)
         self.participation.update([str(c) for c in reported])  # each client once (a dict: its keys)
         most = max(self.participation.values(), default=0)
-        return {"q": event.q, "asked": asked, "population": population,
+        return {"mode": s.mode, "clip": s.clip, "noise_multiplier": s.noise_multiplier,
+                "q": event.q, "asked": asked, "population": population,
                 "effective_noise_multiplier": effective_noise_multiplier, "epsilon": self.epsilon,
                 "delta": s.delta, "accountant": s.accountant, "max_epsilon": s.max_epsilon,
                 "most_rounds_of_one_device": most,

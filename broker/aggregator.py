@@ -44,6 +44,7 @@ from flora.edge.protocol import (
     TrainConfig,
 )
 
+from .accountant import Decision, DPSettings
 from .backpressure import Room
 from .checkpoint import (
     METRICS,
@@ -60,12 +61,13 @@ from .dashboard.server import Snapshots
 from .dashboard.snapshot import FederationInfo
 from .enroll import SIGN_AUTO, aggregator_signer
 from .fedbuff import BufferConfig
+from .privacy import DPPolicy
 from .ratelimit import Rate, RateLimiter
 from .rounds import CLOSE, EXTEND, GIVE_UP, WAIT, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
 from .schedule import Plateau, round_lr
 from .secure_aggregator import SecureAggregation, check_secure_aggregation
 from .secure_round import PLAIN_UPDATE, SecureSettings
-from .strategies import StrategyFull, make_strategy
+from .strategies import DPFedAvg, StrategyFull, make_strategy
 from .validation import (
     BAD_CLIENT_ID,
     DEFAULT_MAX_NUM_SAMPLES,
@@ -128,6 +130,8 @@ MAX_BATCH = 256
 SNAPSHOT_EVERY_S = 2.0
 JOURNAL_OFFSET = "journal_offset"
 PARTIAL_KINDS = ("update", adapter.PARTIAL)
+#: state.extra["stopped"]["reason"] of a federation stopped before a round would exceed its DP budget
+BUDGET = "privacy-budget"
 
 
 @dataclass
@@ -149,6 +153,7 @@ class AggregatorConfig:
     metrics_grace_s: float = 1.0
     strategy: str = "fedavg"
     strategy_options: Dict[str, Any] = field(default_factory=dict)  # `--strategy-option KEY=VALUE`
+    dp: Optional[DPSettings] = None  # differential privacy (DP-FedAvg, accounted; broker/privacy.py)
     max_update_bytes: Optional[int] = None
     max_num_samples: int = DEFAULT_MAX_NUM_SAMPLES
     max_extensions: int = 0  # 0: extend a round below quorum for as long as it takes
@@ -203,8 +208,10 @@ class Aggregator:
             raise ConfigError(f"--max-num-samples must be >= 1 and <= 1e300 (a float64 weight), got "
                              f"{str(cfg.max_num_samples)[:24]}")
         round_lr(cfg.train.lr, cfg.lr_schedule, 0, cfg.rounds)  # an unknown schedule fails here, not mid-run
-        self.rounds = RoundClock(cfg.sampling, cfg.round_timeout_s, clock, cfg.metrics_grace_s, cfg.max_extensions)
-        self.strategy = make_strategy(cfg.strategy, cfg.strategy_options)
+        self.privacy = DPPolicy(cfg.dp) if cfg.dp is not None else None
+        self.rounds = RoundClock(cfg.sampling, cfg.round_timeout_s, clock, cfg.metrics_grace_s, cfg.max_extensions,
+                                 grow_on_extend=self.privacy is None)
+        self.strategy = self._make_strategy(cfg)
         best = resolve_best_metric(cfg.keep_best, evaluation_configured=cfg.on_round_closed is not None)
         if best == "test_accuracy" and cfg.on_round_closed is None:
             raise ConfigError("--keep-best test_accuracy needs held-out evaluation (--eval-data)")
@@ -263,6 +270,28 @@ class Aggregator:
                                      max_packet_size=largest + PACKET_OVERHEAD)
         self._republish_why: Optional[str] = None  # why the global and round should go out again
         self._republished_at = -math.inf
+
+    def _make_strategy(self, cfg: AggregatorConfig):
+        """The round's strategy: DP-FedAvg under --dp-*, the named one otherwise; ConfigError for what cannot
+        combine (DP-FedAvg by name without accounting, DP with async rounds or with secure aggregation, distributed
+        DP without it). Per-update strategies under secure aggregation: `check_secure_aggregation`."""
+        if self.privacy is None and cfg.strategy == DPFedAvg.name:
+            raise ConfigError("--strategy dp-fedavg is set up by the --dp-* options (--dp-clip, "
+                              "--dp-noise-multiplier), which also count epsilon and tell the devices to clip")
+        if cfg.dp is not None and cfg.mode != MODE_SYNC:
+            raise ConfigError("--dp-* needs synchronous rounds (--mode sync): the accountant charges each round's "
+                              "sampling of the devices, which buffered asynchronous rounds do not have")
+        if cfg.dp is not None and cfg.secure_aggregation:
+            raise ConfigError("--dp-* with --secure-aggregation is not supported yet: central DP clips each update on "
+                              "the aggregator, which secure aggregation hides, and the DP-FedAvg strategy does not "
+                              "fold secure aggregation's sum (distributed DP's devices' side is built, its "
+                              "aggregation is not; docs/privacy.md)")
+        if cfg.dp is not None and cfg.dp.mode == "distributed" and not cfg.secure_aggregation:
+            raise ConfigError("--dp-mode distributed needs secure aggregation: without it the aggregator sees each "
+                              "update with only its own share of the noise")
+        strategy = (self.privacy.strategy(cfg.strategy, cfg.strategy_options) if self.privacy is not None
+                    else make_strategy(cfg.strategy, cfg.strategy_options))
+        return strategy
 
     @classmethod
     def open(cls, cfg: AggregatorConfig, clock: Callable[[], float] = time.time) -> Aggregator:
@@ -437,12 +466,29 @@ class Aggregator:
                                   f"{self.state.round}")
         self.global_blob = blob
         self.global_tensors = decoded.as_float32()
+        self._resume_privacy()
         if self.state.extra.get("federation") != self.watch.info.to_json():  # what `dashboard --state-dir` shows
             self.state.extra["federation"] = self.watch.info.to_json()
             self.checkpoint.save(self.state)
         self.watch.load()
         if not self.state.done:
             self._restore_open_round()
+
+    def _resume_privacy(self) -> None:
+        """DP: count the rounds already run (from the history); a federation stopped at its budget is looked at
+        again (the budget may have been raised: the next round's check decides)."""
+        assert self.state is not None
+        stopped = self.state.extra.get("stopped")
+        if self.privacy is None:
+            return
+        self.privacy.resume(self.checkpoint.history())
+        if isinstance(stopped, dict) and stopped.get("reason") == BUDGET and self.state.round < self.state.rounds_total:
+            self.state.done = False
+            del self.state.extra["stopped"]
+            self.checkpoint.save(self.state)
+        log.info("differential privacy: %s; epsilon %.4g at delta %g after %d round(s)%s", self.privacy.settings.mode,
+                 self.privacy.ledger.epsilon, self.privacy.settings.delta, len(self.privacy.ledger.events),
+                 f", budget {self.privacy.settings.max_epsilon:g}" if self.privacy.settings.max_epsilon else "")
 
     def _restore_open_round(self) -> None:
         """Resume the round open before a restart, or reload the no-round updates counted for the next one."""
@@ -465,9 +511,12 @@ class Aggregator:
 
     def _announcement(self, state: str, rec: Optional[RoundRecord]) -> RoundAnnouncement:
         secure = self.secagg.announcement_fields() if self.secagg is not None and rec is not None else {}
+        config = self.round_config(self.state.round)
+        if self.privacy is not None and rec is not None:  # the clip norm (and noise share) the devices apply
+            config = self.privacy.train_config(config, len(rec.asked))
         return RoundAnnouncement(
             round=self.state.round, model_id=self.manifest.model_id, state=state,
-            config=self.round_config(self.state.round),
+            config=config,
             clients=sorted(rec.asked) if rec is not None else [], resend=dict(rec.resend) if rec is not None else {},
             deadline=rec.deadline if rec is not None else self.clock(),
             global_sha256=sha256_bytes(self.global_blob), total_rounds=self.state.rounds_total,
@@ -548,6 +597,12 @@ class Aggregator:
         if self.secagg is not None:
             self.secagg.load_registry()
         rec = self.rounds.open(self.state.round, self._participants(), self.watch.errors)
+        if self.privacy is not None:
+            decision = self.privacy.plan(len(rec.asked), rec.population, self.rounds.min_clients)
+            if not decision.allowed:
+                self._stop_at_budget(rec.number, decision)
+                return
+            log.info("round %d: differential privacy: %s", rec.number, decision.reason)
         if self.no_round is not None and self.no_round.round == rec.number:
             self.no_round.merge_into(rec)
             log.info("round %d: counts %d update(s) that came while no round was open", rec.number,
@@ -563,6 +618,17 @@ class Aggregator:
         log.info("round %d of %d open: asked %d client(s) (%s) %s, deadline in %.0f s", rec.number,
                  self.state.rounds_total, len(rec.asked), self.cfg.sampling.describe, sorted(rec.asked),
                  self.cfg.round_timeout_s, extra=fields("round-open", round=rec.number))
+
+    def _stop_at_budget(self, number: int, decision: Decision) -> None:
+        """The next round would take epsilon over --dp-max-epsilon: the federation is done here (the state says
+        why; a restart with a larger budget goes on)."""
+        assert self.state is not None
+        log.warning("differential privacy budget: not opening round %d: %s; the federation stops here", number,
+                    decision.reason)
+        self.state.done = True
+        self.state.extra["stopped"] = {"reason": BUDGET, "round": number, "detail": decision.reason,
+                                       "epsilon": decision.epsilon, "epsilon_next": decision.epsilon_next}
+        self.checkpoint.save(self.state)
 
     def _restore_round(self, saved: RoundRecord, journal_offset: int = 0) -> None:
         saved.reported, saved.bytes_received, saved.complete_since = {}, 0, None  # rebuilt from the journal
@@ -751,6 +817,10 @@ class Aggregator:
             row.update(self.secagg.row())  # its attempts and survivors, and `samples`: the sum's total weight
         if new is not None:
             row.update(self.strategy.round_info())  # e.g. {"clipped": 2}, {"dp": {...}}
+        if self.privacy is not None:  # charged failed or not: the noise was drawn
+            population = max(rec.population, len(rec.asked))
+            row["dp"] = {**row.get("dp", {}), **self.privacy.charge(len(rec.asked), population, self.strategy,
+                                                                     rec.reported)}
         if self.cfg.on_round_closed is not None and new is not None:
             row.update(self._call_hook(f"round {rec.number}: on_round_closed", self.cfg.on_round_closed,
                                        rec.number, new))

@@ -118,11 +118,27 @@ def build_parser() -> CommandParser:
     run.add_argument("--strategy", default="fedavg",
                      help="aggregation strategy: fedavg (A and B averaged separately, FLORA's; the default), flexlora "
                           "(the exact mean of the B @ A products, truncated back to rank r by SVD), fedavgm, fedadam, "
-                          "fedyogi (a server optimizer on the averaged update), norm-bound, median, trimmed-mean, "
-                          "dp-fedavg")
+                          "fedyogi (a server optimizer on the averaged update), norm-bound, median, trimmed-mean "
+                          "(robust; docs/privacy.md)")
     run.add_argument("--strategy-option", dest="strategy_option", action="extend", nargs="+", default=[],
                      metavar="KEY=VALUE", help="an option of the strategy, e.g. server_lr=0.01, product_error=true "
                                                "(repeatable)")
+    d = run.add_argument_group("differential privacy (DP-FedAvg: clipped deltas, Gaussian noise, accounted; "
+                               "docs/privacy.md)")
+    d.add_argument("--dp-clip", type=Bounded(float, above=0.0, maximum=1e6), metavar="C",
+                   help="turn DP on: every update's change to the round's global is clipped to L2 norm C")
+    d.add_argument("--dp-noise-multiplier", type=Bounded(float, minimum=0.0, maximum=1e6), metavar="Z",
+                   help="noise std Z*C on the sum of the clipped deltas (`flora-aggregator dp-plan` finds Z for a "
+                        "target epsilon)")
+    d.add_argument("--dp-delta", type=Bounded(float, above=0.0, below=1.0), default=1e-5,
+                   help="the delta epsilon is counted at (default %(default)g; keep it below 1/devices)")
+    d.add_argument("--dp-max-epsilon", type=Bounded(float, above=0.0), metavar="E",
+                   help="stop the federation before a round would take epsilon above E")
+    d.add_argument("--dp-accountant", choices=["pld", "rdp"], default="pld",
+                   help="dp-accounting's privacy loss distributions (tight, default) or Renyi DP")
+    d.add_argument("--dp-mode", choices=["central", "distributed"], default="central",
+                   help="who adds the noise: the aggregator (central, default) or the devices, each a share, "
+                        "under secure aggregation (distributed)")
     run.add_argument("--max-update-bytes", type=int, help="reject larger updates (default: fp32 size + 64 KiB)")
     run.add_argument("--max-queued-updates", type=int, default=32,
                      help="updates held in memory before the rest wait at the broker (default: 32)")
@@ -182,6 +198,14 @@ def build_parser() -> CommandParser:
     status.add_argument("--plot", type=Path, help="also write the PNG plot here")
     status.add_argument("--clients", action="store_true",
                         help="also one row per device: state, last seen, backend, samples, last metrics, last error")
+    plan = sub.add_parser("dp-plan", help="the noise multiplier for a target epsilon, and the epsilon of a plan")
+    plan.add_argument("--devices", type=Bounded(int, minimum=1), required=True, help="devices online per round")
+    plan.add_argument("--clients-per-round", type=Bounded(int, minimum=1), help="asked per round (default: all)")
+    plan.add_argument("--rounds", type=Bounded(int, minimum=1), required=True)
+    plan.add_argument("--epsilon", type=Bounded(float, above=0.0), help="target epsilon: prints the noise multiplier")
+    plan.add_argument("--noise-multiplier", type=Bounded(float, above=0.0), help="prints the epsilon it reaches")
+    plan.add_argument("--delta", type=Bounded(float, above=0.0, below=1.0), default=1e-5)
+    plan.add_argument("--accountant", choices=["pld", "rdp"], default="pld")
     plot = sub.add_parser("plot", help="PNG of accuracy and bytes per round")
     plot.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     plot.add_argument("--out", type=Path, required=True)
@@ -249,6 +273,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .report import write_plot
 
         return write_plot(args.state_dir, args.out)
+    if args.command == "dp-plan":
+        return dp_plan(args)
     if args.command == "dashboard":
         setup_logging(args.log_level)
         return serve_dashboard(args.state_dir, args.http)
@@ -377,6 +403,47 @@ def _load_inputs(args: argparse.Namespace):
     return bundle, manifest, initial.as_float32()
 
 
+def dp_plan(args: argparse.Namespace) -> int:
+    """`dp-plan`: the noise multiplier a target epsilon needs, or the epsilon a noise multiplier reaches, for a
+    plan of rounds (dp-accounting, as the aggregator counts them)."""
+    from .accountant import AccountingError, RoundEvent, epsilon, noise_for_epsilon
+
+    per_round = min(args.clients_per_round or args.devices, args.devices)
+    if (args.epsilon is None) == (args.noise_multiplier is None):
+        return report(PROG, ConfigError("give exactly one of --epsilon and --noise-multiplier"))
+    q = per_round / args.devices
+    plan = (f"{args.rounds} rounds of {per_round} of {args.devices} devices (q = {q:.4g}), delta {args.delta:g}, "
+            f"{args.accountant}")
+    try:
+        if args.epsilon is not None:
+            z = noise_for_epsilon(args.epsilon, args.rounds, q, args.delta, args.accountant)
+            print(f"noise multiplier {z:.4f} for epsilon {args.epsilon:g}: {plan}; the noise on each round's "
+                  f"average has std {z / per_round:.4g} x the clip norm")
+        else:
+            eps = epsilon([RoundEvent(q, args.noise_multiplier)] * args.rounds, args.delta, args.accountant)
+            print(f"epsilon {eps:.4f} with noise multiplier {args.noise_multiplier:g}: {plan}")
+    except AccountingError as exc:
+        return report(PROG, exc)
+    return 0
+
+
+def dp_settings(args: argparse.Namespace):
+    """The DP settings of `run` (None without --dp-clip); ConfigError for DP options without --dp-clip."""
+    from .accountant import DPSettings
+
+    if args.dp_clip is None:
+        stray = [f"--{k.replace('_', '-')}" for k in ("dp_noise_multiplier", "dp_max_epsilon")
+                 if getattr(args, k) is not None]
+        if stray or args.dp_mode != "central":
+            raise ConfigError(f"{', '.join(stray) or '--dp-mode'} need(s) --dp-clip C (the clip norm turns DP on)")
+        return None
+    if args.dp_noise_multiplier is None:
+        raise ConfigError("--dp-clip needs --dp-noise-multiplier Z (flora-aggregator dp-plan finds Z for a target "
+                          "epsilon)")
+    return DPSettings(args.dp_clip, args.dp_noise_multiplier, args.dp_delta, args.dp_max_epsilon,
+                      args.dp_accountant, args.dp_mode)
+
+
 def _hooks(bundle, eval_data: Optional[Path]) -> Dict[str, Any]:
     """--eval-data: test the initial global and every new one on held-out images (server side)."""
     if not eval_data:
@@ -421,6 +488,7 @@ def run(args: argparse.Namespace) -> int:
         return report(PROG, ConfigError(f"unknown --strategy {args.strategy!r}; known: {sorted(STRATEGIES)}"))
     try:
         broker = BrokerConfig.from_args(args)
+        dp, strategy_options = dp_settings(args), parse_assignments(args.strategy_option)  # before any heavy work
         bundle, manifest, initial = _load_inputs(args)
         cfg = AggregatorConfig(
             manifest=manifest, initial_adapter=initial, broker=broker, state_dir=args.state_dir,
@@ -432,7 +500,7 @@ def run(args: argparse.Namespace) -> int:
             sampling=Sampling(args.clients_per_round, args.fraction, args.min_clients, args.seed),
             round_timeout_s=args.round_timeout, wait_for_clients=args.wait_for_clients,
             wait_timeout_s=args.wait_timeout, metrics_grace_s=args.metrics_grace, strategy=args.strategy,
-            strategy_options=parse_assignments(args.strategy_option),
+            strategy_options=strategy_options, dp=dp,
             max_update_bytes=args.max_update_bytes, max_num_samples=args.max_num_samples,
             max_extensions=args.max_extensions, max_queued_updates=args.max_queued_updates,
             max_queued_bytes=args.max_queued_bytes, update_rate=_rate(args.rate_limit),

@@ -8,6 +8,7 @@ was evaluated) and r + 1 the global that round r closed with. matplotlib is an o
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -19,23 +20,57 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
+def epsilon_of(row: Dict[str, Any]) -> Optional[float]:
+    """The epsilon a DP federation had spent after this round (None for a round without DP; inf, which JSON
+    stores as null, once a round ran without noise)."""
+    dp = row.get("dp")
+    if not isinstance(dp, dict) or "epsilon" not in dp:
+        return None
+    value = dp["epsilon"]
+    return float(value) if isinstance(value, (int, float)) else math.inf
+
+
 def history_table(rows: List[Dict[str, Any]], initial: Optional[Dict[str, Any]] = None) -> str:
-    """One line per global: rounds completed, clients, accuracy, bytes up and down, time; a first line for the
-    initial global (round 0) when it was evaluated."""
+    """One line per global: rounds completed, clients, accuracy, bytes up and down, time (and epsilon under
+    differential privacy); a first line for the initial global (round 0) when it was evaluated."""
+    private = any(epsilon_of(r) is not None for r in rows)
     header = (f"{'round':>5} {'asked':>5} {'reported':>8} {'rejected':>8} {'samples':>8} {'client acc':>10} "
-              f"{'test acc':>8} {'MB up':>8} {'MB down':>8} {'time s':>7}")
+              f"{'test acc':>8} {'MB up':>8} {'MB down':>8} {'time s':>7}" + (f" {'epsilon':>8}" if private else ""))
     lines = [header, "-" * len(header)]
     if initial and isinstance(initial.get("test_accuracy"), (int, float)):
         lines.append(f"{0:>5} {'-':>5} {'-':>8} {'-':>8} {'-':>8} {'-':>10} {_fmt(initial['test_accuracy']):>8} "
-                     f"{'-':>8} {'-':>8} {'-':>7}")
+                     f"{'-':>8} {'-':>8} {'-':>7}" + (f" {0.0:>8.3f}" if private else ""))
     for r in rows:
         lines.append(
             f"{r['round'] + 1:>5} {r['num_asked']:>5} {r['num_reported']:>8} "
             f"{r.get('num_rejected', len(r.get('rejected', []))):>8} {r.get('samples', 0):>8} "
             f"{_fmt(r.get('mean_client_accuracy')):>10} {_fmt(r.get('test_accuracy')):>8} "
             f"{r['bytes_received'] / 1e6:>8.3f} {r['bytes_sent'] / 1e6:>8.3f} {r['wall_time_s']:>7.1f}"
+            + (f" {_fmt(epsilon_of(r), '.3f'):>8}" if private else "")
             + (f"  FAILED: {r['failed']}" if r.get("failed") else "")
         )
+    return "\n".join(lines)
+
+
+def privacy_summary(rows: List[Dict[str, Any]], state: Dict[str, Any]) -> Optional[str]:
+    """What a DP federation has spent: epsilon at delta, against its budget, and against an observer who knows
+    who took part; why it stopped, if it stopped at its budget. None without DP rounds."""
+    last = next((r["dp"] for r in reversed(rows) if epsilon_of(r) is not None), None)
+    stopped = state.get("extra", {}).get("stopped")
+    if last is None and not stopped:
+        return None
+    lines = []
+    if last is not None:
+        budget = last.get("max_epsilon")
+        lines.append(
+            f"differential privacy ({last.get('mode', 'central')}, clip {_fmt(last.get('clip'), 'g')}, noise "
+            f"multiplier {_fmt(last.get('noise_multiplier'), 'g')}, {last.get('accountant', 'pld')}): epsilon "
+            f"{_fmt(last.get('epsilon'), '.4g')} at delta {_fmt(last.get('delta'), 'g')}"
+            + (f" of a budget of {budget:g}" if isinstance(budget, (int, float)) else "")
+            + f"; {_fmt(last.get('epsilon_sampling_known'), '.4g')} against someone who knows which rounds a device "
+            f"took part in (at most {last.get('most_rounds_of_one_device', '-')} for one device)")
+    if isinstance(stopped, dict):
+        lines.append(f"stopped before round {stopped.get('round')}: {stopped.get('detail', stopped.get('reason'))}")
     return "\n".join(lines)
 
 
@@ -107,6 +142,9 @@ def print_status(state_dir: Path, plot: Optional[Path] = None, out: Callable[[st
     initial = state.get("extra", {}).get("initial_eval")
     if rows or initial:
         out(history_table(rows, initial))
+        summary = privacy_summary(rows, state)
+        if summary:
+            out(summary)
         reasons: Dict[str, int] = {}
         for r in rows:
             for reason, n in r.get("rejection_counts", {}).items():
@@ -157,6 +195,7 @@ def write_plot(state_dir: Path, out_path: Path) -> int:
     ax_acc.set_xlabel("rounds completed")
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_ylim(0, 1)
+    plot_epsilon(ax_acc, done, rows)
     if ax_acc.get_legend_handles_labels()[0]:
         legend_below(ax_acc)
     else:
@@ -170,6 +209,19 @@ def write_plot(state_dir: Path, out_path: Path) -> int:
     plt.close(fig)
     print(f"wrote {out_path}")
     return 0
+
+
+def plot_epsilon(ax, rounds_completed: List[int], rows: List[Dict[str, Any]]) -> None:
+    """Under differential privacy: epsilon spent against rounds completed, on a second y axis of `ax`."""
+    eps = [epsilon_of(r) for r in rows]
+    if not any(e is not None for e in eps):
+        return
+    twin = ax.twinx()
+    twin.plot([0, *rounds_completed], [0.0, *[float("nan") if e is None else e for e in eps]], color="tab:red",
+              linestyle="--", marker=".", label="epsilon spent")
+    twin.set_ylabel("epsilon (DP)", color="tab:red")
+    twin.tick_params(axis="y", labelcolor="tab:red")
+    twin.set_ylim(bottom=0)
 
 
 def plot_cumulative_mb(ax, rounds_completed: List[int], up: List[int], down: List[int], up_label: str = "up",

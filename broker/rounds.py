@@ -115,6 +115,7 @@ class RoundRecord:
     # asked clients whose status says they submitted this round while no update of theirs came: since when
     missing_since: Dict[str, float] = field(default_factory=dict)
     resend: Dict[str, int] = field(default_factory=dict)  # client -> times asked to send its update again
+    population: int = 0  # the clients the round was sampled from (online, not blocked): DP charges asked/population
 
     def reject(self, client: str, reason: str, detail: str, size: int) -> None:
         """Count a rejection; a client whose update for this round was refused will not send another."""
@@ -233,7 +234,7 @@ class RoundClock:
     """
 
     def __init__(self, sampling: Sampling, timeout_s: float, clock: Clock = time.time,
-                 metrics_grace_s: float = 1.0, max_extensions: int = 0) -> None:
+                 metrics_grace_s: float = 1.0, max_extensions: int = 0, grow_on_extend: bool = True) -> None:
         if not timeout_s > 0:
             raise ConfigError(f"--round-timeout must be > 0, got {timeout_s}")
         if max_extensions < 0:
@@ -243,6 +244,8 @@ class RoundClock:
         self.clock = clock
         self.metrics_grace_s = metrics_grace_s
         self.max_extensions = max_extensions
+        #: an extension may ask more clients (not in DP federations: the round was charged for those it asked)
+        self.grow_on_extend = grow_on_extend
 
     @property
     def min_clients(self) -> int:
@@ -254,7 +257,9 @@ class RoundClock:
         fix itself (PERMANENT_ERRORS) is not asked."""
         now = self.clock()
         blocked = {c for c, e in (errors or {}).items() if e.permanent}
-        return RoundRecord(number, set(self.sampling.choose(set(online) - blocked, number)), now, now + self.timeout_s)
+        pool = set(online) - blocked
+        return RoundRecord(number, set(self.sampling.choose(pool, number)), now, now + self.timeout_s,
+                           population=len(pool))
 
     def resume(self, rec: RoundRecord) -> RoundRecord:
         """A round restored after a restart: same clients and updates, a fresh deadline."""
@@ -305,13 +310,15 @@ class RoundClock:
 
     def extend(self, rec: RoundRecord, available: Iterable[str]) -> List[str]:
         """Below quorum at the deadline: one more timeout; if the clients that reported plus the pending
-        ones cannot reach the quorum, ask more available clients. Returns the newly asked."""
+        ones cannot reach the quorum, ask more available clients (unless `grow_on_extend` is off). Returns the
+        newly asked."""
         rec.deadline = self.clock() + self.timeout_s
         rec.extensions += 1
         available = set(available)
         missing = self.min_clients - len(rec.reported) - len(self.pending(rec, available))
         candidates = available - rec.asked - rec.refused  # refused: sent this round unasked, will not resend
-        added = self.sampling.more(candidates, missing, rec.number, rec.extensions) if missing > 0 else []
+        grow = missing > 0 and self.grow_on_extend
+        added = self.sampling.more(candidates, missing, rec.number, rec.extensions) if grow else []
         rec.asked |= set(added)
         return added
 

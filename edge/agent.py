@@ -22,6 +22,7 @@ import numpy as np
 
 from . import adapter as adapter_blob
 from . import agent_rules as rules
+from . import dp
 from .bundle import Bundle
 from .errors import ConfigError
 from .identity import CA_CERT, aggregator_key, load_ca, load_identity
@@ -29,7 +30,7 @@ from .local_data import DeviceData, load_device_data
 from .logs import fields
 from .mqtt import BrokerConfig, Connection, make_client
 from .preprocess import ImageError
-from .protocol import QOS, ROUND_FAILED, Metrics, RoundAnnouncement, Status, Topics, check_id
+from .protocol import QOS, ROUND_FAILED, Metrics, ProtocolError, RoundAnnouncement, Status, Topics, check_id
 from .secagg.messages import MessageError
 from .secagg.params import SecAggParams
 from .secagg.session import SecureSession, SessionStep
@@ -80,6 +81,9 @@ class AgentConfig:
     # Without it an agent with an identity still joins secure rounds, and trains plain ones as before
     secure_aggregation: bool = False
     max_round_jump: int = rules.DEFAULT_MAX_ROUND_JUMP  # refuse rounds this far past the highest seen (0: off)
+    #: differential privacy: clip every update's delta to this L2 norm, whatever the round asks (the smaller
+    #: of the two when the round asks too): `--dp-clip`
+    dp_clip: Optional[float] = None
 
     def resolved_state_dir(self) -> Path:
         return Path(self.state_dir) if self.state_dir else Path("flora-state") / self.client_id
@@ -534,7 +538,7 @@ class Agent:
             self._hand_to_secure(r, result, val)
             return
         blob = adapter_blob.encode(
-            self.trainer.get_adapter(), model_id=self.manifest.model_id, round=r.round, kind="update",
+            self.update_tensors(r), model_id=self.manifest.model_id, round=r.round, kind="update",
             dtype="float16" if self.cfg.fp16_updates else "float32", client_id=self.cfg.client_id,
             num_samples=len(self.train_data),
         )
@@ -561,12 +565,29 @@ class Agent:
         """A secure round's update goes to the session only: never stored in the outbox nor sent in the clear."""
         if self.secure is None:  # next_action never trains such a round
             raise RuntimeError(f"round {r.round} runs secure aggregation and this agent has no identity for it")
-        self._secure_step(self.secure.trained(self._delta(self.trainer.get_adapter()), len(self.train_data)))
+        self._secure_step(self.secure.trained(self._delta(self.update_tensors(r)), len(self.train_data)))
         masked_bytes = (self.layout.numel + 1) * 8
         self._publish_metrics(r, result, val, masked_bytes)
         log.info("round %d: trained (train loss %.4f, %.1f s); the update waits for a secure-aggregation attempt",
                  r.round, result.loss, result.wall_time_s)
         self.publish_status("idle")
+
+    def update_tensors(self, r: RoundAnnouncement) -> Dict[str, np.ndarray]:
+        """What this device sends for round `r`: its trained adapter; under differential privacy (the round's
+        `clip_norm`, or `--dp-clip`) the round's global plus the delta clipped to that L2 norm, plus its share
+        of the noise when the round asks for one (distributed DP). See edge/dp.py."""
+        local = self.trainer.get_adapter()
+        clip = dp.effective_clip(r.config.clip_norm, self.cfg.dp_clip)
+        if clip is None:
+            if r.config.noise_std:
+                raise ProtocolError("the round asks for a DP noise share without a clip norm: that bounds nothing")
+            return local
+        assert self.global_ is not None
+        out = dp.privatize(local, self.global_.adapter.as_float32(), clip, r.config.noise_std)
+        log.info("round %d: update delta norm %.4g %s %g%s", r.round, out.norm,
+                 "clipped to" if out.was_clipped else "within the DP clip norm", clip,
+                 f", noise share of std {out.noise_std:g} added" if out.noise_std else "")
+        return out.tensors
 
     def _publish_metrics(self, r: RoundAnnouncement, result: RoundResult, val: Optional[Evaluation],
                          update_bytes: int) -> None:

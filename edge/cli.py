@@ -79,6 +79,9 @@ def build_parser() -> CommandParser:
     run.add_argument("--image-encoder-int8", action="store_true",
                      help="compute image features with the bundle's int8 image encoder (flora-export "
                           "--image-encoder-int8): faster on slow devices, slightly different features")
+    run.add_argument("--dp-clip", type=Bounded(float, above=0.0, maximum=1e6),
+                     metavar="C", help="differential privacy: clip every update's change to the round's global to L2 "
+                                       "norm C, whatever the round asks (the smaller if it asks too)")
     run.add_argument("--exit-when-done", action="store_true", help="exit once the federation announces done")
     run.add_argument("--progress-every-s", type=Bounded(float, minimum=0.0), default=5.0,
                      help="seconds between progress lines")
@@ -127,7 +130,8 @@ def build_parser() -> CommandParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, agent_class: Optional[type] = None) -> int:
+    """The flora-agent command; `agent_class` (an Agent subclass) is for the simulator's poisoned devices."""
     parser = build_parser()
     argv = with_default_command(sys.argv[1:] if argv is None else argv, parser, "run")
     args = parser.parse_args(argv)
@@ -152,7 +156,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if missing:
         return report(PROG, ConfigError(f"missing {', '.join('--' + m.replace('_', '-') for m in missing)} "
                                         "(on the command line or in --config)"))
-    return run_agent(args)
+    return run_agent(args, agent_class)
 
 
 def agent_config(args: argparse.Namespace):
@@ -170,16 +174,16 @@ def agent_config(args: argparse.Namespace):
         max_round_jump=args.max_round_jump,
         aggregator_key=args.aggregator_key,
         aggregator_key_file=args.aggregator_key_file, identity_dir=args.identity_dir,
-        secure_aggregation=args.secure_aggregation,
+        secure_aggregation=args.secure_aggregation, dp_clip=args.dp_clip,
     )
 
 
-def run_agent(args: argparse.Namespace) -> int:
+def run_agent(args: argparse.Namespace, agent_class: Optional[type] = None) -> int:
     from .agent import Agent
 
     try:
         cfg = agent_config(args)
-        agent = Agent.open(cfg)
+        agent = (agent_class or Agent).open(cfg)
     except FloraError as exc:
         return report(PROG, exc)
 

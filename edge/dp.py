@@ -62,6 +62,37 @@ def clip_update(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarra
     return Clipped(out, norm, scale)
 
 
+def effective_clip(round_clip: Optional[float], own_clip: Optional[float]) -> Optional[float]:
+    """The bound a device clips to: the round's (`clip_norm`) or its own (`--dp-clip`), the smaller if both."""
+    given = [c for c in (round_clip, own_clip) if c is not None]
+    return check_clip(min(given)) if given else None
+
+
+@dataclass(frozen=True)
+class Privatized:
+    """What a device sends under DP: global + its clipped delta (+ its noise share), and what was done."""
+
+    tensors: Dict[str, np.ndarray]
+    norm: float  # of the delta before clipping
+    clip: float
+    noise_std: Optional[float]
+
+    @property
+    def was_clipped(self) -> bool:
+        return self.norm > self.clip
+
+
+def privatize(local: Mapping[str, np.ndarray], global_: Mapping[str, np.ndarray], clip: float,
+              noise_std: Optional[float] = None, rng: Optional[np.random.Generator] = None) -> Privatized:
+    """The update a DP device sends: its delta from the round's global clipped to `clip`, plus (distributed DP)
+    Gaussian noise of std `noise_std` per element from `rng` (default: `noise_rng()`)."""
+    clipped = clip_update(local, global_, clip)
+    tensors = clipped.tensors
+    if noise_std:
+        tensors = add_noise(tensors, noise_std, rng if rng is not None else noise_rng())
+    return Privatized(tensors, clipped.norm, clip, noise_std)
+
+
 def noise_share_std(noise_multiplier: float, clip: float, clients: int) -> float:
     """Standard deviation of one client's noise share: `clients` shares sum to N(0, (z*C)^2)."""
     check_clip(clip)

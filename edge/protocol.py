@@ -148,12 +148,22 @@ _CONFIG = Object({
     "batch_size": Int(1, 1 << 20),
     "weight_decay": Float(0.0, 1e3),
     "reset_optimizer": optional(Bool(), False),
+    "clip_norm": optional(Nullable(Float(gt=0.0, hi=1e6))),
+    "noise_std": optional(Nullable(Float(gt=0.0, hi=1e6))),
 })
+#: round-config keys a round without differential privacy leaves out, so agents that predate them still read it
+DP_KEYS = ("clip_norm", "noise_std")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """What the aggregator asks each client to run in a round."""
+    """What the aggregator asks each client to run in a round.
+
+    Differential privacy (docs/privacy.md): `clip_norm` C asks each client to clip its update's delta from
+    the round's global to L2 norm C before it sends it; `noise_std` (distributed DP) asks it to add its
+    share of the Gaussian noise, N(0, noise_std^2) per element, to that clipped delta. An agent that does
+    not know these keys refuses the round rather than send an unclipped update.
+    """
 
     epochs: int = 1
     lr: float = 1e-3
@@ -162,6 +172,13 @@ class TrainConfig:
     #: zero the client's Adam moments (and step count) before this round's training; sent only when true,
     #: so agents that predate it keep reading every other round message
     reset_optimizer: bool = False
+    clip_norm: Optional[float] = None
+    noise_std: Optional[float] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The config as the round message carries it (the DP keys only when set)."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if not (k in DP_KEYS and v is None)}
 
     def __post_init__(self) -> None:
         if not isinstance(self.reset_optimizer, bool):
@@ -235,7 +252,7 @@ class RoundAnnouncement:
         return self.secagg is not None
 
     def to_json(self) -> bytes:
-        d = asdict(self)
+        d = {**asdict(self), "config": self.config.to_dict()}
         if self.mode == MODE_SYNC:  # a synchronous round message is what it always was
             for key in ("mode", "buffer", "max_staleness"):
                 d.pop(key)

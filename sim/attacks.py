@@ -20,11 +20,13 @@ from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
+from flora.edge.errors import ConfigError
+
 KINDS = ("sign-flip", "scale", "noise", "label-flip")
 _DEFAULTS = {"sign-flip": 1.0, "noise": 10.0}
 
 
-class AttackError(ValueError):
+class AttackError(ConfigError):
     """An --attack or --malicious value that cannot be used."""
 
 

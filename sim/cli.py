@@ -86,8 +86,8 @@ def build_parser() -> CommandParser:
                    help="stop once the federated test accuracy plateaus (mean of the last 10 rounds at most 0.5 "
                         "points above the 10 before); --rounds is the upper bound, the baselines run as many rounds")
     t.add_argument("--strategy", default="fedavg",
-                   help="the aggregator's strategy: fedavg, flexlora, fedavgm, fedadam, fedyogi, ... (flora-aggregator "
-                        "--help) (default: %(default)s)")
+                   help="the aggregator's strategy: fedavg, flexlora, fedavgm, fedadam, fedyogi, norm-bound, median, "
+                        "trimmed-mean (flora-aggregator --help) (default: %(default)s)")
     t.add_argument("--strategy-option", dest="strategy_option", action="extend", nargs="+",
                    metavar="KEY=VALUE", help="an option of the strategy, as flora-aggregator --strategy-option (e.g. "
                                              "server_lr=0.01; fedavg: product_error=true reports each round's error "
@@ -114,6 +114,22 @@ def build_parser() -> CommandParser:
     a.add_argument("--max-staleness", type=int, default=10, help="async: see flora-aggregator (default: %(default)s)")
     a.add_argument("--staleness", default="sqrt", help="async: sqrt, constant or hinge:A,B (default: %(default)s)")
     a.add_argument("--server-lr", type=float, default=1.0, help="async: server learning rate (default: %(default)s)")
+    d = p.add_argument_group("privacy and attacks (docs/privacy.md)")
+    d.add_argument("--lora-variant", choices=["lora", "ffa"], default="lora",
+                   help="export plain LoRA or FFA-LoRA (A frozen, only B trained and sent) (default: %(default)s)")
+    d.add_argument("--dp-clip", type=float, metavar="C", help="differential privacy: clip each update's delta to C")
+    d.add_argument("--dp-noise-multiplier", type=float, metavar="Z", help="noise std Z*C on the sum")
+    d.add_argument("--dp-epsilon", type=float, metavar="E",
+                   help="instead of Z: the noise multiplier that spends epsilon E over --rounds rounds of all clients")
+    d.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the accounting (default: %(default)s)")
+    d.add_argument("--dp-max-epsilon", type=float, metavar="E", help="stop before a round would spend more than E")
+    d.add_argument("--dp-accountant", choices=["pld", "rdp"], default="pld",
+                   help="dp-accounting's PLD (tight) or RDP accountant (default: %(default)s)")
+    d.add_argument("--dp-mode", choices=["central", "distributed"], default="central",
+                   help="the aggregator adds the noise, or the devices do under secure aggregation "
+                        "(default: %(default)s)")
+    d.add_argument("--malicious", type=int, default=0, metavar="K", help="this many clients attack (seeded)")
+    d.add_argument("--attack", help="what they do: sign-flip[:X], scale:X, noise[:S] or label-flip")
     r = p.add_argument_group("run")
     r.add_argument("--round-timeout", type=float, default=120.0,
                    help="seconds the aggregator waits for a round's updates (default: %(default)s)")
@@ -148,6 +164,10 @@ def config_from_args(args: argparse.Namespace):
         seeds=args.seeds,
         lr_schedule=args.lr_schedule, reset_optimizer=args.reset_optimizer, until_plateau=args.until_plateau,
         plot_x=args.plot_x, strategy=args.strategy, strategy_options=tuple(args.strategy_option or ()),
+        lora_variant=args.lora_variant, dp_clip=args.dp_clip,
+        dp_noise_multiplier=args.dp_noise_multiplier, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta,
+        dp_max_epsilon=args.dp_max_epsilon,
+        dp_accountant=args.dp_accountant, dp_mode=args.dp_mode, malicious=args.malicious, attack=args.attack,
     )
 
 

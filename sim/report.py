@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from flora.broker.report import legend_below, plot_cumulative_mb
+from flora.broker.report import legend_below, plot_cumulative_mb, plot_epsilon
 from flora.broker.schedule import Plateau
 
 Say = Callable[[str], None]
@@ -129,6 +129,8 @@ def plot_accuracy(ax, report: Dict, plot_x: str = "rounds") -> None:
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     legend_below(ax)
+    if report.get("epsilon") and plot_x == "rounds":
+        plot_epsilon(ax, [r["round"] + 1 for r in report["rounds"]], report["rounds"])
     ax.set_title(f"{report['dataset']['name']}, {report['config']['clients']} clients, {report['partition']['scheme']}")
 
 
@@ -171,6 +173,8 @@ def summary(report: Dict) -> str:
             reach = "never" if got["time_to_target_s"] is None else f"{got['time_to_target_s']:.1f} s"
             lines.append(f"  {name:<5} {reach:>8}  ({got['globals']} globals in {got['seconds']:.1f} s, final "
                          f"{_f(got['final_accuracy'])}, rejected {got['rejection_counts'] or 'none'})")
+    if report.get("epsilon"):
+        lines.append(f"  epsilon spent    {report['epsilon'][-1]:.4g} at delta {report['config']['dp_delta']:g}")
     out = Path(report["out"])
     lines.append(f"report: {out / 'report.json'} and {out / 'report.png'}")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ import numpy as np
 from flora.broker.checkpoint import STATE, Checkpoint
 from flora.broker.enroll import FederationPKI
 from flora.broker.mosquitto import Mosquitto, certificate_listener, start_mosquitto
+from flora.broker.report import epsilon_of
 from flora.edge import adapter
 from flora.edge.bundle import IMAGE_ENCODER_INT8, Bundle, BundleError, load_bundle
 from flora.edge.dataset import Sample
@@ -25,6 +26,7 @@ from flora.edge.features import FeatureCache, image_features
 from flora.edge.trainers import TRAINERS, available_backends
 from flora.edge.training import LocalData
 
+from .adversarial import Threats
 from .baselines import client_seed, equal_steps, steps_per_round, training_splits
 from .datasets import SplitDataset, load_folder_dataset, write_digits
 from .partition import histogram_skew, parse_scheme, partition
@@ -76,6 +78,16 @@ class SimConfig:
     timeout: float = 1800.0
     random_init: bool = False
     http: Optional[str] = None  # the aggregator's dashboard address, if any
+    lora_variant: str = "lora"  # "ffa": export FFA-LoRA (A frozen, B alone trained and sent)
+    dp_clip: Optional[float] = None  # differential privacy: the clip norm (turns DP on)
+    dp_noise_multiplier: Optional[float] = None
+    dp_epsilon: Optional[float] = None  # calibrate the noise multiplier to this epsilon over the run's rounds
+    dp_delta: float = 1e-5
+    dp_max_epsilon: Optional[float] = None
+    dp_accountant: str = "pld"
+    dp_mode: str = "central"
+    malicious: int = 0  # clients that attack (seeded), with `attack`
+    attack: Optional[str] = None  # sign-flip[:X], scale:X, noise[:S], label-flip (sim/attacks.py)
     processes: Optional[int] = None  # agent processes; fewer than clients: virtual clients share a step session
     mode: str = "sync"  # async: buffered asynchronous rounds, reported side by side with a sync run
     buffer: Optional[int] = None  # async: updates per version (default: clients - 1)
@@ -185,6 +197,7 @@ def export_mismatch(bundle: Bundle, cfg: SimConfig, classes: Sequence[str]) -> O
         (m.created.get("lora_init_seed") == cfg.seed and (not is_random or m.pretrained.get("seed") == cfg.seed),
          f"it was exported with another seed than {cfg.seed}"),
         (not cfg.image_encoder_int8 or IMAGE_ENCODER_INT8 in m.files, "it has no int8 image encoder"),
+        (m.lora.variant == cfg.lora_variant, f"its LoRA variant is {m.lora.variant}, not {cfg.lora_variant}"),
     ]
     reasons = [why for ok, why in checks if not ok]
     return "; ".join(reasons) or backend_mismatch(bundle, cfg.backend)
@@ -271,7 +284,8 @@ def export(cfg: SimConfig, classes: List[str], target: Path, say: Say) -> Bundle
     try:
         export_bundle(ExportOptions(preset=cfg.model, classes=classes, out=target, force=True, backends=backends,
                                     random_init=cfg.random_init, seed=cfg.seed, pretrained=cfg.pretrained,
-                                    image_encoder_int8=cfg.image_encoder_int8), say=lambda m: say(f"  {m}"))
+                                    image_encoder_int8=cfg.image_encoder_int8,
+                                    lora_variant=cfg.lora_variant), say=lambda m: say(f"  {m}"))
     except (ExportError, WeightsError) as exc:
         raise SimError(f"cannot export {cfg.model}: {exc}") from exc
     return load_bundle(target)
@@ -291,9 +305,10 @@ class Table:
         self.say(f"{0:>5} {'-':>8} {_f(acc):>9} {_f(loss):>10} {'-':>8} {'-':>8} {'-':>8} {elapsed:>10.1f}")
 
     def row(self, r: Dict, elapsed: float) -> None:
+        eps = epsilon_of(r)
         self.say(f"{r['round'] + 1:>5} {r['num_reported']:>4}/{r['num_asked']:<3} {_f(r.get('test_accuracy')):>9} "
                  f"{_f(r.get('test_loss')):>10} {r['bytes_received'] / 1e6:>8.3f} {r['bytes_sent'] / 1e6:>8.3f} "
-                 f"{r['wall_time_s']:>8.1f} {elapsed:>10.1f}")
+                 f"{r['wall_time_s']:>8.1f} {elapsed:>10.1f}" + (f"  epsilon {eps:.4g}" if eps is not None else ""))
 
 
 def _f(v: Optional[float]) -> str:
@@ -342,6 +357,12 @@ def check_config(cfg: SimConfig) -> None:
         raise SimError(f"--mode must be sync or async, got {cfg.mode!r}")
     if cfg.straggler_factor < 1:
         raise SimError(f"--straggler-factor must be >= 1, got {cfg.straggler_factor}")
+    if cfg.malicious and cfg.hosted:
+        raise SimError("--malicious runs each attacker as its own agent process: give --processes >= --clients")
+    if cfg.dp_clip is not None and cfg.mode != "sync":
+        raise SimError("the DP options need --mode sync (the accountant charges each round's sampling)")
+    if cfg.dp_clip is not None and cfg.secure_aggregation:
+        raise SimError("the DP options do not combine with --secure-aggregation yet (docs/privacy.md)")
     if cfg.mode == "async":
         from flora.broker.fedbuff import BufferConfig, Staleness  # no torch, no MQTT
 
@@ -384,25 +405,32 @@ def run_one(cfg: SimConfig, say: Say = print) -> Dict:
     async a synchronous run comes first, and the report compares their time to the sync run's accuracy."""
     t_start = time.monotonic()
     cfg = replace(cfg, backend=effective_backend(cfg))
+    threats = Threats(cfg)  # attack, attackers, DP noise: checked before anything runs
     cfg.out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg)
     bundle = prepare_bundle(cfg, data.classes, say)
     shards = shard(cfg, data)
     hist = np.stack([np.bincount([s.label for s in sh], minlength=len(data.classes)) for sh in shards])
     for i, sh in enumerate(shards):
-        write_csv(client_dir(cfg, i) / "data.csv", sh, data.classes)
+        write_csv(client_dir(cfg, i) / "data.csv", sh, threats.label_names(i, data.classes))
     write_csv(cfg.out / "test.csv", data.test, data.classes)
     say(f"{data.name}: {len(data.train)} training images in {cfg.clients} shards ({cfg.partition}, label skew "
         f"{histogram_skew(hist):.3f}; sizes {[len(s) for s in shards]}), {len(data.test)} held-out test images")
+    if threats.attackers:
+        say(f"attack {threats.attack.describe} by {', '.join(f'client-{i}' for i in threats.attackers)}")
+    if cfg.dp_clip is not None:
+        say(f"differential privacy: clip {cfg.dp_clip:g}, noise multiplier {threats.noise_multiplier:.4g}"
+            + (f" (for epsilon {cfg.dp_epsilon:g} after {cfg.rounds} rounds)" if cfg.dp_epsilon is not None else ""))
     modes = {}
     if cfg.mode == "async":
         say(f"sync rounds first ({cfg.rounds} rounds of {cfg.clients} clients), for comparison")
-        modes["sync"] = federate(cfg, bundle, time.monotonic(), say, mode="sync", tag="-sync")
+        modes["sync"] = federate(cfg, bundle, time.monotonic(), say, mode="sync", tag="-sync", threats=threats)
         say(f"async: buffer {cfg.async_buffer}, {cfg.async_versions} versions, staleness {cfg.staleness} up to "
             f"{cfg.max_staleness}, server lr {cfg.server_lr}")
     rows, initial = modes[cfg.mode] = federate(cfg, bundle, time.monotonic() if modes else t_start, say,
-                                               mode=cfg.mode)
+                                               mode=cfg.mode, threats=threats)
     report = build_report(cfg, data, bundle, shards, hist, rows, initial)
+    report["threats"] = threats.report()
     report["federated_seconds"] = round(time.monotonic() - t_start, 1)
     if cfg.mode == "async":
         report["modes"] = compare_modes(modes)
@@ -418,7 +446,7 @@ def client_dir(cfg: SimConfig, i: int) -> Path:
 
 
 def federate(cfg: SimConfig, bundle: Bundle, t_start: float, say: Say, mode: str = "sync",
-             tag: str = "") -> Tuple[List[Dict], Dict]:
+             tag: str = "", threats: Optional[Threats] = None) -> Tuple[List[Dict], Dict]:
     """Run the broker, the aggregator and the agents to the end; every one is stopped on every way out."""
     state_dir = cfg.out / f"aggregator{tag}"
     for stale in (state_dir, *(client_dir(cfg, i) / "state" for i in range(cfg.clients))):
@@ -440,8 +468,10 @@ def federate(cfg: SimConfig, bundle: Bundle, t_start: float, say: Say, mode: str
         say(f"mosquitto on {url}; logs in {cfg.out / f'logs{tag}'}"
             + (" (per-device certificates, the enrollment ACL)" if cfg.secure_aggregation else "")
             + (f"; dashboard on http://{cfg.http}/" if cfg.http else ""))
-        group.start("aggregator", "flora.broker.cli", aggregator_args(cfg, bundle, url, mode, state_dir))
-        agents = start_agents(cfg, bundle, url, group, cfg.out / f"logs{tag}")
+        threats = threats or Threats(cfg)
+        group.start("aggregator", "flora.broker.cli",
+                    aggregator_args(cfg, bundle, url, mode, state_dir) + threats.aggregator_args())
+        agents = start_agents(cfg, bundle, url, group, cfg.out / f"logs{tag}", threats)
         rows = watch(cfg, state_dir, group, t_start, say)
         if not group.wait(agents, timeout=60):
             raise SimError("the agents did not exit after the federation finished")
@@ -497,10 +527,12 @@ def aggregator_args(cfg: SimConfig, bundle: Bundle, url: str, mode: str = "sync"
     return [*args, "--rounds", str(cfg.rounds), "--min-clients", str(cfg.clients)]
 
 
-def start_agents(cfg: SimConfig, bundle: Bundle, url: str, group: ProcessGroup, logs: Path) -> List[Child]:
-    """One flora-agent process per client, or (--processes below --clients) that many hosts of virtual clients."""
+def start_agents(cfg: SimConfig, bundle: Bundle, url: str, group: ProcessGroup, logs: Path,
+                 threats: Threats) -> List[Child]:
+    """One flora-agent process per client (a poisoned one for a model-poisoning attacker), or (--processes below
+    --clients) that many hosts of virtual clients."""
     if not cfg.hosted:
-        return [group.start(f"client-{i}", "flora.edge.cli", agent_args(cfg, bundle, url, i))
+        return [group.start(f"client-{i}", threats.agent(i)[0], threats.agent(i)[1] + agent_args(cfg, bundle, url, i))
                 for i in range(cfg.clients)]
     assert cfg.processes is not None
     hosts = []
@@ -567,7 +599,8 @@ def watch(cfg: SimConfig, state_dir: Path, group: ProcessGroup, t_start: float, 
 # -- the report ----------------------------------------------------------------------------------
 ROW_KEYS = ("round", "num_asked", "num_reported", "reported", "samples", "test_accuracy", "test_loss",
             "mean_client_accuracy", "bytes_received", "bytes_sent", "global_bytes", "wall_time_s", "rejection_counts",
-            "lr", "strategy", "separate_vs_exact_rel_error", "svd_truncation_rel_error")
+            "lr", "strategy", "separate_vs_exact_rel_error", "svd_truncation_rel_error", "dp", "clipped",
+            "trimmed_per_side")
 
 
 def step_counts(cfg: SimConfig, shards: List[List[Sample]], rows: List[Dict]) -> Dict:
@@ -609,6 +642,7 @@ def build_report(cfg: SimConfig, data: SplitDataset, bundle: Bundle, shards: Lis
         "steps": step_counts(cfg, shards, rows),
         "lr_per_round": [r.get("lr") for r in rows],
         "stopped": next((r["stopped"] for r in rows if r.get("stopped")), None),
+        "epsilon": [epsilon_of(r) for r in rows] if any(epsilon_of(r) is not None for r in rows) else None,
         "rounds": [{k: r.get(k) for k in ROW_KEYS} for r in rows],
         "bytes": {"up_per_round": [r["bytes_received"] for r in rows],
                   "down_per_round": [r["bytes_sent"] for r in rows]},

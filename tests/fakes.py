@@ -226,9 +226,11 @@ def feature_data(manifest: Manifest, n: int, seed: int = 0) -> LocalData:
 
 def offline_agent(state_dir: Path, *, manifest: Optional[Manifest] = None, train: int = 18, val: int = 6,
                   client: Optional[FakeMqttClient] = None, trainer: Optional[Trainer] = None,
-                  trust: Optional[Trust] = None, secure: Optional[SecureSession] = None, **overrides: Any) -> Agent:
+                  trust: Optional[Trust] = None, secure: Optional[SecureSession] = None,
+                  agent_class: type = Agent, **overrides: Any) -> Agent:
     """Agent `dev-1` of federation `fed` on a synthetic manifest, with a FakeTrainer, `train` + `val` random
-    feature vectors and a FakeMqttClient (`agent.client`); its state dir is opened as `Agent.open` does."""
+    feature vectors and a FakeMqttClient (`agent.client`); its state dir is opened as `Agent.open` does.
+    `agent_class`: an Agent subclass to build instead (the simulator's poisoned device)."""
     m = manifest or synthetic_manifest()
     bundle = Bundle(state_dir.parent / "no-bundle", m)  # never read: the parts are given
     cfg = AgentConfig(bundle=bundle.root, data=state_dir.parent / "no-data", broker=OFFLINE_BROKER, client_id="dev-1",
@@ -237,7 +239,7 @@ def offline_agent(state_dir: Path, *, manifest: Optional[Manifest] = None, train
         setattr(cfg, key, value)
     store = StateStore(state_dir)
     state = open_state(store, cfg.client_id, m.model_id, cfg.federation)
-    return Agent(cfg, bundle=bundle, trainer=trainer or FakeTrainer(bundle),
+    return agent_class(cfg, bundle=bundle, trainer=trainer or FakeTrainer(bundle),
                  data=DeviceData(feature_data(m, train, 0), feature_data(m, val, 1)), store=store, state=state,
                  client=client if client is not None else FakeMqttClient(), trust=trust, secure=secure)
 

@@ -27,7 +27,9 @@ STORAGE = {"float32": np.float32, "float16": np.float16}
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 #: float64 scratch of one column chunk in `finalize` (n updates x k coordinates)
 CHUNK_BYTES = 8 << 20
-BLOCK_ROWS = 16
+#: rows are allocated in blocks of about this many bytes (at least one row): the buffer holds at most one
+#: block's worth more than its updates, and grows without copying
+BLOCK_BYTES = 4 << 20
 DEFAULT_MAX_MEMORY_MB = 1024.0
 
 BUFFER_OPTIONS: Dict[str, Option] = {
@@ -53,6 +55,7 @@ class BufferedDeltas(Strategy):
         self._layout: Optional[Layout] = None
         self._global = np.zeros(0)
         self._blocks: List[np.ndarray] = []
+        self._block_rows = 1
         self._rows = 0
         self._samples = 0
         self.max_updates = max_updates
@@ -64,6 +67,7 @@ class BufferedDeltas(Strategy):
         row_bytes = max(self._layout.numel * np.dtype(self._dtype).itemsize, 1)
         by_memory = max(int(self.max_memory_mb * (1 << 20) // row_bytes), 1)
         self.max_updates = min(self.requested_max_updates or by_memory, by_memory)
+        self._block_rows = max(BLOCK_BYTES // row_bytes, 1)
         self._blocks = []
         self._rows = 0
         self._samples = 0
@@ -79,9 +83,9 @@ class BufferedDeltas(Strategy):
                 f"{self.requested_max_updates}, max_memory_mb={self.max_memory_mb:g}, storage={self.storage}); "
                 "raise them with --strategy-option, or ask fewer clients per round")
         delta = delta_of(tensors, self._global, self._layout)
-        block, row = divmod(self._rows, BLOCK_ROWS)
+        block, row = divmod(self._rows, self._block_rows)
         if block == len(self._blocks):
-            rows = min(BLOCK_ROWS, self.max_updates - self._rows)
+            rows = min(self._block_rows, self.max_updates - self._rows)
             self._blocks.append(np.empty((rows, self._layout.numel), self._dtype))
         if self._dtype is np.float16:
             np.clip(delta, -FLOAT16_MAX, FLOAT16_MAX, out=delta)
