@@ -156,7 +156,7 @@ def main(argv: Optional[List[str]] = None, agent_class: Optional[type] = None) -
     if missing:
         return report(PROG, ConfigError(f"missing {', '.join('--' + m.replace('_', '-') for m in missing)} "
                                         "(on the command line or in --config)"))
-    return run_agent(args, agent_class)
+    return run_agent(args) if agent_class is None else run_agent(args, agent_class)
 
 
 def agent_config(args: argparse.Namespace):
