@@ -93,7 +93,8 @@ def main() -> None:
     lines = [f"# Digits under DP-FedAvg: {args.clients} clients, {args.per_round or args.clients} per round, "
              f"{args.rounds} rounds, {args.epochs} local epochs", "",
              f"`python -m bench.dp_digits --clients {args.clients} --rounds {args.rounds} --epochs {args.epochs}"
-             + (f" --per-round {args.per_round}" if args.per_round else "") + f" --lr {args.lr:g}` (in-process, bench/inprocess.py). "
+             + (f" --per-round {args.per_round}" if args.per_round else "") + f" --lr {args.lr:g}` "
+             "(in-process, bench/inprocess.py). "
              f"delta = {DELTA:g}; clip C = median delta norm of a plain round; noise std z*C on the sum.", "",
              "| adapter | epsilon | z | noise std of the mean / C | final test accuracy | mean of last 3 | "
              "epsilon spent |", "|---|---|---:|---:|---:|---:|---:|"]

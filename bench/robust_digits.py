@@ -118,8 +118,9 @@ def main() -> None:
     conditions = args.conditions.split(",")
     lines = [f"# One attacker among {args.clients} clients on digits ({args.harness} harness)", "",
              f"`python -m bench.robust_digits --harness {args.harness} --rounds {args.rounds} --epochs {args.epochs} "
-             f"--seeds {args.seeds}`: final test accuracy after {args.rounds} rounds, mean ± sd over {args.seeds} "
-             f"seed(s) (the attacker is one of the ten, drawn per seed). norm-bound max_norm = {max_norm:.4g}; "
+             f"--lr {args.lr:g} --seeds {args.seeds}`: final test accuracy after {args.rounds} rounds, mean ± sd over "
+             f"{args.seeds} seed(s) (the attacker is one of the ten, drawn per seed). "
+             f"norm-bound max_norm = {max_norm:.4g}; "
              "trimmed-mean trim 0.1. The last columns: each attacked run's mean minus its own strategy's honest mean, "
              "and minus FedAvg's honest mean.", "",
              "| strategy | " + " | ".join(conditions) + " | " +
