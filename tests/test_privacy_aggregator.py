@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from flora.broker import accountant as A
+from flora.broker.privacy import DPPolicy
 from flora.broker.report import epsilon_of, history_table, privacy_summary
 from flora.broker.rounds import Sampling
 from flora.edge import dp
 from flora.edge.errors import ConfigError
+from flora.edge.protocol import TrainConfig
 from flora.edge.synthetic import encode_update, random_adapter, synthetic_manifest
 
 from .fakes import FakeClock, offline_aggregator, status
@@ -121,24 +123,25 @@ def test_what_cannot_combine_is_refused(tmp_path):
         offline_aggregator(tmp_path / "3", clock, manifest=M, rounds=1,
                            dp=A.DPSettings(clip=1.0, noise_multiplier=1.0, mode="distributed"))
     for name, options in (("median", {}), ("trimmed-mean", {}), ("norm-bound", {"max_norm": "1"})):
-        with pytest.raises(ConfigError, match=f"the {name} strategy looks at each update on its own"):
+        with pytest.raises(ConfigError, match=f"--strategy {name}: .* looks at each update on its own"):
             offline_aggregator(tmp_path / name, clock, manifest=M, rounds=1, strategy=name, strategy_options=options,
                                secure_aggregation=True)
-    with pytest.raises(ConfigError, match="dp-fedavg strategy looks at each update"):  # central DP clips each one
-        offline_aggregator(tmp_path / "4", clock, manifest=M, rounds=1, dp=settings, secure_aggregation=True)
-    offline_aggregator(tmp_path / "5", clock, manifest=M, rounds=1, secure_aggregation=True)  # fedavg: a sum
-    agg = offline_aggregator(tmp_path / "6", clock, manifest=M, rounds=1, secure_aggregation=True,
-                             dp=A.DPSettings(clip=1.0, noise_multiplier=2.0, mode="distributed"))
-    assert not agg.strategy.needs_individual_updates
+    for mode in ("central", "distributed"):  # central DP clips each update; DP-FedAvg does not fold the secure sum
+        with pytest.raises(ConfigError, match="with --secure-aggregation is not supported yet"):
+            offline_aggregator(tmp_path / f"4{mode}", clock, manifest=M, rounds=1, secure_aggregation=True,
+                               dp=A.DPSettings(clip=1.0, noise_multiplier=1.0, mode=mode))
+    with pytest.raises(ConfigError, match="needs synchronous rounds"):
+        offline_aggregator(tmp_path / "7", clock, manifest=M, rounds=1, dp=settings, mode="async")
+    agg = offline_aggregator(tmp_path / "5", clock, manifest=M, rounds=1, secure_aggregation=True)  # fedavg: a sum
+    assert agg.secagg is not None and agg.strategy.name == "fedavg"
 
 
-def test_distributed_rounds_ask_each_device_for_its_noise_share(tmp_path):
-    clock = FakeClock()
-    agg = _aggregator(tmp_path, clock, A.DPSettings(clip=0.5, noise_multiplier=2.0, mode="distributed"),
-                      secure_aggregation=True)
-    agg._open_round()
-    config = agg.client.announcements()[-1].config
+def test_a_distributed_round_would_ask_each_device_for_its_noise_share():
+    policy = DPPolicy(A.DPSettings(clip=0.5, noise_multiplier=2.0, mode="distributed"))
+    config = policy.train_config(TrainConfig(), asked=2)
     assert config.clip_norm == 0.5 and math.isclose(config.noise_std, 2.0 * 0.5 / math.sqrt(2))
+    central = DPPolicy(A.DPSettings(clip=0.5, noise_multiplier=2.0)).train_config(TrainConfig(), asked=2)
+    assert central.clip_norm == 0.5 and central.noise_std is None
 
 
 def test_status_and_plot_show_epsilon(tmp_path):
