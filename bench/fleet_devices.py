@@ -239,7 +239,8 @@ class Fleet:
     def _status(self, d: Device, state: str, round_: Optional[int]) -> None:
         from flora.edge.protocol import Status
 
-        payload = Status(device_id(d.index), state, round_, None, 100, "fleet", time.time()).to_json()
+        payload = Status(device_id(d.index), state, round_, None, template_samples(d.index % TEMPLATES), "fleet",
+                         time.time()).to_json()  # declares the num_samples its updates carry
         d.client.publish(self.topics.status(device_id(d.index)), payload, qos=1, retain=True)
 
     def _send_update(self, d: Device) -> None:

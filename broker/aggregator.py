@@ -20,13 +20,14 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from flora.edge import adapter, signing, wire
 from flora.edge.bundle import Manifest
+from flora.edge.dp import delta_norm
 from flora.edge.errors import EXIT_UNAVAILABLE, ConfigError, FloraError
 from flora.edge.fileio import sha256_bytes
 from flora.edge.logs import fields
@@ -61,6 +62,8 @@ from .dashboard.server import Snapshots
 from .dashboard.snapshot import FederationInfo
 from .enroll import SIGN_AUTO, aggregator_signer
 from .fedbuff import BufferConfig
+from .influence import OVER_DECLARED, InfluencePolicy, RoundInfluence, changed, decide
+from .influence import Decision as Bound
 from .privacy import DPPolicy
 from .ratelimit import Rate, RateLimiter
 from .rounds import CLOSE, EXTEND, GIVE_UP, WAIT, NoRoundUpdates, QuorumError, RoundClock, RoundRecord, Sampling
@@ -132,6 +135,11 @@ JOURNAL_OFFSET = "journal_offset"
 PARTIAL_KINDS = ("update", adapter.PARTIAL)
 #: state.extra["stopped"]["reason"] of a federation stopped before a round would exceed its DP budget
 BUDGET = "privacy-budget"
+#: The medians of this many earlier rounds' update norms are kept (state.extra) for a round of one update.
+NORM_MEDIANS_KEPT = 10
+INFLUENCE_STATE = "influence"
+#: What the held-out evaluation (`on_round_closed`) returns that must be finite for a new global to be committed.
+EVAL_FIELDS = ("test_loss", "test_accuracy")
 
 
 @dataclass
@@ -173,6 +181,9 @@ class AggregatorConfig:
     secagg: SecureSettings = field(default_factory=SecureSettings)  # its k, t, encoding, timeouts, attempts
     keep_globals: Optional[int] = 1  # the N latest global files are kept; None: all
     keep_best: Optional[str] = None  # also keep the best global by this metric (checkpoint.KEEP_BEST_METRICS)
+    #: how much one client may move a round (broker/influence.py): declared num_samples, share cap, norm bound;
+    #: None: no bound. Secure aggregation sees no single update (none applies); async applies the declared check.
+    influence: Optional[InfluencePolicy] = field(default_factory=InfluencePolicy)
 
 
 class ClientsAbsent(FloraError, TimeoutError):
@@ -270,6 +281,11 @@ class Aggregator:
                                      max_packet_size=largest + PACKET_OVERHEAD)
         self._republish_why: Optional[str] = None  # why the global and round should go out again
         self._republished_at = -math.inf
+        # the share cap and norm bound at a sync round's close: not where the aggregator sees only a sum
+        self.influence = cfg.influence if not cfg.secure_aggregation else None
+        self._norm_median: Optional[float] = None  # the closing round's median update norm, kept at its commit
+        self._influence = RoundInfluence()  # the open round's accepted updates: weight and delta norm each
+        self._global_flat = np.zeros(0)  # the open round's global in the adapter layout, float64 (for norms)
 
     def _make_strategy(self, cfg: AggregatorConfig):
         """The round's strategy: DP-FedAvg under --dp-*, the named one otherwise; ConfigError for what cannot
@@ -562,6 +578,11 @@ class Aggregator:
         self.strategy.begin_round(self.manifest.trainable, self.global_tensors)
         self.strategy.set_round_size(len(rec.asked))
         self._digests = {}
+        self._influence = RoundInfluence()
+        layout = adapter.layout_of(tuple(self.manifest.trainable))
+        self._global_flat = np.zeros(layout.numel)
+        for name, _, a, b in layout.entries:
+            self._global_flat[a:b] = np.ravel(self.global_tensors[name])
         restored = 0
         for entry in self.checkpoint.journaled(rec.number):
             if entry.kind == UPDATE:  # accepted before a restart
@@ -655,8 +676,12 @@ class Aggregator:
                 return False
             return self._reject(rec, client, why.reason, why.detail, len(blob), save=spool)
         num_samples = int(update.meta.num_samples or 0)
+        partial = update.meta.kind == adapter.PARTIAL
+        over = None if partial else self._over_declared(client, num_samples)
+        if over is not None:
+            return self._reject(rec, client, OVER_DECLARED, over, len(blob), save=spool)
         try:
-            if update.meta.kind == adapter.PARTIAL:  # folded as it is: the root's sums become the flat ones
+            if partial:  # folded as it is: the root's sums become the flat ones
                 self.strategy.accumulate_partial(update.tensors, num_samples)
             else:
                 self.strategy.accumulate(update.tensors, num_samples)  # checks the weight before touching a sum
@@ -668,10 +693,88 @@ class Aggregator:
             self.checkpoint.spool(rec.number, client, blob)  # an OSError here is fatal: nothing is acked
         self._digests[client] = sha256_bytes(blob)
         rec.accept(client, num_samples, len(blob))
+        if self.influence is not None and not partial:  # a site's partial is a sum: neither a delta nor one client
+            self._influence.add(client, num_samples, self._delta_norm(update.tensors))
         log.info("round %d: accepted update from %s (%d samples, %d bytes, %s); %d of %d asked reported", rec.number,
                  client, num_samples, len(blob), update.meta.dtype, len(rec.reported), len(rec.asked),
                  extra=fields("accepted", round=rec.number, client=client))
         return True
+
+    def _over_declared(self, client: str, num_samples: int) -> Optional[str]:
+        """Why an update's num_samples is refused against the device's declared one (its latest status), or None."""
+        if self.cfg.influence is None:
+            return None
+        device = self.watch.devices.get(client)
+        return self.cfg.influence.over_declared(num_samples, device.num_samples if device is not None else None)
+
+    def _delta_norm(self, tensors: Any) -> float:
+        """L2 norm of an update's distance from the open round's global, in float64."""
+        if isinstance(tensors, adapter.FlatTensors) and tensors.flat.size == self._global_flat.size:
+            d = tensors.flat.astype(np.float64) - self._global_flat
+            return float(np.sqrt(np.dot(d, d)))
+        return delta_norm(tensors, self.global_tensors)
+
+    def _bound_influence(self, rec: RoundRecord) -> Dict[str, Any]:
+        """Apply the share cap and the norm bound to the open round (`decide`); when they change anything, fold
+        the round again from its journal, one update at a time (memory stays flat), with the capped weights and
+        clipped deltas, leaving refused updates out (counted as rejections). What changed, for the history row."""
+        if self.influence is None or not self._influence.weights:
+            return {}
+        decisions = decide(self.influence, self._influence, self._earlier_medians())
+        kept = [self._influence.norms[c] for c, d in decisions.items() if d.refused is None]
+        self._norm_median = float(np.median(kept)) if kept else None
+        if not changed(decisions, self._influence.weights):
+            return {}
+        self.strategy.begin_round(self.manifest.trainable, self.global_tensors)
+        self.strategy.set_round_size(len(rec.asked))
+        for client, blob in self.checkpoint.spooled(rec.number):
+            self._refold(rec, client, blob, decisions.get(client))
+        info: Dict[str, Any] = {
+            "capped": {c: d.weight for c, d in sorted(decisions.items())
+                       if d.refused is None and d.weight != self._influence.weights[c]},
+            "clipped": {c: d.scale for c, d in sorted(decisions.items()) if d.refused is None and d.scale != 1.0},
+            "refused": {c: d.refused for c, d in sorted(decisions.items()) if d.refused is not None},
+        }
+        log.warning("round %d: influence bounds applied: %s", rec.number, info,
+                    extra=fields("influence", round=rec.number, reason="influence"))
+        return info
+
+    def _refold(self, rec: RoundRecord, client: str, blob: bytes, decision: Optional[Bound]) -> None:
+        """Fold one journaled update again as `decision` says (as it came when the policy did not see it)."""
+        if decision is not None and decision.refused is not None:
+            rec.reported.pop(client, None)
+            rec.bytes_received -= len(blob)
+            rec.reject(client, decision.refused, decision.detail, len(blob))
+            log.warning("round %d: rejected update from %s at the close: %s: %s", rec.number, client,
+                        decision.refused, decision.detail,
+                        extra=fields("rejected", round=rec.number, client=client, reason=decision.refused))
+            return
+        update = adapter.decode(blob, self.manifest.trainable, model_id=self.manifest.model_id)
+        if update.meta.kind == adapter.PARTIAL:
+            self.strategy.accumulate_partial(update.tensors, int(update.meta.num_samples or 0))
+            return
+        tensors = update.as_float32()
+        if decision is None:
+            self.strategy.accumulate(tensors, int(update.meta.num_samples or 0))
+            return
+        if decision.scale != 1.0:
+            tensors = {k: (self.global_tensors[k].astype(np.float64) + decision.scale *
+                           (v.astype(np.float64) - self.global_tensors[k])).astype(np.float32)
+                       for k, v in tensors.items()}
+        self.strategy.accumulate(tensors, max(1, round(decision.weight)))
+
+    def _earlier_medians(self) -> List[float]:
+        """The update-norm medians of the last committed rounds (for a round of one update)."""
+        saved = (self.state.extra.get(INFLUENCE_STATE) or {}).get("norm_medians") if self.state else None
+        return [float(m) for m in saved or [] if isinstance(m, (int, float)) and math.isfinite(m)]
+
+    def _note_norm_median(self) -> None:
+        """Keep the closing round's median update norm (state.extra, saved with the commit)."""
+        median, self._norm_median = self._norm_median, None
+        if median is None or not math.isfinite(median) or self.state is None:
+            return
+        medians = [*self._earlier_medians(), median][-NORM_MEDIANS_KEPT:]
+        self.state.extra[INFLUENCE_STATE] = {"norm_medians": medians}
 
     def _redelivered(self, key: str, blob: bytes) -> bool:
         """The very update accepted before (same bytes): the broker's redelivery of a message whose PUBACK a crash
@@ -719,21 +822,32 @@ class Aggregator:
         rec = self.current
         assert rec is not None and self.state is not None
         t0 = time.perf_counter()
+        influence = self._bound_influence(rec)
         try:
             new = self.strategy.finalize()
         except ValueError as exc:
-            self._fail_round(rec, f"the {self.strategy.name} aggregate cannot be computed: {exc}")
+            self._fail_round(rec, f"the {self.strategy.name} aggregate cannot be computed: {exc}", influence)
+            return
+        if new is None and influence.get("refused"):
+            self._fail_round(rec, "every update was refused by the influence bounds", influence)
             return
         if new is None:  # cannot happen: a round closes with at least min_clients >= 1 updates
             raise RuntimeError(f"round {rec.number} closed without updates")
         bad = adapter.find_non_finite(new)
         if bad is not None:
-            self._fail_round(rec, f"the {self.strategy.name} aggregate of tensor {bad} is not finite")
+            self._fail_round(rec, f"the {self.strategy.name} aggregate of tensor {bad} is not finite", influence)
             return
         aggregation_s = time.perf_counter() - t0  # finalize and check, not the evaluation hook nor the commit
-        self.strategy.commit()  # its state across rounds moves on with the accepted global
         row = self._history_row(rec, new)
+        if influence:
+            row["influence"] = influence
+        why = non_finite_evaluation(row)
+        if why is not None:  # rolled back: the previous global stays, the round is recorded failed
+            self._fail_round(rec, why, influence, row)
+            return
+        self.strategy.commit()  # its state across rounds moves on with the accepted global
         row["aggregation_s"] = round(aggregation_s, 6)
+        self._note_norm_median()
         self._commit(rec, new, row)
         log.info("round %d closed: %d update(s), %d sample(s), %d rejected%s, %.1f s%s; global for round %d published",
                  rec.number, len(rec.reported), row["samples"], rec.num_rejected,
@@ -741,14 +855,19 @@ class Aggregator:
                  f", test accuracy {row['test_accuracy']:.4f}" if isinstance(row.get("test_accuracy"), float) else "",
                  rec.number + 1, extra=fields("round-closed", round=rec.number))
 
-    def _fail_round(self, rec: RoundRecord, why: str) -> None:
+    def _fail_round(self, rec: RoundRecord, why: str, influence: Optional[Dict[str, Any]] = None,
+                    row: Optional[Dict[str, Any]] = None) -> None:
         """A round whose aggregate is unusable: never committed nor published; the round is recorded as
-        failed (its updates discarded) and the next round starts from the unchanged global."""
+        failed (its updates discarded; `row`: the rolled-back global's row, its evaluation kept) and the next
+        round starts from the unchanged global."""
         log.error("round %d FAILED: %s; its %d update(s) are discarded, round %d starts from the round-%d global",
                   rec.number, why, len(rec.reported), rec.number + 1, rec.number,
                   extra=fields("round-failed", round=rec.number, reason=why[:100]))
-        row = self._history_row(rec, None)
+        row = self._history_row(rec, None) if row is None else row
         row["failed"] = why
+        if influence:
+            row["influence"] = influence
+        self._norm_median = None
         self._commit(rec, self.global_tensors, row)
 
     def _commit(self, rec: RoundRecord, tensors: Dict[str, np.ndarray], row: Dict[str, Any]) -> None:
@@ -1163,6 +1282,16 @@ class Aggregator:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+def non_finite_evaluation(row: Dict[str, Any]) -> Optional[str]:
+    """Why a new global must be rolled back: its held-out evaluation (the row's `test_loss`/`test_accuracy`,
+    from `on_round_closed`) is not finite; None if it is, or if there is none."""
+    for key in EVAL_FIELDS:
+        value = row.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"the held-out evaluation of the new global is not finite ({key} = {value}): rolled back"
+    return None
 
 
 def _is_published(info) -> Optional[bool]:

@@ -25,6 +25,7 @@ from flora.edge.protocol import MODE_ASYNC, ROUND_TRAINING, Metrics, ProtocolErr
 from .aggregator import METRIC_FIELDS, SNAPSHOT_EVERY_S, Aggregator, AggregatorConfig
 from .checkpoint import METRICS, UPDATE, apply_record, global_file_name
 from .fedbuff import CLOSE, BufferConfig, BufferRecord, FedBuff, pair_key, split_pair
+from .influence import OVER_DECLARED
 from .rounds import NoRoundUpdates
 from .strategies import StrategyFull
 from .validation import STRATEGY_FULL, Rejected, RoundView, validate_update
@@ -128,6 +129,9 @@ class AsyncAggregator(Aggregator):
         try:
             update = validate_update(blob, client, self.manifest, view, self.max_bytes, self.cfg.max_num_samples)
             base, num_samples = update.meta.round, int(update.meta.num_samples or 0)
+            over = self._over_declared(client, num_samples)
+            if over is not None:
+                return self._reject(rec, client, OVER_DECLARED, over, len(blob), save=spool)  # type: ignore
             weight = self.fedbuff.admit(client, base)
             rebased = self.fedbuff.rebase(self._flat(update.tensors), base, weight)
             self.strategy.accumulate(adapter.FlatTensors(rebased, self.layout), num_samples)

@@ -152,7 +152,20 @@ def build_parser() -> CommandParser:
                      help="per client: statuses and metrics beyond this rate are dropped (default: %(default)s)")
     run.add_argument("--max-num-samples", type=int, default=DEFAULT_MAX_NUM_SAMPLES,
                      help="reject updates claiming more local samples, as bad-num-samples (default: 10**9)")
-    run.add_argument("--eval-data", type=Path, help="held-out images (folder or CSV) to test every global on")
+    run.add_argument("--eval-data", type=Path, help="held-out images (folder or CSV) to test every global on; a new "
+                     "global whose test loss or accuracy is not finite is rolled back (the round recorded failed)")
+    b = run.add_argument_group("one client's influence on a round (sync rounds, also at a site; an update's "
+                               "num_samples above what its device declared in its status is always rejected as "
+                               "over-declared)")
+    b.add_argument("--max-client-share", type=Bounded(float, above=0.0, maximum=1.0), metavar="F",
+                   help="no client carries more than this share of a round's total weight unless it is the only one: "
+                        "larger weights are lowered to the cap (default: 0.5; 1: no cap)")
+    b.add_argument("--norm-bound", type=Bounded(float, minimum=0.0), metavar="X",
+                   help="an update whose delta from the round's global is over X times the median norm of the "
+                        "round's other updates (of earlier rounds for a round of one) is refused as norm-outlier, "
+                        "or clipped to that bound (default: 10; 0: no bound)")
+    b.add_argument("--norm-bound-action", choices=["reject", "clip"],
+                   help="what --norm-bound does to an outlier (default: reject)")
     run.add_argument("--sign", default="auto", choices=["auto", "yes", "no"],
                      help="sign `global` and `round` with the federation's Ed25519 key in the state dir: auto when "
                           "it is there (`enroll` makes it), yes (made if missing), no (default %(default)s); "
@@ -467,6 +480,24 @@ def _buffer(args: argparse.Namespace):
         raise ConfigError(str(exc)) from None
 
 
+def _influence(args: argparse.Namespace):
+    """The influence policy; its share cap and norm bound need plain per-update rounds: refused with secure
+    aggregation (the aggregator sees only the sum) and with --mode async (a buffer's fold is not a round)."""
+    from .influence import InfluencePolicy
+
+    given = [f for f, v in (("--max-client-share", args.max_client_share), ("--norm-bound", args.norm_bound),
+                            ("--norm-bound-action", args.norm_bound_action)) if v is not None]
+    if given and (args.secure_aggregation or args.mode != "sync"):
+        other = "--secure-aggregation" if args.secure_aggregation else "--mode async"
+        raise ConfigError(f"{', '.join(given)}: not with {other} (no round of single updates to bound; in async the "
+                          "declared num_samples check still applies)")
+    try:
+        return InfluencePolicy(args.max_client_share or 0.5, 10.0 if args.norm_bound is None else args.norm_bound,
+                               args.norm_bound_action or "reject")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _sites(text: Optional[str]) -> frozenset:
     from flora.edge.protocol import check_id
 
@@ -489,6 +520,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         broker = BrokerConfig.from_args(args)
         dp, strategy_options = dp_settings(args), parse_assignments(args.strategy_option)  # before any heavy work
+        influence = _influence(args)
         bundle, manifest, initial = _load_inputs(args)
         cfg = AggregatorConfig(
             manifest=manifest, initial_adapter=initial, broker=broker, state_dir=args.state_dir,
@@ -507,7 +539,7 @@ def run(args: argparse.Namespace) -> int:
             message_rate=_rate(args.message_rate_limit), client_id=args.client_id, mode=args.mode,
             buffer=_buffer(args), sites=_sites(args.sites), sign=args.sign,
             secure_aggregation=args.secure_aggregation, secagg=_secure_settings(args),
-            keep_globals=args.keep_globals, keep_best=args.keep_best,
+            keep_globals=args.keep_globals, keep_best=args.keep_best, influence=influence,
             **_hooks(bundle, args.eval_data),
         )
         if args.http:

@@ -37,11 +37,11 @@ class InfluencePolicy:
 
     def __post_init__(self) -> None:
         if not 0 < self.max_share <= 1:
-            raise ValueError(f"--max-share must be in (0, 1], got {self.max_share}")
+            raise ValueError(f"--max-client-share must be in (0, 1], got {self.max_share}")
         if self.norm_factor < 0 or (0 < self.norm_factor < 1):
-            raise ValueError(f"--norm-factor must be 0 (off) or >= 1, got {self.norm_factor}")
+            raise ValueError(f"--norm-bound must be 0 (off) or >= 1, got {self.norm_factor}")
         if self.norm_action not in NORM_ACTIONS:
-            raise ValueError(f"--norm-action must be one of {NORM_ACTIONS}, got {self.norm_action!r}")
+            raise ValueError(f"--norm-bound-action must be one of {NORM_ACTIONS}, got {self.norm_action!r}")
 
     def over_declared(self, num_samples: int, declared: Optional[int]) -> Optional[str]:
         """Why an update's num_samples is refused against the device's declared number, or None."""

@@ -201,7 +201,12 @@ class SiteAggregator(Aggregator):
     def _close_round(self) -> None:
         rec = self.current
         assert rec is not None and self.state is not None
+        influence = self._bound_influence(rec)  # the site's share cap and norm bound, over its own devices
         part = self.strategy.partial()
+        if part is None and influence.get("refused"):
+            log.error("site round %d: every update was refused by the influence bounds: nothing is sent", rec.number)
+            self._abandon()
+            return
         if part is None:
             raise RuntimeError(f"site round {rec.number} closed without updates")
         weighted_sum, weight = part
@@ -217,6 +222,8 @@ class SiteAggregator(Aggregator):
         atomic_write_bytes(self.checkpoint.dir / outbox, blob)
         row = self._history_row(rec, None)
         row.update(role="site", partial_bytes=len(blob), partial_weight=int(weight))
+        if influence:
+            row["influence"] = influence
         self._site.update(sent=rec.number, outbox=outbox, outbox_acked=False)
         self.state = self.checkpoint.commit(self.state, rec.number, self.global_blob, row, False)
         self.current = None

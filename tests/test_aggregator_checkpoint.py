@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flora.broker.checkpoint import Checkpoint, CheckpointError
+from flora.broker.influence import InfluencePolicy
 from flora.broker.rounds import Sampling
 from flora.edge import adapter
 from flora.edge.fileio import sha256_bytes
@@ -101,7 +102,8 @@ def test_a_corrupt_or_foreign_state_is_refused(tmp_path):
 
 def test_a_restarted_aggregator_resumes_the_open_round_with_its_clients_updates_and_rejections(tmp_path):
     clock = FakeClock()
-    kw = dict(rounds=3, round_timeout_s=30, sampling=Sampling(clients_per_round=2, min_clients=2, seed=0))
+    kw = dict(rounds=3, round_timeout_s=30, sampling=Sampling(clients_per_round=2, min_clients=2, seed=0),
+              influence=InfluencePolicy(max_share=1.0))  # the weighted FedAvg is checked
     first = offline_aggregator(tmp_path, clock, **kw)
     m = first.manifest
     first._resume_or_start()

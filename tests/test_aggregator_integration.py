@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from flora.broker.aggregator import Aggregator, AggregatorConfig
+from flora.broker.influence import InfluencePolicy
 from flora.broker.rounds import Sampling
 from flora.edge import adapter
 from flora.edge.fileio import sha256_bytes
@@ -146,7 +147,8 @@ def test_the_cli_accepts_only_good_updates_and_counts_every_rejection(mosquitto,
     state_dir, log = tmp_path / "agg", tmp_path / "agg.log"
     config = tmp_path / "aggregator.toml"  # the same keys as the long options
     config.write_text(f'broker = "{mosquitto.url}"\nfederation = "{FED}"\nrounds = 2\nmin-clients = 3\n'
-                      f'wait_for_clients = 3\nround_timeout = 60\nlr = 0.002\nepochs = 2\nmetrics_grace = 5\n')
+                      f'wait_for_clients = 3\nround_timeout = 60\nlr = 0.002\nepochs = 2\nmetrics_grace = 5\n'
+                      'max-client-share = 1.0\n')  # the plain num_samples-weighted FedAvg is checked below
     proc = start_cli(["--config", str(config), "--bundle", str(bundle), "--state-dir", str(state_dir)], log)
     try:
         wait_log(log, "waiting for 3 client(s)", proc)
@@ -304,7 +306,8 @@ def test_below_quorum_the_round_is_extended_and_republished_and_the_hook_fills_t
                            broker=BrokerConfig.from_url(mosquitto.url), state_dir=tmp_path / "agg", rounds=1,
                            federation=FED, round_timeout_s=1.0,
                            sampling=Sampling(clients_per_round=2, min_clients=2, seed=4), metrics_grace_s=0.0,
-                           on_round_closed=on_round_closed, client_id="agg-thread")
+                           on_round_closed=on_round_closed, client_id="agg-thread",
+                           influence=InfluencePolicy(max_share=1.0))  # the weighted FedAvg is checked
     agg = Aggregator.open(cfg)
     scripted.status("c1", "c2", "c3")
     result: Dict[str, int] = {}
@@ -356,6 +359,7 @@ def test_below_quorum_through_max_extensions_the_cli_exits_4_and_a_restart_resum
     bundle = write_bundle(tmp_path / "bundle", M)
     state_dir, log = tmp_path / "agg", tmp_path / "agg.log"
     args = ["--bundle", str(bundle), "--broker", mosquitto.url, "--rounds", "1", "--state-dir", str(state_dir),
+            "--max-client-share", "1",
             "--federation", FED, "--min-clients", "2", "--round-timeout", "0.3", "--max-extensions", "2"]
     scripted.status("c1", "c2")
     proc = start_cli(args, log)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flora.broker.aggregator import Aggregator
+from flora.broker.influence import InfluencePolicy
 from flora.broker.rounds import (
     CLOSE,
     EXTEND,
@@ -143,7 +144,8 @@ def test_the_aggregator_runs_rounds_from_events_with_quorum_extension_and_hook(t
 
     agg = offline_aggregator(tmp_path, clock, rounds=2, round_timeout_s=30,
                              sampling=Sampling(clients_per_round=2, min_clients=2, seed=3),
-                             on_round_closed=on_round_closed)
+                             on_round_closed=on_round_closed,
+                             influence=InfluencePolicy(max_share=1.0))  # the weighted FedAvg is checked
     m = agg.manifest
     agg._resume_or_start()
     for c in ("a", "b", "c"):
