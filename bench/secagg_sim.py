@@ -81,8 +81,10 @@ class Traffic:
 def run_attempt(fed: SimFederation, params: SecAggParams, deltas: Mapping[str, np.ndarray],
                 weights: Mapping[str, int], *, round_number: int = 0, attempt: int = 0,
                 drops: Optional[Mapping[str, str]] = None, run_id: str = "sim", tamper=None,
-                clock: Optional[FakeClock] = None, watch=None) -> Tuple[Outcome, SecAggServer, Traffic]:
-    """One attempt with every client of `deltas` asked; `drops[c] = stage`: c stops answering at that stage.
+                clock: Optional[FakeClock] = None, watch=None,
+                noises: Optional[Mapping[str, np.ndarray]] = None) -> Tuple[Outcome, SecAggServer, Traffic]:
+    """One attempt with every client of `deltas` asked; `drops[c] = stage`: c stops answering at that stage;
+    `noises[c]`: c's integer noise share (distributed DP), added before masking.
 
     `tamper(kind, client, payload) -> payload` may rewrite any message in flight (a hostile broker);
     `watch(server, clients)` is called after every message the server handles and every step."""
@@ -138,7 +140,7 @@ def run_attempt(fed: SimFederation, params: SecAggParams, deltas: Mapping[str, n
                     traffic.bytes_down[c] = traffic.bytes_down.get(c, 0) + len(payload)
                     if stage == ADVERTISE:
                         sc = client_call(c, SecAggClient, ctx, fed.identities[c], fed.ca, aggregator_key, params,
-                                         deltas[c], weights[c], clock)
+                                         deltas[c], weights[c], clock, (noises or {}).get(c))
                         if sc is not None:
                             clients[c] = sc
                             send_up(c, client_call(c, sc.advertise))

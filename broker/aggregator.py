@@ -289,19 +289,18 @@ class Aggregator:
 
     def _make_strategy(self, cfg: AggregatorConfig):
         """The round's strategy: DP-FedAvg under --dp-*, the named one otherwise; ConfigError for what cannot
-        combine (DP-FedAvg by name without accounting, DP with async rounds or with secure aggregation, distributed
-        DP without it). Per-update strategies under secure aggregation: `check_secure_aggregation`."""
+        combine (DP-FedAvg by name without accounting, DP with async rounds, central DP with secure aggregation,
+        distributed DP without it). Per-update strategies under secure aggregation: `check_secure_aggregation`."""
         if self.privacy is None and cfg.strategy == DPFedAvg.name:
             raise ConfigError("--strategy dp-fedavg is set up by the --dp-* options (--dp-clip, "
                               "--dp-noise-multiplier), which also count epsilon and tell the devices to clip")
         if cfg.dp is not None and cfg.mode != MODE_SYNC:
             raise ConfigError("--dp-* needs synchronous rounds (--mode sync): the accountant charges each round's "
                               "sampling of the devices, which buffered asynchronous rounds do not have")
-        if cfg.dp is not None and cfg.secure_aggregation:
-            raise ConfigError("--dp-* with --secure-aggregation is not supported yet: central DP clips each update on "
-                              "the aggregator, which secure aggregation hides, and the DP-FedAvg strategy does not "
-                              "fold secure aggregation's sum (distributed DP's devices' side is built, its "
-                              "aggregation is not; docs/privacy.md)")
+        if cfg.dp is not None and cfg.secure_aggregation and cfg.dp.mode != "distributed":
+            raise ConfigError("--dp-* with --secure-aggregation needs --dp-mode distributed: central DP clips each "
+                              "update on the aggregator, which secure aggregation hides; distributed DP has every "
+                              "device clip and add its share of the noise under the mask (docs/privacy.md)")
         if cfg.dp is not None and cfg.dp.mode == "distributed" and not cfg.secure_aggregation:
             raise ConfigError("--dp-mode distributed needs secure aggregation: without it the aggregator sees each "
                               "update with only its own share of the noise")
@@ -525,11 +524,16 @@ class Aggregator:
         lr = round_lr(self.cfg.train.lr, self.cfg.lr_schedule, round_, self.state.rounds_total)
         return replace(self.cfg.train, lr=lr)
 
+    def _dp_round_size(self, rec: RoundRecord) -> int:
+        """The n of a DP round's noise shares: the clients it asked; in a secure round its first attempt's (a
+        retry asks at most as many, so its m survivors are at most n and carry z*C*sqrt(m/n) of noise)."""
+        return self.secagg.size if self.secagg is not None and self.secagg.round is not None else len(rec.asked)
+
     def _announcement(self, state: str, rec: Optional[RoundRecord]) -> RoundAnnouncement:
         secure = self.secagg.announcement_fields() if self.secagg is not None and rec is not None else {}
         config = self.round_config(self.state.round)
         if self.privacy is not None and rec is not None:  # the clip norm (and noise share) the devices apply
-            config = self.privacy.train_config(config, len(rec.asked))
+            config = self.privacy.train_config(config, self._dp_round_size(rec))
         return RoundAnnouncement(
             round=self.state.round, model_id=self.manifest.model_id, state=state,
             config=config,
@@ -632,7 +636,8 @@ class Aggregator:
         self.checkpoint.clear_no_round(rec.number)  # after round.json holds them
         self.no_round = None
         if self.secagg is not None:
-            self.secagg.open(rec, self.state.run_id, self.signer)
+            noise = (self.privacy.noise_share(len(rec.asked)) or 0.0) if self.privacy is not None else None
+            self.secagg.open(rec, self.state.run_id, self.signer, noise_std=noise)
         self._announce(rec, with_global=False)  # published at the start or by the commit that made it
         if self.secagg is not None:
             self._publish_all(self.secagg.start_first(rec))
@@ -657,6 +662,8 @@ class Aggregator:
         self._begin(rec, journal_offset)
         if self.secagg is not None:
             self.secagg.restore(rec, self.state.run_id, self.signer)
+            if self.privacy is not None:  # the noise shares were sized for the round's first attempt
+                self.strategy.set_round_size(self.secagg.size)
         log.info("round %d resumed: asked %s, %d reported, deadline in %.0f s", rec.number, sorted(rec.asked),
                  len(rec.reported), self.cfg.round_timeout_s)
 

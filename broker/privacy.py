@@ -47,11 +47,16 @@ class DPPolicy:
         return DPFedAvg(clip=s.clip, noise_multiplier=s.noise_multiplier, mode=s.mode,
                         noise_seed=None if seed in (None, "") else int(seed))
 
-    def train_config(self, train: TrainConfig, asked: int) -> TrainConfig:
-        """The round config for a round of `asked` devices: the clip norm, and the noise share in distributed mode."""
+    def noise_share(self, asked: int) -> Optional[float]:
+        """Distributed mode: the std z * C / sqrt(asked) of each asked device's noise share (None otherwise, or
+        with z = 0): `asked` shares sum to N(0, (z C)^2)."""
         s = self.settings
         share = s.noise_multiplier * s.clip / math.sqrt(max(asked, 1)) if s.mode == "distributed" else None
-        return dataclasses.replace(train, clip_norm=s.clip, noise_std=share or None)
+        return share or None
+
+    def train_config(self, train: TrainConfig, asked: int) -> TrainConfig:
+        """The round config for a round of `asked` devices: the clip norm, and the noise share in distributed mode."""
+        return dataclasses.replace(train, clip_norm=self.settings.clip, noise_std=self.noise_share(asked))
 
     def resume(self, rows: Iterable[Dict[str, Any]]) -> None:
         """Count the rounds a restarted aggregator already ran (from its history rows)."""

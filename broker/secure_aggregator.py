@@ -12,6 +12,7 @@ in the middle of an attempt aborts it and goes on with the next. The protocol is
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 from dataclasses import dataclass, field
@@ -21,9 +22,10 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from flora.edge.adapter import FlatTensors, Layout
+from flora.edge.dp import integer_noise_bound
 from flora.edge.errors import ConfigError
 from flora.edge.protocol import Topics
-from flora.edge.secagg.encoding import decode_sum
+from flora.edge.secagg.encoding import Encoding, decode_sum
 
 from .checkpoint import Checkpoint
 from .enroll import FederationPKI
@@ -48,6 +50,14 @@ def check_secure_aggregation(strategy: Strategy) -> None:
             "only the sum of the updates, and this strategy "
             + ("looks at each update on its own" if strategy.needs_individual_updates else "cannot fold a sum")
             + ": use fedavg (or another strategy whose aggregate is a weighted sum)")
+
+
+def dp_encoding(encoding: Encoding, noise_std: float) -> Encoding:
+    """The encoding of a distributed-DP round: weight 1 for every client (DP-FedAvg is unweighted: one device
+    moves the sum by at most C) and room for an integer noise share of std `noise_std` (12 sigma; at least 1,
+    which also marks a restored round as distributed DP's, z = 0 included)."""
+    bound = integer_noise_bound(noise_std, encoding.unit)
+    return dataclasses.replace(encoding, max_weight=1, noise_bound=max(bound, 1))
 
 
 @dataclass
@@ -76,6 +86,7 @@ class SecureAggregation:
         self.pending_sum: Optional[np.ndarray] = None  # a completed attempt's sum saved before a restart
         self.weight = 0  # the total weight of the round's sum, once folded
         self.start_after = 0.0  # until then the next attempt waits for enough clients
+        self.dp = False  # the open round is distributed DP's (weight 1 each, integer noise shares)
 
     # -- who takes part ----------------------------------------------------------------------------
     def load_registry(self) -> None:
@@ -94,16 +105,22 @@ class SecureAggregation:
 
     # -- a round -------------------------------------------------------------------------------------
     def _new(self, rec: RoundRecord, run_id: str, signer: Ed25519PrivateKey,
-             saved: Optional[Mapping[str, Any]] = None) -> SecureRound:
+             saved: Optional[Mapping[str, Any]] = None, noise_std: Optional[float] = None) -> SecureRound:
+        settings = self.settings
+        if noise_std is not None:
+            settings = dataclasses.replace(settings, encoding=dp_encoding(settings.encoding, noise_std))
         params = (SecureRound.saved_params(saved) if saved else
-                  self.settings.params(len(rec.asked), self.sampling.min_clients))
+                  settings.params(len(rec.asked), self.sampling.min_clients))
         return SecureRound(self.topics.federation, run_id, rec.number, params, self.settings.max_attempts,
                            self.registry, signer, self.layout.numel + 1, self.clock, saved)
 
-    def open(self, rec: RoundRecord, run_id: str, signer: Ed25519PrivateKey) -> None:
+    def open(self, rec: RoundRecord, run_id: str, signer: Ed25519PrivateKey,
+             noise_std: Optional[float] = None) -> None:
         """The secure round of a round just opened (before it is announced: the announcement names its
-        parameters)."""
-        self.round = self._new(rec, run_id, signer)
+        parameters). `noise_std` (None: no DP): distributed DP's noise share per client (each encodes weight 1
+        and may add integer noise up to the encoding's `noise_bound`, sized for that std; 0 with z = 0)."""
+        self.dp = noise_std is not None
+        self.round = self._new(rec, run_id, signer, noise_std=noise_std)
         self.size, self.weight, self.pending_sum, self.backlog = len(rec.asked), 0, None, []
         self._save(rec)
 
@@ -124,6 +141,7 @@ class SecureAggregation:
         self.load_registry()
         saved = self.checkpoint.load_secure(rec.number)
         self.round = self._new(rec, run_id, signer, saved)
+        self.dp = self.round.params.encoding.noise_bound > 0
         self.size = int(saved.get("size", len(rec.asked))) if saved else len(rec.asked)
         self.weight, self.backlog = 0, []
         blob = self.checkpoint.load_secure_sum(rec.number)
@@ -216,6 +234,10 @@ class SecureAggregation:
         wsum, weight = decode_sum(total, sr.params.encoding)
         if weight < 1 or len(wsum) != self.layout.numel:
             step.fail = f"the secure sum is unusable (weight {weight}, {len(wsum)} elements)"
+            return step
+        if self.dp and weight != len(sr.survivors):  # each encodes weight 1: the sum's weight counts its shares
+            step.fail = (f"the secure sum's weight {weight} is not its {len(sr.survivors)} survivors: a client "
+                         "encoded another weight than 1 in a distributed-DP round")
             return step
         flat = np.concatenate([np.ravel(current[name]).astype(np.float64) for name, _, _, _ in self.layout.entries])
         step.fold = (FlatTensors(flat * weight + wsum, self.layout), weight)

@@ -565,17 +565,33 @@ class Agent:
         """A secure round's update goes to the session only: never stored in the outbox nor sent in the clear."""
         if self.secure is None:  # next_action never trains such a round
             raise RuntimeError(f"round {r.round} runs secure aggregation and this agent has no identity for it")
-        self._secure_step(self.secure.trained(self._delta(self.update_tensors(r)), len(self.train_data)))
+        delta = self._delta(self.update_tensors(r, noise=False))
+        self._secure_step(self.secure.trained(delta, len(self.train_data), self._noise_share(r, delta.size)))
         masked_bytes = (self.layout.numel + 1) * 8
         self._publish_metrics(r, result, val, masked_bytes)
         log.info("round %d: trained (train loss %.4f, %.1f s); the update waits for a secure-aggregation attempt",
                  r.round, result.loss, result.wall_time_s)
         self.publish_status("idle")
 
-    def update_tensors(self, r: RoundAnnouncement) -> Dict[str, np.ndarray]:
+    def _noise_share(self, r: RoundAnnouncement, size: int) -> Optional[np.ndarray]:
+        """Distributed DP under secure aggregation: this device's noise share of std `noise_std`, as integers in
+        the round encoding's fixed point (2^-frac_bits), within its declared `noise_bound`; None if none is asked."""
+        if not r.config.noise_std:
+            return None
+        if self.secure is None or self.secure.params is None:
+            raise ProtocolError(f"round {r.round} asks for a DP noise share outside a secure round: it would be "
+                                "sent with only this device's noise")
+        enc = self.secure.params.encoding
+        try:
+            return dp.integer_noise(size, r.config.noise_std, enc.unit, enc.noise_bound, dp.noise_rng())
+        except ValueError as exc:
+            raise ProtocolError(f"round {r.round}: the secure encoding cannot hold the DP noise share: {exc}") from None
+
+    def update_tensors(self, r: RoundAnnouncement, noise: bool = True) -> Dict[str, np.ndarray]:
         """What this device sends for round `r`: its trained adapter; under differential privacy (the round's
         `clip_norm`, or `--dp-clip`) the round's global plus the delta clipped to that L2 norm, plus its share
-        of the noise when the round asks for one (distributed DP). See edge/dp.py."""
+        of the noise when the round asks for one (distributed DP; with `noise=False` the caller adds it: a
+        secure round adds it in fixed point, before masking). See edge/dp.py."""
         local = self.trainer.get_adapter()
         clip = dp.effective_clip(r.config.clip_norm, self.cfg.dp_clip)
         if clip is None:
@@ -583,7 +599,7 @@ class Agent:
                 raise ProtocolError("the round asks for a DP noise share without a clip norm: that bounds nothing")
             return local
         assert self.global_ is not None
-        out = dp.privatize(local, self.global_.adapter.as_float32(), clip, r.config.noise_std)
+        out = dp.privatize(local, self.global_.adapter.as_float32(), clip, r.config.noise_std if noise else None)
         log.info("round %d: update delta norm %.4g %s %g%s", r.round, out.norm,
                  "clipped to" if out.was_clipped else "within the DP clip norm", clip,
                  f", noise share of std {out.noise_std:g} added" if out.noise_std else "")

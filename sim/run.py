@@ -361,8 +361,9 @@ def check_config(cfg: SimConfig) -> None:
         raise SimError("--malicious runs each attacker as its own agent process: give --processes >= --clients")
     if cfg.dp_clip is not None and cfg.mode != "sync":
         raise SimError("the DP options need --mode sync (the accountant charges each round's sampling)")
-    if cfg.dp_clip is not None and cfg.secure_aggregation:
-        raise SimError("the DP options do not combine with --secure-aggregation yet (docs/privacy.md)")
+    if cfg.dp_clip is not None and cfg.secure_aggregation and cfg.dp_mode != "distributed":
+        raise SimError("the DP options with --secure-aggregation need --dp-mode distributed (the devices add the "
+                       "noise under the mask; docs/privacy.md)")
     if cfg.mode == "async":
         from flora.broker.fedbuff import BufferConfig, Staleness  # no torch, no MQTT
 

@@ -354,8 +354,8 @@ def enrolled(pki: Any, device_id: str, folder: Path) -> Dict[str, Any]:
 
 class ScriptedSession(SecureSession):
     """A device's secure-aggregation session that records the update it is given (`deltas`: round -> flat delta,
-    `weights`) and goes silent from a stage on in chosen attempts (`drop_at`: attempt -> stage, e.g.
-    {0: "masked-input"}: in attempt 0 it neither sees nor answers anything from that stage on), as a
+    `weights`, `noises`, `encodings`) and goes silent from a stage on in chosen attempts (`drop_at`: attempt ->
+    stage, e.g. {0: "masked-input"}: in attempt 0 it neither sees nor answers anything from that stage on), as a
     device that drops out mid-protocol (its session stays: it is back for the next attempt)."""
 
     ORDER = ("advertise-keys", "share-keys", "masked-input", "unmask", "reveal", "abort")
@@ -366,11 +366,15 @@ class ScriptedSession(SecureSession):
         self.silent: set = set()  # attempts it has dropped out of
         self.deltas: Dict[int, np.ndarray] = {}
         self.weights: Dict[int, int] = {}
+        self.noises: Dict[int, Optional[np.ndarray]] = {}  # round -> its integer DP noise share (distributed DP)
+        self.encodings: Dict[int, Any] = {}  # round -> the round's secure encoding
 
-    def trained(self, delta: np.ndarray, weight: int):
+    def trained(self, delta: np.ndarray, weight: int, noise: Optional[np.ndarray] = None):
         if self.round is not None:
             self.deltas[self.round[1]], self.weights[self.round[1]] = np.array(delta), int(weight)
-        return super().trained(delta, weight)
+            self.noises[self.round[1]] = None if noise is None else np.array(noise)
+            self.encodings[self.round[1]] = self.params.encoding if self.params is not None else None
+        return super().trained(delta, weight, noise)
 
     def on_stage(self, payload: bytes):
         if payload and signing.is_signed(payload):

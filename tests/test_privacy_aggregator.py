@@ -126,12 +126,18 @@ def test_what_cannot_combine_is_refused(tmp_path):
         with pytest.raises(ConfigError, match=f"--strategy {name}: .* looks at each update on its own"):
             offline_aggregator(tmp_path / name, clock, manifest=M, rounds=1, strategy=name, strategy_options=options,
                                secure_aggregation=True)
-    for mode in ("central", "distributed"):  # central DP clips each update; DP-FedAvg does not fold the secure sum
-        with pytest.raises(ConfigError, match="with --secure-aggregation is not supported yet"):
-            offline_aggregator(tmp_path / f"4{mode}", clock, manifest=M, rounds=1, secure_aggregation=True,
-                               dp=A.DPSettings(clip=1.0, noise_multiplier=1.0, mode=mode))
+    with pytest.raises(ConfigError, match="with --secure-aggregation needs --dp-mode distributed"):  # central clips
+        offline_aggregator(tmp_path / "4central", clock, manifest=M, rounds=1, secure_aggregation=True,
+                           dp=A.DPSettings(clip=1.0, noise_multiplier=1.0))
+    distributed = offline_aggregator(tmp_path / "4distributed", clock, manifest=M, rounds=1, secure_aggregation=True,
+                                     dp=A.DPSettings(clip=1.0, noise_multiplier=1.0, mode="distributed"))
+    assert distributed.secagg is not None and distributed.strategy.name == "dp-fedavg"
+    assert distributed.strategy.folds_partials and not distributed.strategy.needs_individual_updates
     with pytest.raises(ConfigError, match="needs synchronous rounds"):
         offline_aggregator(tmp_path / "7", clock, manifest=M, rounds=1, dp=settings, mode="async")
+    with pytest.raises(ConfigError, match="needs synchronous rounds"):  # distributed DP + async: still refused
+        offline_aggregator(tmp_path / "8", clock, manifest=M, rounds=1, mode="async", secure_aggregation=True,
+                           dp=A.DPSettings(clip=1.0, noise_multiplier=1.0, mode="distributed"))
     agg = offline_aggregator(tmp_path / "5", clock, manifest=M, rounds=1, secure_aggregation=True)  # fedavg: a sum
     assert agg.secagg is not None and agg.strategy.name == "fedavg"
 
@@ -175,3 +181,14 @@ def test_the_cli_checks_dp_options_and_plans_the_noise(tmp_path, capsys):
     assert f"noise multiplier {z:.4f} for epsilon 8" in capsys.readouterr().out
     assert cli.main(["dp-plan", "--devices", "100", "--rounds", "50", "--noise-multiplier", "1"]) == 0
     assert f"epsilon {A.epsilon([A.RoundEvent(1.0, 1.0)] * 50):.4f} with noise multiplier 1" in capsys.readouterr().out
+
+
+def test_flora_sim_runs_dp_with_secure_aggregation_in_distributed_mode_only(tmp_path):
+    from flora.sim.run import SimConfig, SimError, check_config
+
+    base = dict(out=tmp_path, clients=4, dp_clip=0.5, dp_noise_multiplier=1.0)
+    check_config(SimConfig(**base, secure_aggregation=True, dp_mode="distributed"))  # allowed
+    with pytest.raises(SimError, match="need --dp-mode distributed"):
+        check_config(SimConfig(**base, secure_aggregation=True))
+    with pytest.raises(SimError, match="need --mode sync"):
+        check_config(SimConfig(**base, secure_aggregation=True, dp_mode="distributed", mode="async"))

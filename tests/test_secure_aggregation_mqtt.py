@@ -7,6 +7,7 @@ twice; the new global is FedAvg's within the quantization bound; plain updates a
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -33,9 +34,11 @@ def federation(url: str, root: Path, n: int, drops: Optional[Dict[int, Dict[int,
     pki = FederationPKI(root / "aggregator", "fed")
     kws = {i: {**scripted(pki, f"dev-{i}", root / "ids" / f"dev-{i}", (drops or {}).get(i)), "train": 6 + 5 * i}
            for i in range(n)}
+    dp = secure.pop("dp", None)
     settings = SecureSettings(encoding=ENC, stage_timeout_s=secure.pop("stage_timeout_s", 5.0), **secure)
     return LiveFederation(url, root, n, aggregator_kw=dict(rounds=rounds, secure_aggregation=True, secagg=settings,
-                                                           round_timeout_s=20.0, train=TrainConfig(batch_size=4)),
+                                                           round_timeout_s=20.0, train=TrainConfig(batch_size=4),
+                                                           dp=dp),
                           agent_kw=lambda i: kws[i])
 
 
@@ -181,3 +184,37 @@ def test_a_plain_update_in_a_secure_round_is_refused_unread_and_the_round_comple
     assert "runs secure aggregation" in row["rejected"][0]["detail"]
     assert len(row["secure_aggregation"]["survivors"]) == 4
     assert_fedavg_of(fed, row)
+
+
+def test_distributed_dp_over_secure_aggregation_sums_clipped_deltas_and_the_survivors_noise_shares(mosquitto, tmp_path):
+    from flora.broker.accountant import DPSettings
+    from flora.edge import dp as dp_module
+
+    clip, z, n = 0.05, 1.0, 5
+    fed = federation(mosquitto.url, tmp_path, n, drops={2: {0: "masked-input"}},
+                     dp=DPSettings(clip=clip, noise_multiplier=z, mode="distributed"))
+    (row,) = run(fed)
+    sa = row["secure_aggregation"]
+    assert [a["status"] for a in sa["attempts"]] == ["done"] and sa["dropped"] == ["dev-2"]
+    survivors = sa["survivors"]
+    m = len(survivors)
+    assert m == 4 and row["samples"] == m  # weight 1 each, whatever the devices' sample counts
+    sessions = {a.cfg.client_id: a.secure for a in fed.agents}
+    share = z * clip / math.sqrt(n)  # what the round told every device
+    enc = sessions["dev-0"].encodings[0]  # the round's: weight capped at 1, room for 12 sigma of noise
+    assert enc.max_weight == 1 and enc.noise_bound == dp_module.integer_noise_bound(share, ENC.unit)
+    unit = ENC.unit
+    for session in sessions.values():  # each clipped its delta to C and drew an integer share of std zC/sqrt(n)
+        assert float(np.linalg.norm(session.deltas[0])) <= clip * (1 + 1e-6)
+        assert session.noises[0] is not None and session.noises[0].dtype == np.int64
+    layout = fed.aggregator.secagg.layout
+    start = fed.aggregator.cfg.initial_adapter
+    new = fed.aggregator.global_tensors
+    got = np.concatenate([np.ravel(new[k]).astype(np.float64) - np.ravel(start[k]) for k, _, _, _ in layout.entries])
+    exact = sum(sessions[c].deltas[0] + sessions[c].noises[0] * unit for c in survivors) / m
+    assert float(np.max(np.abs(got - exact))) <= unit + 1e-6  # the mean of clipped + noised deltas, over m
+    noise = sum(sessions[c].noises[0] * unit for c in survivors)
+    assert float(np.std(noise)) == pytest.approx(share * math.sqrt(m), rel=0.15)  # z C sqrt(m/n); 1,024 floats
+    dp = row["dp"]
+    assert dp["mode"] == "distributed" and dp["divisor"] == m and dp["shares"] == m
+    assert dp["effective_noise_multiplier"] == pytest.approx(z * math.sqrt(m / n))  # the dropout caveat

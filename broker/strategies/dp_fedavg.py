@@ -12,11 +12,17 @@ Adding or removing one device changes the sum by at most C, so each round is a G
 noise multiplier z; broker/accountant.py turns the rounds into epsilon. num_samples gives no extra
 weight (it would multiply one device's influence); it is still checked.
 
-`mode=distributed`: the clients add the noise themselves (each a share of std z*C/sqrt(asked), see
-edge/dp.py) and secure aggregation hides the single noisy updates; the server adds none and does not
-clip (that would shrink the clients' noise). If fewer than `asked` report, less noise is in the sum:
-the round's effective noise multiplier is z*sqrt(reported/asked) (`round_info`), and that is what the
-accountant charges.
+`mode=distributed`: the clients add the noise themselves (each a share of std z*C/sqrt(n), n the
+clients the round asked, see edge/dp.py) and secure aggregation hides the single noisy updates: its
+unmasked sum arrives as one partial (`accumulate_partial`: every client encoded with weight 1, so the
+partial's weight is the number m of shares in it). The server adds no noise and does not clip (that
+would shrink the clients' noise); it divides by m (the survivors of a secure round are known to it
+anyway, and the step stays unbiased under dropout):
+
+    global' = global + (sum_{k in survivors} (clip(delta_k) + share_k)) / m
+
+If m < n shares arrive, less noise is in the sum, std z*C*sqrt(m/n): the round's effective noise
+multiplier is z*sqrt(m/n) (`round_info`), and that is what the accountant charges (the dropout caveat).
 
 The noise is drawn in float64 from `edge.dp.noise_rng` (PCG64 seeded with 256 bits of os.urandom).
 """
@@ -28,7 +34,7 @@ from typing import ClassVar, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from flora.edge.adapter import Layout, layout_of
+from flora.edge.adapter import FlatTensors, Layout, layout_of
 from flora.edge.bundle import TensorSpec
 from flora.edge.dp import check_clip, clip_factor, noise_rng
 
@@ -71,6 +77,7 @@ class DPFedAvg(Strategy):
             raise ValueError(f"DP mode must be one of {list(MODES)}, got {mode!r}")
         self.mode = mode
         self.needs_individual_updates = mode == CENTRAL  # central clips each update; distributed only sums
+        self.folds_partials = mode == DISTRIBUTED  # secure aggregation's sum of clipped, noised deltas
         self._rng = noise_rng(noise_seed)
         self._layout: Optional[Layout] = None
         self._global = np.zeros(0)
@@ -112,20 +119,38 @@ class DPFedAvg(Strategy):
         self._count += 1
         self._samples += samples
 
+    def accumulate_partial(self, weighted_sum: Mapping[str, np.ndarray], total_weight: int) -> None:
+        """Distributed mode: fold secure aggregation's sum, m * global + sum of m clipped, noised deltas, with
+        `total_weight` = m (each client encodes weight 1: DP-FedAvg is unweighted). No clip, no noise here."""
+        if self.mode != DISTRIBUTED:
+            raise ValueError("central DP-FedAvg clips each update itself: it cannot fold a sum of updates")
+        if self._layout is None:
+            raise RuntimeError("accumulate_partial() before begin_round()")
+        m = check_weight(total_weight)
+        if isinstance(weighted_sum, FlatTensors) and weighted_sum.layout is self._layout:
+            flat = np.asarray(weighted_sum.flat, np.float64)
+        else:
+            flat = flat_global(weighted_sum, self._layout)
+        self._sum += flat - m * self._global
+        self._count += m
+        self._samples += m
+
     def finalize(self) -> Optional[Dict[str, np.ndarray]]:
         if self._count == 0:
             return None
         assert self._layout is not None
         asked = max(self._asked or self._count, self._count)
+        divisor = self._count if self.mode == DISTRIBUTED else asked
         total = self._sum
         if self.mode == CENTRAL and self.noise_multiplier > 0:
             total = total + self._rng.normal(0.0, self.noise_multiplier * self.clip, total.shape)
         effective = self.noise_multiplier * (math.sqrt(self._count / asked) if self.mode == DISTRIBUTED else 1.0)
         self._info = {"dp": {"mode": self.mode, "clip": self.clip, "noise_multiplier": self.noise_multiplier,
-                             "effective_noise_multiplier": effective, "divisor": asked,
-                             "noise_std_of_mean": effective * self.clip / asked, "clipped": self._clipped}}
+                             "effective_noise_multiplier": effective, "divisor": divisor, "asked": asked,
+                             "shares": self._count if self.mode == DISTRIBUTED else 0,
+                             "noise_std_of_mean": effective * self.clip / divisor, "clipped": self._clipped}}
         with np.errstate(over="ignore", invalid="ignore"):
-            return self._layout.split((self._global + total / asked).astype(np.float32))
+            return self._layout.split((self._global + total / divisor).astype(np.float32))
 
     @property
     def count(self) -> int:

@@ -55,6 +55,7 @@ class SecureSession:
         self.round: Optional[Tuple[str, int]] = None  # (run_id, round) of the secure round held
         self.params: Optional[SecAggParams] = None
         self.delta: Optional[np.ndarray] = None
+        self.noise: Optional[np.ndarray] = None
         self.weight = 0
         self.client: Optional[SecAggClient] = None
         self.masked_in: Set[int] = set()  # attempts of this round in which this device sent its masked input
@@ -72,7 +73,7 @@ class SecureSession:
 
     def end(self) -> None:
         """No secure round any more (a plain round, the next round, a new run): forget this one's update."""
-        self.round = self.params = self.delta = self.client = None
+        self.round = self.params = self.delta = self.noise = self.client = None
         self.weight, self.masked_in, self.given = 0, set(), False
 
     @property
@@ -80,11 +81,12 @@ class SecureSession:
         """(run_id, round) whose trained update waits here for an attempt (the agent does not train it again)."""
         return self.round if self.delta is not None else None
 
-    def trained(self, delta: np.ndarray, weight: int) -> SessionStep:
-        """The round's update (adapter minus global, flat, in the adapter's layout) and its weight."""
+    def trained(self, delta: np.ndarray, weight: int, noise: Optional[np.ndarray] = None) -> SessionStep:
+        """The round's update (adapter minus global, flat, in the adapter's layout) and its weight; `noise`:
+        distributed DP's integer noise share (fixed point, added before masking; the same in every attempt)."""
         if self.round is None or self.given:
             return SessionStep()
-        self.delta, self.weight = np.ravel(delta), int(weight)
+        self.delta, self.weight, self.noise = np.ravel(delta), int(weight), noise
         return self._replay()
 
     def _replay(self) -> SessionStep:
@@ -149,7 +151,7 @@ class SecureSession:
         assert self.params is not None
         try:
             self.client = SecAggClient(ctx, self.identity, self.ca, self.aggregator_key, self.params, self.delta,
-                                       self.weight, self.clock)
+                                       self.weight, self.clock, noise=self.noise)
         except ValueError as exc:  # an update that cannot be encoded: nothing is sent
             step.notes.append((WARNING, f"round {ctx.round}: cannot take part in secure aggregation: {exc}"))
             return step
@@ -174,7 +176,7 @@ class SecureSession:
     def _give(self, step: SessionStep, ctx: Context) -> None:
         if self.given:
             return
-        self.given, self.delta = True, None
+        self.given, self.delta, self.noise = True, None, None
         step.given = True
         step.notes.append((INFO, f"round {ctx.round}: the update is in secure-aggregation attempt {ctx.attempt}'s "
                                  "unmask: it is given, and never joins another attempt"))
