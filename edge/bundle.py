@@ -34,6 +34,12 @@ FROZEN_FACTORS = "frozen_factors.safetensors"
 
 TOWERS = ("text", "vision", "both")
 LORA_VARIANTS = ("lora", "ffa")
+LORA_SCALINGS = ("alpha/rank", "alpha")
+LORA_INITS = ("kaiming", "gaussian")
+#: "ce": cross-entropy over the class-prompt head; "contrastive": CLIP's symmetric image-text loss
+LOSSES = ("ce", "contrastive")
+#: "adamw": decoupled weight decay (torch.optim.AdamW); "adam": L2 decay added to the gradient (torch.optim.Adam)
+OPTIMIZERS = ("adamw", "adam")
 TARGETS = ("q", "k", "v", "out", "fc", "proj")
 BACKENDS = ("ort-training", "step")
 
@@ -79,16 +85,25 @@ class LoraConfig:
     variant: str = "lora"
     #: ffa: the seed the frozen A tensors were drawn with
     frozen_seed: Optional[int] = None
+    #: "alpha/rank": the update is (alpha/rank) B A; "alpha": alpha B A (FLORA's authors' code)
+    scaling: str = "alpha/rank"
+    #: how A started: "kaiming" (uniform, as nn.Linear) or "gaussian" (N(0, 1)/sqrt(rank))
+    init: str = "kaiming"
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha if self.scaling == "alpha" else self.alpha / self.rank
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> LoraConfig:
         lora = cls(tower=str(d["tower"]), rank=int(d["rank"]), alpha=float(d["alpha"]), targets=tuple(d["targets"]),
                    variant=str(d.get("variant", "lora")),
-                   frozen_seed=None if d.get("frozen_seed") is None else int(d["frozen_seed"]))
+                   frozen_seed=None if d.get("frozen_seed") is None else int(d["frozen_seed"]),
+                   scaling=str(d.get("scaling", "alpha/rank")), init=str(d.get("init", "kaiming")))
+        if lora.scaling not in LORA_SCALINGS:
+            raise BundleError(f"manifest lora.scaling {lora.scaling!r} is not one of {LORA_SCALINGS}")
+        if lora.init not in LORA_INITS:
+            raise BundleError(f"manifest lora.init {lora.init!r} is not one of {LORA_INITS}")
         if lora.variant not in LORA_VARIANTS:
             raise BundleError(f"manifest lora.variant {lora.variant!r} is not one of {LORA_VARIANTS}")
         if lora.tower not in TOWERS:
@@ -122,7 +137,8 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW as baked into the ORT optimizer graph (weight decay is fixed there; lr is not)."""
+    """The optimizer of the training graphs: `adamw` (as baked into the ORT optimizer graph, whose weight decay
+    is fixed there; lr is not) or `adam` (torch.optim.Adam: L2 weight decay added to the gradient; step only)."""
 
     name: str = "adamw"
     betas: Tuple[float, float] = (0.9, 0.999)
@@ -131,6 +147,8 @@ class OptimizerConfig:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> OptimizerConfig:
+        if str(d.get("name", "adamw")) not in OPTIMIZERS:
+            raise BundleError(f"manifest optimizer.name {d.get('name')!r} is not one of {OPTIMIZERS}")
         return cls(
             name=str(d.get("name", "adamw")),
             betas=tuple(float(b) for b in d.get("betas", (0.9, 0.999))),  # type: ignore[arg-type]
@@ -162,6 +180,10 @@ class Manifest:
     external_data: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     onnx: Dict[str, Any] = field(default_factory=dict)
     created: Dict[str, Any] = field(default_factory=dict)
+    #: the training loss of the training graphs (LOSSES)
+    loss: str = "ce"
+    #: the recipe the export came from (flora.export.recipes): name, settings, training, overridden; None: options
+    recipe: Optional[Dict[str, Any]] = None
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -235,6 +257,8 @@ class Manifest:
             external_data=_external_data_from(d.get("external_data", {})),
             onnx=dict(d.get("onnx", {})),
             created=dict(d.get("created", {})),
+            loss=_one_of(str(d.get("loss", "ce")), LOSSES, "loss"),
+            recipe=None if d.get("recipe") is None else dict(d["recipe"]),
         )
 
 

@@ -12,19 +12,41 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from flora.edge.config import CommandParser, add_version_option, comma_list
+from flora.edge.config import CommandParser, add_version_option, comma_list, explicit_options
 from flora.edge.errors import EXIT_BAD_INPUT, FloraError, report
 
 from .options import (
     ALL_TARGETS,
     DEFAULT_PROMPT,
     DEFAULT_TARGETS,
+    INITS,
+    LOSSES,
+    OPTIMIZERS,
+    SCALINGS,
     VARIANTS,
     ExportOptions,
     check_export,
     read_classes,
 )
 from .presets import PRESETS
+from .recipes import RECIPES, export_settings
+
+#: flora-export option (argparse dest) -> ExportOptions field, for what a recipe sets
+RECIPE_OPTIONS = {"lora_tower": "tower", "targets": "targets", "rank": "rank", "alpha": "alpha",
+                  "lora_scaling": "lora_scaling", "lora_init": "lora_init", "lora_variant": "lora_variant",
+                  "optimizer": "optimizer", "adam_betas": "betas", "adam_eps": "eps", "weight_decay": "weight_decay",
+                  "loss": "loss", "backend": "backends"}
+
+
+def _betas(text: str):
+    parts = comma_list(text)
+    try:
+        betas = tuple(float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 0.9,0.98, got {text!r}") from None
+    if len(betas) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 0.9,0.98, got {text!r}")
+    return betas
 
 
 def build_parser() -> CommandParser:
@@ -55,12 +77,22 @@ def build_parser() -> CommandParser:
     w.add_argument("--quick-gelu", action="store_true", default=None,
                    help="QuickGELU activations (default: on for OpenAI-style weights and tags that ask for it)")
     w.add_argument("--no-quick-gelu", dest="quick_gelu", action="store_false", help="plain GELU, whatever the weights")
+    recipes = "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
+    parser.add_argument("--recipe", choices=list(RECIPES),
+                        help=f"a named set of LoRA, optimizer and loss settings (explicit options override it; the "
+                             f"manifest records it): {recipes}")
     lo = parser.add_argument_group("LoRA")
     lo.add_argument("--lora-tower", choices=["text", "vision", "both"], default="text",
                     help="where LoRA goes (default: text, FLORA's: the image encoder stays frozen)")
     lo.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
     lo.add_argument("--alpha", type=float, default=16.0,
-                    help="LoRA alpha; the scale is alpha/rank (default: %(default)s)")
+                    help="LoRA alpha; the scale is alpha/rank, or alpha with --lora-scaling alpha (default: "
+                         "%(default)s)")
+    lo.add_argument("--lora-scaling", choices=list(SCALINGS), default="alpha/rank",
+                    help="the update's scale: alpha/rank (PEFT's) or alpha (FLORA's authors') (default: %(default)s)")
+    lo.add_argument("--lora-init", choices=list(INITS), default="kaiming",
+                    help="A's start: kaiming (uniform, as nn.Linear) or gaussian (N(0,1)/sqrt(rank), FLORA's "
+                         "authors') (default: %(default)s)")
     lo.add_argument("--targets", type=comma_list, default=",".join(DEFAULT_TARGETS),
                     help=f"comma list among {','.join(ALL_TARGETS)} (default: %(default)s)")
     lo.add_argument("--lora-variant", choices=list(VARIANTS), default="lora",
@@ -74,7 +106,17 @@ def build_parser() -> CommandParser:
                    help="ort-training: ONNX Runtime training artifacts (x86-64 and macOS devices); step: one "
                         "plain-ONNX training step graph for devices with plain onnxruntime (Raspberry Pi, Jetson); "
                         "all: both, so the bundle trains on any device (default: %(default)s)")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay baked into the ORT optimizer")
+    t.add_argument("--weight-decay", type=float, default=0.0,
+                   help="weight decay (AdamW: baked into the ORT optimizer; adam: the L2 coefficient)")
+    t.add_argument("--optimizer", choices=list(OPTIMIZERS), default="adamw",
+                   help="adamw: decoupled weight decay (torch.optim.AdamW); adam: L2 weight decay added to the "
+                        "gradient (torch.optim.Adam, FLORA's authors'; step backend only) (default: %(default)s)")
+    t.add_argument("--adam-betas", type=_betas, default=(0.9, 0.999), metavar="B1,B2",
+                   help="Adam betas (default: 0.9,0.999)")
+    t.add_argument("--adam-eps", type=float, default=1e-8, help="Adam eps (default: %(default)s)")
+    t.add_argument("--loss", choices=list(LOSSES), default="ce",
+                   help="ce: cross-entropy over the class-prompt head; contrastive: CLIP's symmetric image-text loss "
+                        "over the batch (same-class pairs are negatives) (default: %(default)s)")
     parser.add_argument("--image-encoder-int8", action="store_true",
                         help="also write image_encoder_int8.onnx (int8 weights, ONNX Runtime dynamic quantization) "
                              "for slow devices (text tower only; devices use it with --image-encoder-int8)")
@@ -164,6 +206,34 @@ def strip_main(argv: List[str]) -> int:
     return 0
 
 
+def options_from_args(parser: CommandParser, args: argparse.Namespace, argv: List[str]) -> ExportOptions:
+    """The export's options: the command line's, or with --recipe the recipe's under the options given."""
+    backends = ("ort-training", "step") if args.backend == "all" else (args.backend,)
+    chosen = {"tower": args.lora_tower, "rank": args.rank, "alpha": args.alpha, "targets": tuple(args.targets),
+              "lora_variant": args.lora_variant, "lora_scaling": args.lora_scaling, "lora_init": args.lora_init,
+              "optimizer": args.optimizer, "betas": tuple(args.adam_betas), "eps": args.adam_eps,
+              "weight_decay": args.weight_decay, "loss": args.loss, "backends": backends}
+    if args.recipe:
+        given = explicit_options(parser, argv)
+        chosen = export_settings(args.recipe, {f: chosen[f] for d, f in RECIPE_OPTIONS.items() if d in given})
+    opts = ExportOptions(
+        preset=args.model,
+        classes=read_classes(args.classes),
+        out=args.out,
+        prompt=args.prompt,
+        pretrained=args.pretrained,
+        random_init=args.random_init,
+        cache_dir=args.cache_dir,
+        offline=args.offline,
+        quick_gelu=args.quick_gelu,
+        seed=args.seed,
+        force=args.force,
+        image_encoder_int8=args.image_encoder_int8,
+        **chosen,
+    )
+    return opts
+
+
 SUBCOMMANDS = {"merge": merge_main, "strip": strip_main}
 
 
@@ -171,31 +241,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     say = _setup_logging(args.quiet)
     try:
-        backends = ("ort-training", "step") if args.backend == "all" else (args.backend,)
-        opts = ExportOptions(
-            preset=args.model,
-            classes=read_classes(args.classes),
-            out=args.out,
-            prompt=args.prompt,
-            tower=args.lora_tower,
-            rank=args.rank,
-            alpha=args.alpha,
-            targets=tuple(args.targets),
-            lora_variant=args.lora_variant,
-            pretrained=args.pretrained,
-            random_init=args.random_init,
-            cache_dir=args.cache_dir,
-            offline=args.offline,
-            quick_gelu=args.quick_gelu,
-            seed=args.seed,
-            backends=backends,
-            weight_decay=args.weight_decay,
-            force=args.force,
-            image_encoder_int8=args.image_encoder_int8,
-        )
+        opts = options_from_args(parser, args, argv)
         check_export(opts)  # before torch loads
         from .pipeline import export_bundle
 

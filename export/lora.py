@@ -49,6 +49,12 @@ class LoRAFactors(nn.Module):
             self.lora_A.uniform_(-bound, bound, generator=generator)
             self.lora_B.zero_()
 
+    def reset_gaussian(self, generator: torch.Generator) -> None:
+        """FLORA's authors' initialisation: A ~ N(0, 1)/sqrt(rank), B zero."""
+        with torch.no_grad():
+            self.lora_A.normal_(0.0, 1.0 / math.sqrt(self.lora_A.shape[0]), generator=generator)
+            self.lora_B.zero_()
+
     def freeze_a(self, generator: torch.Generator) -> None:
         """FFA-LoRA: A ~ N(0, 1/in), frozen (no gradient: a constant of the exported graphs); B zero."""
         with torch.no_grad():
@@ -173,7 +179,7 @@ def attach_lora(model: nn.Module, spec: LoraSpec, seed: int = 0) -> OrderedDict[
                 if spec.variant == "ffa":
                     fac.freeze_a(generator)
                 else:
-                    fac.reset(generator)
+                    fac.reset_gaussian(generator) if spec.init == "gaussian" else fac.reset(generator)
                     params[f"{name}.lora_A"] = fac.lora_A
                 params[f"{name}.lora_B"] = fac.lora_B
     for p in model.parameters():

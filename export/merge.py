@@ -3,7 +3,8 @@
 A bundle holds the base weights' hash, not the weights, so a merge into a checkpoint rebuilds the
 base model the bundle was exported from: random-init from its seed, a tag from open_clip's cache,
 a file or snapshot folder from `--pretrained PATH` (checked against the sha256 the manifest
-records). Every LoRA target's weight becomes W + (alpha/rank) B A, computed in float32 as the
+records). Every LoRA target's weight becomes W + scale B A (scale alpha/rank, or alpha with
+--lora-scaling alpha), computed in float32 as the
 bundle's graphs compute it; where B A is exactly zero (a zero adapter) W is kept bit for bit.
 
 `--format onnx` needs no base weights: it joins the bundle's image encoder and inference model
@@ -145,7 +146,7 @@ def read_adapter(manifest: Manifest, path: Path) -> Tuple[Dict[str, np.ndarray],
 
 def spec_of(manifest: Manifest) -> lora.LoraSpec:
     m = manifest.lora
-    return lora.LoraSpec(m.tower, m.rank, m.alpha, tuple(m.targets))
+    return lora.LoraSpec(m.tower, m.rank, m.alpha, tuple(m.targets), scaling=m.scaling, init=m.init)
 
 
 def merge_checkpoint(bundle_dir: Path, adapter_path: Path, out: Path, pretrained: Optional[str] = None,

@@ -19,6 +19,14 @@ from .presets import Preset, get_preset
 DEFAULT_PROMPT = "a photo of a {}."
 QKV = ("q", "k", "v")
 VARIANTS = ("lora", "ffa")
+#: how the LoRA update is scaled: alpha/rank (PEFT's, the default) or alpha itself (FLORA's authors' code)
+SCALINGS = ("alpha/rank", "alpha")
+#: how A starts: Kaiming-uniform as nn.Linear (PEFT's, the default) or N(0, 1)/sqrt(rank) (FLORA's authors' code)
+INITS = ("kaiming", "gaussian")
+#: the training loss: cross-entropy over the class-prompt head, or CLIP's symmetric image-text contrastive loss
+LOSSES = ("ce", "contrastive")
+#: adamw: decoupled weight decay (torch.optim.AdamW); adam: L2 weight decay added to the gradient (torch.optim.Adam)
+OPTIMIZERS = ("adamw", "adam")
 ALL_TARGETS = ("q", "k", "v", "out", "fc", "proj")
 DEFAULT_TARGETS = ("q", "k", "v", "out")
 
@@ -34,8 +42,14 @@ class LoraSpec:
     alpha: float = 16.0
     targets: Tuple[str, ...] = DEFAULT_TARGETS
     variant: str = "lora"  # "lora" (A and B trained) or "ffa" (A frozen and shared, B trained)
+    scaling: str = "alpha/rank"  # or "alpha": the update is alpha * B A
+    init: str = "kaiming"  # or "gaussian": A ~ N(0, 1)/sqrt(rank)
 
     def __post_init__(self) -> None:
+        if self.scaling not in SCALINGS:
+            raise ConfigError(f"LoRA scaling must be one of {list(SCALINGS)}, not {self.scaling!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"LoRA init must be one of {list(INITS)}, not {self.init!r}")
         if self.variant not in VARIANTS:
             raise ConfigError(f"LoRA variant must be one of {list(VARIANTS)}, not {self.variant!r}")
         if self.tower not in ("text", "vision", "both"):
@@ -55,7 +69,7 @@ class LoraSpec:
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha if self.scaling == "alpha" else self.alpha / self.rank
 
     @property
     def towers(self) -> Tuple[str, ...]:
@@ -87,6 +101,14 @@ class ExportOptions:
     weight_decay: float = 0.0
     force: bool = False
     image_encoder_int8: bool = False  # also write image_encoder_int8.onnx (text tower only)
+    lora_scaling: str = "alpha/rank"
+    lora_init: str = "kaiming"
+    loss: str = "ce"
+    optimizer: str = "adamw"
+    betas: Tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    #: {"name", "settings", "training", "overridden"} of the recipe the options came from (flora.export.recipes)
+    recipe: Optional[Dict] = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +128,9 @@ def check_export(opts: ExportOptions) -> CheckedExport:
     preset = get_preset(opts.preset)
     classes = check_classes(opts.classes)
     template = check_template(opts.prompt)
-    spec = LoraSpec(opts.tower, opts.rank, opts.alpha, tuple(opts.targets), opts.lora_variant)
+    spec = LoraSpec(opts.tower, opts.rank, opts.alpha, tuple(opts.targets), opts.lora_variant, opts.lora_scaling,
+                    opts.lora_init)
+    check_training(opts)
     backends = tuple(dict.fromkeys(opts.backends))
     unknown = [b for b in backends if b not in B.BACKENDS]
     if unknown or not backends:
@@ -114,12 +138,31 @@ def check_export(opts: ExportOptions) -> CheckedExport:
     if opts.image_encoder_int8 and spec.tower != "text":
         raise ExportError("--image-encoder-int8 quantizes the frozen image encoder of --lora-tower text; with LoRA "
                           f"in the {spec.tower} tower(s) the image tower is trained and stays float")
+    if "ort-training" in backends and opts.optimizer == "adam" and opts.weight_decay != 0:
+        raise ExportError("the ort-training optimizer graph is AdamW (decoupled weight decay); Adam with L2 weight "
+                          f"decay {opts.weight_decay:g} (--optimizer adam) needs --backend step, or --optimizer adamw, "
+                          "or --weight-decay 0")
     if "ort-training" in backends and not has_training_api():
         raise ExportError("the ort-training backend needs onnxruntime-training on this machine; install the "
                           "'export' extra or use --backend step")
     out = Path(opts.out)
     check_output(out, opts.force)
     return CheckedExport(preset, classes, template, spec, backends, out)
+
+
+def check_training(opts: ExportOptions) -> None:
+    """The loss and the optimizer's settings."""
+    if opts.loss not in LOSSES:
+        raise ConfigError(f"loss must be one of {list(LOSSES)}, not {opts.loss!r}")
+    if opts.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer must be one of {list(OPTIMIZERS)}, not {opts.optimizer!r}")
+    betas = tuple(opts.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(f"Adam betas must be two numbers in [0, 1), got {list(betas)}")
+    if not opts.eps > 0:
+        raise ConfigError(f"Adam eps must be > 0, got {opts.eps}")
+    if opts.weight_decay < 0:
+        raise ConfigError(f"weight decay must be >= 0, got {opts.weight_decay}")
 
 
 def read_classes(path: Path) -> List[str]:

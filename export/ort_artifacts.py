@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import sys
@@ -10,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import onnx
 
 from flora.edge.bundle import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, OptimizerConfig
@@ -45,11 +47,12 @@ def native_stderr_captured(keep_lines: int = 40) -> Iterator[None]:
 
 
 def generate(
-    forward: onnx.ModelProto, trainable: Sequence[str], out_dir: Path, optimizer: OptimizerConfig
+    forward: onnx.ModelProto, trainable: Sequence[str], out_dir: Path, optimizer: OptimizerConfig, loss: str = "ce"
 ) -> None:
     """Write the four artifacts into `out_dir`.
 
-    `forward` maps (input, ) -> logits; the artifacts add cross-entropy against a `labels` input,
+    `forward` maps (input, ) -> logits; the artifacts add the loss (`ce`: cross-entropy; `contrastive`:
+    CLIP's symmetric loss over the batch, see `_contrastive_named`) against a `labels` input,
     the gradient graph for exactly the `trainable` initializers (every other initializer frozen),
     and an AdamW optimizer graph. Training and eval models output (`loss`, `logits`).
     """
@@ -72,7 +75,7 @@ def generate(
                 forward,
                 requires_grad=list(trainable),
                 frozen_params=frozen,
-                loss=_cross_entropy_named(LOSS),
+                loss=_contrastive_named(LOSS) if loss == "contrastive" else _cross_entropy_named(LOSS),
                 optimizer=adamw,
                 artifact_directory=str(out_dir),
                 additional_output_names=[LOGITS],
@@ -118,6 +121,51 @@ def _cross_entropy_named(output_name: str):
             return output_name
 
     return _NamedCrossEntropyLoss()
+
+
+def _contrastive_named(output_name: str):
+    """CLIP's symmetric image-text loss as an onnxblock: the logits gathered at the batch's labels, (N, N), and
+    the mean of the cross-entropies of that matrix and of its transpose against arange(N) (export/step_graph.py's
+    contrastive_loss, as ONNX ops the gradient builder knows: Gather, Transpose, SoftmaxCrossEntropyLoss)."""
+    from onnxruntime.training import onnxblock
+    from onnxruntime.training.onnxblock import _graph_utils
+
+    class _ContrastiveLoss(onnxblock.Block):
+        def build(self, scores_input_name: str, labels_name: str = "labels") -> str:
+            graph = self.base.graph
+            if any(output_name in (*n.input, *n.output) for n in graph.node):
+                raise RuntimeError(f"the forward graph already has a tensor named {output_name!r}")
+            if not _graph_utils.node_arg_exists(self.base, labels_name):
+                labels = copy.deepcopy(_graph_utils.get_output_from_output_name(self.base, scores_input_name))
+                labels.name = labels_name
+                labels.type.tensor_type.elem_type = onnx.TensorProto.INT64
+                del labels.type.tensor_type.shape.dim[-1]
+                graph.input.append(labels)
+
+            def name(tag: str) -> str:
+                return _graph_utils.generate_graph_name(f"contrastive.{tag}")
+
+            zero, one, half = name("zero"), name("one"), name("half")
+            graph.initializer.extend([onnx.numpy_helper.from_array(np.array(0, np.int64), zero),
+                                      onnx.numpy_helper.from_array(np.array(1, np.int64), one),
+                                      onnx.numpy_helper.from_array(np.array(0.5, np.float32), half)])
+            pairs, pairs_t, shape, n, arange = name("pairs"), name("pairs_t"), name("shape"), name("n"), name("arange")
+            l_img, l_txt, total = name("loss_image"), name("loss_text"), name("sum")
+            make = onnx.helper.make_node
+            graph.node.extend([
+                make("Gather", [scores_input_name, labels_name], [pairs], axis=1, name=name("gather")),
+                make("Transpose", [pairs], [pairs_t], perm=[1, 0], name=name("transpose")),
+                make("Shape", [labels_name], [shape], name=name("shape_op")),
+                make("Gather", [shape, zero], [n], axis=0, name=name("batch")),
+                make("Range", [zero, n, one], [arange], name=name("range")),
+                make("SoftmaxCrossEntropyLoss", [pairs, arange], [l_img], reduction="mean", name=name("ce_image")),
+                make("SoftmaxCrossEntropyLoss", [pairs_t, arange], [l_txt], reduction="mean", name=name("ce_text")),
+                make("Add", [l_img, l_txt], [total], name=name("add")),
+                make("Mul", [total, half], [output_name], name=name("mean")),
+            ])
+            return output_name
+
+    return _ContrastiveLoss()
 
 
 #: ORT's AdamWOptimizer op: mode 0 is torch.optim.AdamW's update (decoupled decay first, eps added

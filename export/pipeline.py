@@ -55,6 +55,8 @@ def lora_identity(spec: LoraSpec, frozen_seed: Optional[int]) -> Dict:
     identity = {"tower": spec.tower, "rank": spec.rank, "alpha": spec.alpha, "targets": list(spec.ordered_targets)}
     if spec.variant != "lora":
         identity.update(variant=spec.variant, frozen_seed=frozen_seed)
+    if spec.scaling != "alpha/rank":  # the same tensors scaled otherwise are another model
+        identity["scaling"] = spec.scaling
     return identity
 
 
@@ -252,13 +254,14 @@ def _export_into(tmp: Path, plan: _Plan, say: Callable[[str], None]) -> ExportRe
                              f"{'+'.join(spec.ordered_targets)}{', A frozen' if ffa else ''})", lora.attach_lora,
                              clip, spec, plan.opts.seed)
     model = _trainable(plan, clip, loaded, base_sha, preprocess, lora_params)
-    optimizer = B.OptimizerConfig(weight_decay=plan.opts.weight_decay)
+    optimizer = B.OptimizerConfig(name=plan.opts.optimizer, betas=tuple(plan.opts.betas), eps=plan.opts.eps,
+                                  weight_decay=plan.opts.weight_decay)
     if "ort-training" in plan.backends:
         stages.run("writing ONNX Runtime training artifacts (training, eval, optimizer, checkpoint)",
-                   _write_ort_training, model, tmp, optimizer)
+                   _write_ort_training, model, tmp, optimizer, plan.opts.loss)
     if "step" in plan.backends:
         step_info = stages.run("tracing the portable training step graph (train_step.onnx)",
-                               _write_step_graph, model, tmp, optimizer)
+                               _write_step_graph, model, tmp, optimizer, plan.opts.loss)
         onnx_facts["step_opset"] = step_info["opset"]
     stages.run("exporting the inference model (LoRA tensors as inputs)", _write_inference_model, model, tmp,
                ffa)
@@ -302,21 +305,21 @@ def _trainable(plan: _Plan, clip: torch.nn.Module, loaded: LoadedWeights, base_s
                       _example_input(input_kind, graphs.feature_dim(clip, size), size))
 
 
-def _write_ort_training(model: _Trainable, tmp: Path, optimizer: B.OptimizerConfig) -> None:
+def _write_ort_training(model: _Trainable, tmp: Path, optimizer: B.OptimizerConfig, loss: str) -> None:
     name = model.input_kind
     forward = onnx_export.export_graph(
         model.classifier, (model.example,), input_names=[name], output_names=[ort_artifacts.LOGITS],
         dynamic_axes={name: {0: "batch"}, ort_artifacts.LOGITS: {0: "batch"}}, for_training=True,
     )
     onnx_export.rename_tensors(forward, model.param_to_adapter)
-    ort_artifacts.generate(forward, model.adapter_names, tmp, optimizer)
+    ort_artifacts.generate(forward, model.adapter_names, tmp, optimizer, loss)
 
 
-def _write_step_graph(model: _Trainable, tmp: Path, optimizer: B.OptimizerConfig) -> Dict:
+def _write_step_graph(model: _Trainable, tmp: Path, optimizer: B.OptimizerConfig, loss: str) -> Dict:
     from . import step_graph
 
     return step_graph.export_step_graph(model.classifier, model.param_to_adapter, model.adapter_names,
-                                        model.example, model.input_kind, tmp / B.TRAIN_STEP_MODEL, optimizer)
+                                        model.example, model.input_kind, tmp / B.TRAIN_STEP_MODEL, optimizer, loss)
 
 
 def _write_inference_model(model: _Trainable, tmp: Path, frozen_a: bool) -> None:
@@ -355,7 +358,8 @@ def _write_manifest(tmp: Path, plan: _Plan, model: _Trainable, optimizer: B.Opti
     manifest = B.Manifest(
         model_id=model_id, preset=plan.preset.name, architecture=plan.preset.architecture,
         pretrained=model.loaded.describe(), base_weights_sha256=model.base_sha,
-        lora=B.LoraConfig(spec.tower, spec.rank, spec.alpha, spec.ordered_targets, spec.variant, plan.frozen_seed),
+        lora=B.LoraConfig(spec.tower, spec.rank, spec.alpha, spec.ordered_targets, spec.variant, plan.frozen_seed,
+                          spec.scaling, spec.init),
         trainable=tuple(B.TensorSpec(n, tuple(t.shape), "float32") for n, t in tensors.items()),
         classes=tuple(plan.classes), prompt_template=plan.template, text_context=text_context,
         preprocess=B.Preprocess(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), pre["interpolation"],
@@ -363,7 +367,8 @@ def _write_manifest(tmp: Path, plan: _Plan, model: _Trainable, optimizer: B.Opti
         input_kind=model.input_kind, feature_dim=model.feature_dim, logit_scale=float(model.clip.logit_scale.exp()),
         backends=plan.backends, optimizer=optimizer,
         files={name: sha256_file(tmp / name) for name in sorted({*files, *_data_files(external)})},
-        external_data=external, onnx=onnx_facts, created=_provenance(plan.opts),
+        external_data=external, onnx=onnx_facts, created=_provenance(plan.opts), loss=plan.opts.loss,
+        recipe=plan.opts.recipe,
     )
     atomic_write_bytes(tmp / B.MANIFEST, manifest.to_json().encode())
     B.load_bundle(tmp)  # re-read and verify what was written

@@ -34,15 +34,20 @@ STEP_OPSET = 18
 def adamw_update(
     p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, *,
     step: torch.Tensor, lr: torch.Tensor, weight_decay: torch.Tensor, betas: Tuple[float, float], eps: float,
+    coupled: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """torch.optim.AdamW's update, written so that it stays exact and finite.
+    """torch.optim.AdamW's update (`coupled`: torch.optim.Adam's, whose weight decay is an L2 term added to
+    the gradient), written so that it stays exact and finite.
 
     With B = 0 the gradient of A is exactly 0, so m = v = 0 and the update must be 0 / (0 + eps) = 0.
     The division is kept as `m_hat / (sqrt(v_hat) + eps)` with eps added after the square root;
     rewriting it as m * rsqrt(v) (as a fused optimiser might) gives 0 * inf = NaN.
     """
     beta1, beta2 = betas
-    p = p * (1.0 - lr * weight_decay)
+    if coupled:
+        g = g + weight_decay * p
+    else:
+        p = p * (1.0 - lr * weight_decay)
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * (g * g)
     bias1 = 1.0 - torch.pow(torch.tensor(beta1), step)
@@ -52,18 +57,37 @@ def adamw_update(
     return p, m, v
 
 
+def contrastive_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric image-text loss over a batch, from the class-prompt logits (N, C).
+
+    The batch's text embeddings are the class prompts' of its labels, so logits_per_image[i, j] =
+    scale * img_i . text(labels_j) = logits[i, labels_j]; the loss is the mean of the cross-entropies
+    of that (N, N) matrix and of its transpose against arange(N), as in FLORA's authors' code. Two
+    images of the same class in one batch are each other's negatives there.
+    """
+    pairs = logits.index_select(1, labels)
+    target = torch.arange(labels.shape[0], device=labels.device)
+    return 0.5 * (F.cross_entropy(pairs, target) + F.cross_entropy(pairs.t(), target))
+
+
+LOSS_FUNCTIONS = {"ce": F.cross_entropy, "contrastive": contrastive_loss}
+
+
 class _StepFunction:
     """step(x, labels, step, lr, weight_decay, *params, *m, *v) -> (loss, correct, *params', *m', *v')."""
 
-    def __init__(self, classifier: nn.Module, module_names: List[str], optimizer: OptimizerConfig) -> None:
+    def __init__(self, classifier: nn.Module, module_names: List[str], optimizer: OptimizerConfig,
+                 loss: str = "ce") -> None:
         self.classifier = classifier
         self.module_names = module_names
         self.betas = (float(optimizer.betas[0]), float(optimizer.betas[1]))
         self.eps = float(optimizer.eps)
+        self.coupled = optimizer.name == "adam"
+        self.loss_fn = LOSS_FUNCTIONS[loss]
 
     def _loss(self, params: Dict[str, torch.Tensor], x: torch.Tensor, labels: torch.Tensor):
         logits = functional_call(self.classifier, params, (x,), strict=False)
-        return F.cross_entropy(logits, labels), logits
+        return self.loss_fn(logits, labels), logits
 
     def __call__(self, x, labels, step, lr, weight_decay, *state):
         k = len(self.module_names)
@@ -74,7 +98,7 @@ class _StepFunction:
         for i, name in enumerate(self.module_names):
             p, m, v = adamw_update(
                 state[i], grads[name], state[k + i], state[2 * k + i],
-                step=step, lr=lr, weight_decay=weight_decay, betas=self.betas, eps=self.eps,
+                step=step, lr=lr, weight_decay=weight_decay, betas=self.betas, eps=self.eps, coupled=self.coupled,
             )
             new_p.append(p)
             new_m.append(m)
@@ -125,9 +149,9 @@ def _symbolic_friendly_linear() -> Iterator[None]:
 
 
 def trace_step(classifier: nn.Module, module_names: List[str], optimizer: OptimizerConfig,
-               args: Tuple[torch.Tensor, ...]) -> nn.Module:
+               args: Tuple[torch.Tensor, ...], loss: str = "ce") -> nn.Module:
     """make_fx trace of the step with symbolic shapes (the batch size stays dynamic)."""
-    fn = _StepFunction(classifier, module_names, optimizer)
+    fn = _StepFunction(classifier, module_names, optimizer, loss)
     # The fused CPU scaled-dot-product-attention backward has no ONNX translation; the math one does.
     with sdpa_kernel([SDPBackend.MATH]), mha_fastpath_disabled(), packed_projection_as_split(), \
             _symbolic_friendly_linear(), torch.enable_grad():
@@ -146,6 +170,7 @@ def export_step_graph(
     input_name: str,
     path: Path,
     optimizer: OptimizerConfig,
+    loss: str = "ce",
 ) -> Dict[str, object]:
     """Trace and write train_step.onnx; returns facts for the manifest (opset, op types).
 
@@ -160,7 +185,7 @@ def export_step_graph(
     batch_size = next(b for b in range(17, 10_000, 2) if b not in sizes)
     example = example[:1].expand(batch_size, *example.shape[1:]).contiguous()
     args = example_inputs(classifier, module_names, example, num_classes)
-    traced = trace_step(classifier, module_names, optimizer, args)
+    traced = trace_step(classifier, module_names, optimizer, args, loss)
     batch = torch.export.Dim("batch", min=1)
     dynamic = [{0: batch}, {0: batch}] + [None] * (len(args) - 2)
     m_names, v_names = moment_names(adapter_names)

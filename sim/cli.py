@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from flora.edge.config import CommandParser, add_version_option
+from flora.edge.config import CommandParser, add_version_option, explicit_options
 from flora.edge.errors import FloraError, report
 
 EPILOG = """\
@@ -77,6 +77,13 @@ def build_parser() -> CommandParser:
                    help="AdamW learning rate (default: %(default)s; at 3e-3 the centralised baseline of the "
                         "clip-tiny demo diverged after 6 rounds)")
     t.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
+    t.add_argument("--recipe", choices=["default", "flora"],
+                   help="flora-export --recipe for the bundle, and the recipe's epochs, batch size and lr for the "
+                        "rounds (explicit --epochs/--batch-size/--lr override them); flora: FLORA's authors' recipe "
+                        "(text out_proj LoRA rank 2, scale 32, Adam lr 5e-5 with L2 decay 0.2, batch 128, 1 epoch, "
+                        "contrastive loss; step backend)")
+    t.add_argument("--loss", choices=["ce", "contrastive"],
+                   help="flora-export --loss (default: the recipe's, or ce)")
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="lr across rounds, for the federation and every baseline alike; the round message carries "
                         "each round's lr (default: %(default)s)")
@@ -147,6 +154,23 @@ def build_parser() -> CommandParser:
     return p
 
 
+#: the round settings a recipe gives (flora.export.recipes' `training`), by flora-sim option dest
+RECIPE_TRAINING = ("epochs", "batch_size", "lr", "reset_optimizer")
+
+
+def apply_recipe(parser: CommandParser, args: argparse.Namespace, argv: List[str]) -> argparse.Namespace:
+    """With --recipe, the recipe's epochs, batch size, lr and optimizer reset where the command line gave none."""
+    if not args.recipe:
+        return args
+    from flora.export.recipes import get_recipe
+
+    given = explicit_options(parser, argv)
+    for dest in RECIPE_TRAINING:
+        if dest not in given:
+            setattr(args, dest, get_recipe(args.recipe).training[dest])
+    return args
+
+
 def config_from_args(args: argparse.Namespace):
     from .run import SimConfig
 
@@ -168,11 +192,14 @@ def config_from_args(args: argparse.Namespace):
         dp_noise_multiplier=args.dp_noise_multiplier, dp_epsilon=args.dp_epsilon, dp_delta=args.dp_delta,
         dp_max_epsilon=args.dp_max_epsilon,
         dp_accountant=args.dp_accountant, dp_mode=args.dp_mode, malicious=args.malicious, attack=args.attack,
+        recipe=args.recipe, loss=args.loss,
     )
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = apply_recipe(parser, parser.parse_args(argv), argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     logging.getLogger("onnxscript").setLevel(logging.ERROR)

@@ -10,7 +10,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -105,6 +105,28 @@ class SimConfig:
     plot_x: str = "rounds"  # or "steps": sequential optimizer steps
     strategy: str = "fedavg"
     strategy_options: Tuple[str, ...] = ()  # KEY=VALUE, as flora-aggregator --strategy-option
+    recipe: Optional[str] = None  # flora-export --recipe for the bundle (flora.export.recipes); None: the defaults
+    loss: Optional[str] = None  # flora-export --loss (None: the recipe's, or ce)
+
+    @property
+    def effective_loss(self) -> str:
+        if self.loss is not None:
+            return self.loss
+        if self.recipe is not None:
+            from flora.export.recipes import get_recipe
+
+            return str(get_recipe(self.recipe).export["loss"])
+        return "ce"
+
+    @property
+    def step_only(self) -> bool:
+        """Whether only the step graph computes this run's optimizer (Adam with L2 weight decay)."""
+        if self.recipe is None:
+            return False
+        from flora.export.recipes import get_recipe
+
+        export = get_recipe(self.recipe).export
+        return export["optimizer"] == "adam" and export["weight_decay"] != 0
 
     @property
     def hosted(self) -> bool:
@@ -163,10 +185,13 @@ def shard(cfg: SimConfig, data: SplitDataset) -> List[List[Sample]]:
 
 
 # -- the bundle ----------------------------------------------------------------------------------
-def needed_backends(backend: str) -> Tuple[str, ...]:
-    """The trainer backends a bundle exported for this run holds: the one asked for; for auto, what runs here."""
+def needed_backends(backend: str, step_only: bool = False) -> Tuple[str, ...]:
+    """The trainer backends a bundle exported for this run holds: the one asked for; for auto, what runs here
+    (`step_only`: the run's loss or optimizer is one only the step graph computes)."""
     if backend != "auto":
         return (backend,)
+    if step_only:
+        return ("step",)
     from flora.edge.ort import has_training_api
 
     return ("ort-training",) if has_training_api() else ("step",)
@@ -198,6 +223,8 @@ def export_mismatch(bundle: Bundle, cfg: SimConfig, classes: Sequence[str]) -> O
          f"it was exported with another seed than {cfg.seed}"),
         (not cfg.image_encoder_int8 or IMAGE_ENCODER_INT8 in m.files, "it has no int8 image encoder"),
         (m.lora.variant == cfg.lora_variant, f"its LoRA variant is {m.lora.variant}, not {cfg.lora_variant}"),
+        ((m.recipe or {}).get("name") == cfg.recipe, f"it was exported with another recipe than {cfg.recipe}"),
+        (m.loss == cfg.effective_loss, f"its loss is {m.loss}, not {cfg.effective_loss}"),
     ]
     reasons = [why for ok, why in checks if not ok]
     return "; ".join(reasons) or backend_mismatch(bundle, cfg.backend)
@@ -278,17 +305,34 @@ def export(cfg: SimConfig, classes: List[str], target: Path, say: Say) -> Bundle
     from flora.export.loading import WeightsError
     from flora.export.pipeline import ExportError, ExportOptions, export_bundle
 
-    backends = needed_backends(cfg.backend)
     ensure_proxy(cfg, say)
-    say(f"exporting {cfg.model} for {len(classes)} classes ({', '.join(backends)}) into {target}")
+    settings = export_training_settings(cfg)
+    backends = settings["backends"]
+    say(f"exporting {cfg.model} for {len(classes)} classes ({', '.join(backends)}"
+        f"{f', recipe {cfg.recipe}' if cfg.recipe else ''}) into {target}")
     try:
-        export_bundle(ExportOptions(preset=cfg.model, classes=classes, out=target, force=True, backends=backends,
+        export_bundle(ExportOptions(preset=cfg.model, classes=classes, out=target, force=True,
                                     random_init=cfg.random_init, seed=cfg.seed, pretrained=cfg.pretrained,
-                                    image_encoder_int8=cfg.image_encoder_int8,
-                                    lora_variant=cfg.lora_variant), say=lambda m: say(f"  {m}"))
+                                    image_encoder_int8=cfg.image_encoder_int8, **settings), say=lambda m: say(f"  {m}"))
     except (ExportError, WeightsError) as exc:
         raise SimError(f"cannot export {cfg.model}: {exc}") from exc
     return load_bundle(target)
+
+
+def export_training_settings(cfg: SimConfig) -> Dict[str, Any]:
+    """The ExportOptions this run's recipe, loss and backend give: backends, loss, and with --recipe the
+    recipe's LoRA and optimizer settings and its record (the round settings it was run with counted as
+    overrides where they differ from the recipe's)."""
+    backends = needed_backends(cfg.backend, cfg.step_only)
+    if cfg.recipe is None:
+        return {"backends": backends, "loss": cfg.effective_loss, "lora_variant": cfg.lora_variant}
+    from flora.export.recipes import export_settings
+
+    given: Dict[str, Any] = {"backends": backends} if cfg.loss is None else {"backends": backends, "loss": cfg.loss}
+    if cfg.lora_variant != "lora":  # --lora-variant ffa on top of a recipe
+        given["lora_variant"] = cfg.lora_variant
+    return export_settings(cfg.recipe, given, {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                                               "reset_optimizer": cfg.reset_optimizer})
 
 
 # -- the live table ------------------------------------------------------------------------------
@@ -329,6 +373,10 @@ def effective_backend(cfg: SimConfig) -> str:
 def check_config(cfg: SimConfig) -> None:
     """Everything that can be refused before any data is written or any bundle exported (SimError,
     PartitionError, UnknownPresetError)."""
+    if cfg.backend == "ort-training" and cfg.step_only and cfg.bundle is None:
+        raise SimError(f"--backend ort-training cannot train recipe {cfg.recipe}: its Adam with L2 weight decay "
+                       "is computed by the step graph only (the ort-training optimizer is AdamW); use --backend step "
+                       "or auto")
     parse_scheme(cfg.partition)
     for option, value in (("clients", cfg.clients), ("rounds", cfg.rounds), ("epochs", cfg.epochs),
                           ("batch-size", cfg.batch_size), ("shots", 1 if cfg.shots is None else cfg.shots)):
@@ -511,6 +559,7 @@ def aggregator_args(cfg: SimConfig, bundle: Bundle, url: str, mode: str = "sync"
     args = ["--bundle", str(bundle.root), "--broker", url, "--federation", FEDERATION,
             "--state-dir", str(state_dir or cfg.out / "aggregator"), "--wait-for-clients", str(cfg.clients),
             "--round-timeout", str(cfg.round_timeout), "--epochs", str(cfg.epochs), "--lr", str(cfg.lr),
+            "--weight-decay", repr(bundle.manifest.optimizer.weight_decay),
             "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed), "--eval-data", str(cfg.out / "test.csv"),
             "--wait-timeout", "300", "--lr-schedule", cfg.lr_schedule, *(["--http", cfg.http] if cfg.http else []),
             *secure_aggregator_args(cfg, state_dir or cfg.out / "aggregator")]
