@@ -9,8 +9,9 @@ Arms, all `flora-sim --model clip-proxy --clients 4 --rounds 10 --partition diri
   flora-steps       --recipe flora --epochs 5 --batch-size 32 (the recipe sized in steps like the default)
   flora-steps-ce    the same with --loss ce (the class-prompt head instead of the arange contrastive loss)
 For each: held-out accuracy (round 0, final, best), sequential steps a round, bytes up a round, the
-adapter's size, and the step backend's time per training step at the arm's batch size (median of
-alternating rounds in one process, the load average recorded). Writes bench/results/recipe.json and .md.
+adapter's size, and the time per training step at the arm's batch size with the backend its run used
+(median of alternating rounds in one process, one thread, the load average recorded).
+Writes bench/results/recipe.json and .md.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def run_arms(runs: Path) -> None:
 
 
 def step_times(bundles: Dict[str, Path], batches: Dict[str, int], rounds: int = 5, steps: int = 10) -> Dict:
-    """Median seconds per train step of each arm's bundle at its batch size, arms alternating."""
+    """Median seconds per train step of each arm's bundle at its batch size with the backend its run trained
+    with (the bundle's own: ort-training for the default, step for the recipe), arms alternating."""
     from flora.edge.bundle import load_bundle
     from flora.edge.trainers import open_trainer
 
@@ -54,7 +56,7 @@ def step_times(bundles: Dict[str, Path], batches: Dict[str, int], rounds: int = 
     trainers, data = {}, {}
     for arm, path in bundles.items():
         bundle = load_bundle(path)
-        trainers[arm] = open_trainer(bundle, "step", threads=1)
+        trainers[arm] = open_trainer(bundle, "auto", threads=1)
         n = batches[arm]
         data[arm] = (rng.standard_normal((n, bundle.manifest.feature_dim)).astype(np.float32),
                      rng.integers(0, bundle.manifest.num_classes, n).astype(np.int64))
@@ -67,7 +69,8 @@ def step_times(bundles: Dict[str, Path], batches: Dict[str, int], rounds: int = 
             for _ in range(steps):
                 trainer.train_step(*data[arm])
             times[arm].append((time.perf_counter() - t0) / steps)
-    return {arm: {"median_s": statistics.median(t), "all_s": t, "batch": batches[arm]} for arm, t in times.items()}
+    return {arm: {"median_s": statistics.median(t), "all_s": t, "batch": batches[arm], "backend": trainers[arm].name}
+            for arm, t in times.items()}
 
 
 def summarise(runs: Path) -> Dict:
@@ -94,8 +97,8 @@ def summarise(runs: Path) -> Dict:
 def markdown(result: Dict) -> str:
     lines = ["# `--recipe flora` vs the default on the proxy CLIP (clip-proxy, digits, 4 clients, Dirichlet 0.5, "
              "10 rounds, seed 0)", "",
-             "| arm | LoRA | loss | epochs x batch, lr | steps/round | zero-shot | final | best | KiB up/round "
-             "| adapter floats | step ms (its batch) |",
+             "| arm | LoRA | loss | epochs x batch, lr | steps/round | zero-shot | final | best "
+             "| KiB up a round (4 clients) | adapter floats | step ms (its batch, backend) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for arm, r in result["arms"].items():
         lo = r["lora"]
@@ -105,7 +108,7 @@ def markdown(result: Dict) -> str:
             f"{r['epochs']} x {r['batch_size']}, {r['optimizer']['name']} {r['lr']:g} | "
             f"{r['sequential_steps_per_round']} | {r['zero_shot']:.4f} | {r['final']:.4f} | {r['best']:.4f} | "
             f"{r['bytes_up_per_round'] / 1024:.1f} | {r['adapter_floats']} | "
-            f"{1000 * result['step_time'][arm]['median_s']:.2f} |")
+            f"{1000 * result['step_time'][arm]['median_s']:.2f} ({result['step_time'][arm]['backend']}) |")
     lines += ["", f"load average {result['loadavg']}; commands in recipe.json (`python -m bench.recipe`)."]
     return "\n".join(lines) + "\n"
 
