@@ -684,7 +684,8 @@ class Aggregator:
             return self._reject(rec, client, why.reason, why.detail, len(blob), save=spool)
         num_samples = int(update.meta.num_samples or 0)
         partial = update.meta.kind == adapter.PARTIAL
-        over = None if partial else self._over_declared(client, num_samples)
+        # checked when it arrived: a replay after a restart must not judge it again against an older devices.json
+        over = None if partial or not spool else self._over_declared(client, num_samples)
         if over is not None:
             return self._reject(rec, client, OVER_DECLARED, over, len(blob), save=spool)
         try:

@@ -129,7 +129,7 @@ class AsyncAggregator(Aggregator):
         try:
             update = validate_update(blob, client, self.manifest, view, self.max_bytes, self.cfg.max_num_samples)
             base, num_samples = update.meta.round, int(update.meta.num_samples or 0)
-            over = self._over_declared(client, num_samples)
+            over = self._over_declared(client, num_samples) if spool else None  # a replay was checked on arrival
             if over is not None:
                 return self._reject(rec, client, OVER_DECLARED, over, len(blob), save=spool)  # type: ignore
             weight = self.fedbuff.admit(client, base)

@@ -243,3 +243,17 @@ def test_the_options_are_documented_and_refused_where_they_cannot_apply(tmp_path
                                 "--broker", "mqtt://127.0.0.1:1", "--max-client-share", "0.3", *extra])
         assert code == 2
         assert "--max-client-share: not with" in capsys.readouterr().err
+
+
+def test_an_update_accepted_before_a_restart_is_not_judged_again_against_an_older_device_list(tmp_path):
+    agg = _federation(tmp_path, ["a", "b"], declared={"a": 10, "b": 10}, rounds=2)
+    agg.watch.tick(agg.state, agg.current, force=True)  # devices.json holds the declared 10
+    m, g = agg.manifest, agg.global_tensors
+    agg.handle("status", "a", _status("a", 100))  # a newer declaration, not saved yet when the process dies
+    agg._open_round()
+    agg.handle("update", "a", encode_update(m, _shifted(g, 0.01), "a", 0, 100))
+    assert set(agg.current.reported) == {"a"} and not agg.current.rejection_counts
+    again = offline_aggregator(tmp_path, FakeClock(), rounds=2, round_timeout_s=30, sampling=Sampling(min_clients=1))
+    again._resume_or_start()  # replays the journal: the accepted update stays accepted
+    assert again.watch.devices.get("a").num_samples == 10
+    assert set(again.current.reported) == {"a"} and not again.current.rejection_counts
