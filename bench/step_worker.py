@@ -5,6 +5,7 @@
     python -m bench.step_worker torch BUNDLE --batch 32        # PyTorch eager LoRA step, same model
     python -m bench.step_worker features BUNDLE --batch 32     # image encoder, ms per image
     python -m bench.step_worker agent BUNDLE --backend step    # text mode as an agent runs it
+    python -m bench.step_worker full BUNDLE --batch 32         # PyTorch full fine-tuning, every CLIP weight
 
 Memory: `load_peak_mb` is the process's peak resident set once the model is ready (Linux VmHWM);
 then the peak is reset (gc, malloc_trim, /proc/self/clear_refs) and `train_peak_mb` is the peak
@@ -127,6 +128,32 @@ def measure_torch(bundle_dir: str, batch: int, warmup: int, steps: int, threads:
     return _measured(step, warmup, steps)
 
 
+def measure_full(bundle_dir: str, batch: int, warmup: int, steps: int, threads: int) -> Dict:
+    """PyTorch full fine-tuning of the bundle's CLIP (both towers, every weight, AdamW) on pixel batches."""
+    import torch
+
+    from bench.full_finetune import full_finetune_step
+    from flora.edge.bundle import load_bundle
+    from flora.export.graphs import tokenize_prompts
+    from flora.export.loading import WeightsSource, build_model
+    from flora.export.presets import get_preset
+
+    torch.set_num_threads(threads)
+    m = load_bundle(bundle_dir, verify=False).manifest
+    preset = get_preset(m.preset)
+    model = build_model(preset, WeightsSource("random-init", None, None, False, 0))
+    tokens = tokenize_prompts(list(m.classes), m.prompt_template, preset.architecture)
+    size = m.preprocess.image_size
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.standard_normal((batch, 3, size, size)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, m.num_classes, batch).astype(np.int64))
+    step, params = full_finetune_step(model, tokens, x, y)
+    result = _measured(step, warmup, steps)
+    result["params_trained"] = sum(p.numel() for p in params if p.requires_grad)
+    result["params_total"] = sum(p.numel() for p in model.parameters())
+    return result
+
+
 def measure_features(bundle_dir: str, batch: int, warmup: int, steps: int, threads: int) -> Dict:
     from flora.edge.bundle import load_bundle
     from flora.edge.features import ImageEncoder
@@ -173,7 +200,7 @@ def measure_agent(backend: str, bundle_dir: str, batch: int, threads: int, image
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["ort-training", "step", "torch", "features", "agent"])
+    p.add_argument("what", choices=["ort-training", "step", "torch", "full", "features", "agent"])
     p.add_argument("bundle")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--warmup", type=int, default=2)
@@ -183,6 +210,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.what == "torch":
         result = measure_torch(a.bundle, a.batch, a.warmup, a.steps, a.threads)
+    elif a.what == "full":
+        result = measure_full(a.bundle, a.batch, a.warmup, a.steps, a.threads)
     elif a.what == "features":
         result = measure_features(a.bundle, a.batch, a.warmup, a.steps, a.threads)
     elif a.what == "agent":
