@@ -159,7 +159,15 @@ class FakeBroker:
         self.calls.append("broker stopped")
 
 
-def test_a_second_ctrl_c_during_teardown_does_not_skip_stopping_the_broker():
+@pytest.fixture
+def ctrl_c_interrupts():
+    """SIGINT raises KeyboardInterrupt in this test, whatever handler an earlier test left installed."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_second_ctrl_c_during_teardown_does_not_skip_stopping_the_broker(ctrl_c_interrupts):
     calls = []
 
     class Group:
@@ -173,7 +181,7 @@ def test_a_second_ctrl_c_during_teardown_does_not_skip_stopping_the_broker():
     assert calls == ["children stopping", "children stopped", "broker stopped"]
 
 
-def test_ctrl_c_while_mosquitto_starts_up_still_stops_it(tmp_path, monkeypatch):
+def test_ctrl_c_while_mosquitto_starts_up_still_stops_it(tmp_path, monkeypatch, ctrl_c_interrupts):
     calls = []
 
     def slow_start(workdir, **sizing):
