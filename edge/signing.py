@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Tuple
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -28,7 +27,6 @@ _DOMAIN = b"flora-signed-v1"
 #: Refusal reasons (the agent logs them and publishes them in its error status).
 UNSIGNED = "unsigned"
 BAD_SIGNATURE = "bad-signature"
-ROUND_JUMP = "round-jump"
 
 
 class SignatureError(FloraError, ValueError):
@@ -88,24 +86,3 @@ def public_key_from_b64(text: str) -> Ed25519PublicKey:
     if len(raw) != PUBLIC_KEY_BYTES:
         raise ValueError(f"an Ed25519 public key has {PUBLIC_KEY_BYTES} bytes, got {len(raw)}")
     return Ed25519PublicKey.from_public_bytes(raw)
-
-
-@dataclass
-class RoundGuard:
-    """Refuses a round number more than `max_jump` past the last one seen (a forged 10^12 would otherwise
-    silence an agent for good). `last` is None until the first accepted round."""
-
-    max_jump: int = 1000
-    last: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if self.max_jump < 1:
-            raise ValueError(f"the largest round jump must be >= 1, got {self.max_jump}")
-
-    def check(self, number: int) -> None:
-        if self.last is not None and number > self.last + self.max_jump:
-            raise SignatureError(ROUND_JUMP, f"round {number} jumps more than {self.max_jump} past the last "
-                                             f"round seen ({self.last})")
-
-    def seen(self, number: int) -> None:
-        self.last = number if self.last is None else max(self.last, number)

@@ -123,18 +123,6 @@ def test_signatures_bind_purpose_federation_and_bytes():
         signing.public_key_from_b64("AAAA")
 
 
-def test_a_round_that_jumps_too_far_is_refused():
-    guard = signing.RoundGuard(max_jump=10)
-    guard.check(10 ** 12)  # nothing seen yet: the first signed round sets the mark
-    guard.seen(5)
-    guard.check(15)
-    with pytest.raises(signing.SignatureError) as e:
-        guard.check(16)
-    assert e.value.reason == signing.ROUND_JUMP
-    guard.seen(3)
-    assert guard.last == 5
-
-
 def test_the_new_errors_are_flora_errors_with_the_bad_input_status():
     from flora.broker.enroll import EnrollError
     from flora.edge.errors import EXIT_BAD_INPUT, FloraError
