@@ -13,7 +13,6 @@ as well. Writes bench/results/bundle_size[_MODEL].json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -22,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional
+
+from bench.report_files import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -125,10 +126,7 @@ def main(argv=None) -> int:
             report["baseline"] = {**export(name, Path(tmp) / "before", baseline, python),
                                   "revision": _git_revision(baseline), "model": name}
     stem = "bundle_size" if a.model == "ViT-B-32" else f"bundle_size_{a.model}"
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (a.out / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, stem, report, markdown(report))
     return 0
 
 

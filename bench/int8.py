@@ -29,6 +29,8 @@ from typing import Dict, List
 
 import numpy as np
 
+from bench.report_files import write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
@@ -170,10 +172,7 @@ def main(argv=None) -> int:
                                             - report["sim"]["int8"]["evaluate_test_accuracy"]["int8"])
     report["loadavg_after"] = os.getloadavg()
     stem = "int8" if a.model == "ViT-B-32" else f"int8_{a.model}"
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (a.out / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, stem, report, markdown(report))
     return 0
 
 

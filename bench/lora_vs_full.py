@@ -17,7 +17,6 @@ the same run. Writes bench/results/lora_vs_full[_MODEL].json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+from bench.report_files import write_report
 from bench.train_step import RESULTS, cpu_name, export, run_json, worker
 
 #: FLORA (Nguyen, Munoz, Jannesari, 2024): LoRA vs full fine-tuning, "up to" figures.
@@ -224,10 +224,7 @@ def main(argv=None) -> int:
     report["loadavg_end"] = os.getloadavg()
     report["summary"] = epoch_summary(report)
     stem = "lora_vs_full" if a.model == "clip-vitb32" else f"lora_vs_full_{a.model}"
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (a.out / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, stem, report, markdown(report))
     return 0
 
 

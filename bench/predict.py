@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
+
+from bench.report_files import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -181,10 +182,7 @@ def main(argv=None) -> int:
                          for tag in ("fp32", "int8")}
     report["loadavg_after"] = os.getloadavg()
     stem = "predict" if a.model == "ViT-B-32" else f"predict_{a.model}"
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (a.out / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, stem, report, markdown(report))
     return 0
 
 

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+from bench.report_files import write_report
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -203,10 +205,7 @@ def main(argv=None) -> int:
             report["text_mode"].update(feature_batch=32, feature_per_image_s=feats["per_image_s"],
                                        features=feats, agent=agent, agent_images=agent[0]["images"])
     stem = "train_step" if a.model == "clip-vitb32" else f"train_step_{a.model}"
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (a.out / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_report(a.out, stem, report, markdown(report))
     return 0
 
 

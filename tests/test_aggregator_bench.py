@@ -48,3 +48,13 @@ def test_the_mqtt_path_drains_a_broker_backlog_with_acks(mosquitto_binary, tmp_p
     monkeypatch.setenv("FLORA_BENCH_TMP", str(tmp_path))
     row = bench.worker("mqtt", 30, "float32", layout)  # more than the broker's 20 in flight: acks keep it going
     assert row["n"] == 30 and row["payload_bytes"] == 30 * row["update_bytes"]
+
+
+def test_a_benchmark_writes_its_json_and_its_table_and_prints_the_table(tmp_path, capsys):
+    from bench.report_files import write_report
+
+    report = {"rows": [{"n": 10, "mb_s": 1542.5}], "loadavg": [0.5, 0.4, 0.3]}
+    write_report(tmp_path / "results", "aggregate_x", report, "| n | MB/s |\n| 10 | 1542.5 |\n")
+    assert json.loads((tmp_path / "results" / "aggregate_x.json").read_text()) == report
+    assert (tmp_path / "results" / "aggregate_x.md").read_text() == "| n | MB/s |\n| 10 | 1542.5 |\n"
+    assert "| 10 | 1542.5 |" in capsys.readouterr().out
